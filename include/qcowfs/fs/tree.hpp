@@ -1,0 +1,116 @@
+// The directory view: an immutable snapshot of SOURCE_DIR's images, made by Scanner, served by FUSE.
+#pragma once
+
+#include <sys/stat.h>
+
+#include <compare>
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <string>
+#include <string_view>
+#include <vector>
+
+namespace qcowfs::fs {
+
+/// Identity of an exposed object that survives renames and rescans: a directory or image file is
+/// known by its host (st_dev, st_ino); a snapshot view by its image plus the snapshot's unique ID.
+struct NodeKey {
+    enum class Kind : uint8_t { directory, image, snapshot };
+    Kind kind = Kind::directory;
+    uint64_t dev = 0;
+    uint64_t ino = 0;
+    std::string snapshot_id;  // Kind::snapshot only
+    auto operator<=>(const NodeKey&) const = default;
+};
+
+struct SnapshotInfo {
+    std::string id;
+    std::string name;
+    uint64_t disk_size = 0;  // virtual size of the snapshot's disk
+};
+
+/// What the scanner learned about one image file (from its header and snapshot table only).
+struct ImageInfo {
+    std::string path;          // host path of the image file (as found under SOURCE_DIR)
+    struct stat host_stat {};  // stat of the image file (symlinks followed)
+    uint64_t virtual_size = 0;
+    uint64_t allocated_bytes = 0;  // host_stat.st_blocks * 512, plus the external data file's
+    /// Non-empty when the image is listed but cannot be opened, e.g. "encryption is not
+    /// supported", "unknown incompatible feature bits 0x40", or the header parse error.
+    std::string error;
+    std::string backing_path;  // resolved host path of the backing file, "" if none
+    std::vector<SnapshotInfo> snapshots;
+};
+
+/// One entry of the view: a directory, an image's NAME.raw, or a snapshot's NAME@SNAP.raw.
+struct Node {
+    NodeKey key;
+    std::string name;                         // exposed name inside its parent ("" for the root)
+    struct stat attr {};                      // attributes to expose (st_ino is set by the FUSE layer)
+    std::shared_ptr<const ImageInfo> image;   // image and snapshot nodes
+    int snapshot_index = -1;                  // snapshot nodes: index into image->snapshots
+    std::map<std::string, NodeKey, std::less<>> children;  // directories: exposed name -> child
+};
+
+/// An immutable snapshot of the view. Thread-safe to read from many threads.
+class Tree {
+public:
+    /// The root directory node (SOURCE_DIR itself).
+    const Node& root() const;
+    /// The node with this identity, or nullptr if it is not in this snapshot.
+    const Node* find(const NodeKey& key) const;
+    /// The child `name` of directory `dir`, or nullptr.
+    const Node* child(const NodeKey& dir, std::string_view name) const;
+    /// Number of nodes (for tests and logs).
+    size_t size() const { return nodes_.size(); }
+
+    // Construction (used by Scanner and tests).
+    void add(Node node);
+    void set_root(NodeKey key) { root_ = std::move(key); }
+
+private:
+    NodeKey root_;
+    std::map<NodeKey, Node> nodes_;
+};
+
+struct ScanOptions {
+    /// Host path excluded from the scan (the mount point, when it lies inside SOURCE_DIR).
+    std::string exclude;
+    /// False until the write path exists: exposed files never carry write bits.
+    bool writes_supported = false;
+};
+
+/// Walks SOURCE_DIR recursively and builds a Tree. Every regular file (symlinks to regular files
+/// followed; symlinked directories not descended) whose first four bytes are the qcow2 magic
+/// becomes NAME.raw (NAME = file name without a trailing ".qcow2" or ".qcow"; on a clash the full
+/// file name is kept: "a.qcow" beside "a.qcow2" gives "a.qcow.raw"), and each internal snapshot
+/// NAME@SNAP.raw (SNAP = snapshot name; its ID when the name is empty, contains '/' or clashes).
+/// Every subdirectory is mirrored. Attributes follow the host file: owner, group, times and
+/// permission bits (write bits removed unless writes are supported and the image is writable);
+/// st_size is the virtual size and st_blocks the image's allocated 512-byte blocks.
+/// Headers of files unchanged since the previous scan (same dev, ino, size, mtime, ctime) are not
+/// read again. Blocking: runs on the scanner thread, never on a thread that serves requests.
+class Scanner {
+public:
+    Scanner(std::string source_dir, ScanOptions options);
+    /// Scans now. Throws std::system_error only if SOURCE_DIR itself cannot be read; problems with
+    /// single files are recorded in their ImageInfo::error or skip the file.
+    std::shared_ptr<const Tree> scan();
+
+private:
+    struct Cached {
+        struct stat st {};
+        std::shared_ptr<const ImageInfo> info;  // nullptr: not a qcow2 image
+    };
+    std::string source_dir_;
+    ScanOptions options_;
+    std::map<std::pair<uint64_t, uint64_t>, Cached> cache_;  // (dev, ino) -> last parse
+};
+
+/// Exposed name of an image file: "vm1.qcow2" -> "vm1.raw", "disk.img" -> "disk.img.raw".
+std::string raw_name(std::string_view file_name);
+/// Base name without ".raw" for snapshots: image_base + "@" + snapshot + ".raw".
+std::string snapshot_raw_name(std::string_view image_raw_name, std::string_view snapshot_label);
+
+}  // namespace qcowfs::fs
