@@ -1,0 +1,283 @@
+// qcowfs command line: parse options, check the mount can work, mount, serve, unmount on signals.
+#include <fcntl.h>
+#include <fuse_lowlevel.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <boost/asio/io_context.hpp>
+#include <boost/asio/signal_set.hpp>
+#include <climits>
+#include <csignal>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <fstream>
+#include <iostream>
+#include <sstream>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "qcowfs/format/error.hpp"
+#include "qcowfs/fs/filesystem.hpp"
+#include "qcowfs/util/log.hpp"
+
+namespace {
+
+using namespace qcowfs;
+
+constexpr const char* kUsage =
+    "usage: qcowfs [options] SOURCE_DIR MOUNTPOINT\n"
+    "\n"
+    "Shows every qcow2 image below SOURCE_DIR as a raw file NAME.raw below MOUNTPOINT,\n"
+    "and each internal snapshot as NAME@SNAPSHOT.raw.\n"
+    "\n"
+    "options:\n"
+    "  -f                 stay in the foreground (default: daemonize once mounted)\n"
+    "  -d                 log every request (implies nothing else; combine with -f to see it)\n"
+    "  -o ro              mount everything read-only\n"
+    "  -o threads=N       worker threads (default: number of CPUs, at least 2)\n"
+    "  -o l2_cache=SIZE   L2 table cache per open image (default 4M; K, M, G suffixes)\n"
+    "  -o OPT[,OPT...]    other options are passed to FUSE (allow_other, ...)\n"
+    "  --log=FILE         append log lines to FILE (default: stderr with -f, else syslog)\n"
+    "  -h, --help         show this help\n"
+    "  -V, --version      show the version\n"
+    "\n"
+    "Unmount with: fusermount3 -u MOUNTPOINT\n";
+
+struct Options {
+    std::string source;
+    std::string mountpoint;
+    bool foreground = false;
+    bool debug = false;
+    bool read_only = false;
+    unsigned threads = 0;
+    size_t l2_cache = 4u << 20;
+    std::string log_file;
+    std::vector<std::string> fuse_options;
+};
+
+[[noreturn]] void die(const std::string& message) {
+    std::fprintf(stderr, "qcowfs: %s\n", message.c_str());
+    std::exit(1);
+}
+
+size_t parse_size(const std::string& key, const std::string& text) {
+    char* end = nullptr;
+    errno = 0;
+    unsigned long long v = std::strtoull(text.c_str(), &end, 10);
+    if (errno || end == text.c_str()) die("invalid value for " + key + ": " + text);
+    std::string suffix(end);
+    if (suffix == "K" || suffix == "k") v <<= 10;
+    else if (suffix == "M" || suffix == "m") v <<= 20;
+    else if (suffix == "G" || suffix == "g") v <<= 30;
+    else if (!suffix.empty()) die("invalid value for " + key + ": " + text);
+    return static_cast<size_t>(v);
+}
+
+void parse_o(Options& o, const std::string& list) {
+    std::stringstream ss(list);
+    std::string opt;
+    while (std::getline(ss, opt, ',')) {
+        if (opt.empty()) continue;
+        auto eq = opt.find('=');
+        std::string key = opt.substr(0, eq), value = eq == std::string::npos ? "" : opt.substr(eq + 1);
+        if (opt == "ro") {
+            o.read_only = true;
+            o.fuse_options.push_back("ro");
+        } else if (key == "threads") {
+            o.threads = static_cast<unsigned>(parse_size(key, value));
+        } else if (key == "l2_cache") {
+            o.l2_cache = parse_size(key, value);
+        } else if (key == "log") {
+            o.log_file = value;
+        } else {
+            o.fuse_options.push_back(opt);
+        }
+    }
+}
+
+Options parse_args(int argc, char** argv) {
+    Options o;
+    std::vector<std::string> positional;
+    for (int i = 1; i < argc; ++i) {
+        std::string a = argv[i];
+        if (a == "-h" || a == "--help") {
+            std::fputs(kUsage, stdout);
+            std::exit(0);
+        } else if (a == "-V" || a == "--version") {
+            std::printf("qcowfs %s (libfuse %s)\n", QCOWFS_VERSION, fuse_pkgversion());
+            std::exit(0);
+        } else if (a == "-f") {
+            o.foreground = true;
+        } else if (a == "-d") {
+            o.debug = true;
+        } else if (a == "-o") {
+            if (++i >= argc) die("-o needs an argument");
+            parse_o(o, argv[i]);
+        } else if (a.rfind("-o", 0) == 0) {
+            parse_o(o, a.substr(2));
+        } else if (a.rfind("--log=", 0) == 0) {
+            o.log_file = a.substr(6);
+        } else if (a == "--log") {
+            if (++i >= argc) die("--log needs a file name");
+            o.log_file = argv[i];
+        } else if (a.size() > 1 && a[0] == '-') {
+            die("unknown option " + a + " (see qcowfs --help)");
+        } else {
+            positional.push_back(a);
+        }
+    }
+    if (positional.size() != 2) die("expected SOURCE_DIR and MOUNTPOINT (see qcowfs --help)");
+    o.source = positional[0];
+    o.mountpoint = positional[1];
+    return o;
+}
+
+std::string absolute_dir(const std::string& path, const char* what) {
+    char resolved[PATH_MAX];
+    if (!::realpath(path.c_str(), resolved)) die(std::string(what) + " " + path + ": " + std::strerror(errno));
+    struct stat st;
+    if (::stat(resolved, &st) != 0) die(std::string(what) + " " + path + ": " + std::strerror(errno));
+    if (!S_ISDIR(st.st_mode)) die(std::string(what) + " " + path + ": " + std::strerror(ENOTDIR));
+    return resolved;
+}
+
+/// Undoes the octal escapes (\040 ...) of /proc/self/mountinfo.
+std::string unescape_mount_path(const std::string& s) {
+    std::string out;
+    for (size_t i = 0; i < s.size(); ++i) {
+        if (s[i] == '\\' && i + 3 < s.size()) {
+            out += static_cast<char>(std::stoi(s.substr(i + 1, 3), nullptr, 8));
+            i += 3;
+        } else {
+            out += s[i];
+        }
+    }
+    return out;
+}
+
+bool is_mount_point(const std::string& path) {
+    std::ifstream in("/proc/self/mountinfo");
+    std::string line;
+    while (std::getline(in, line)) {
+        std::istringstream fields(line);
+        std::string id, parent, devno, root, mount_point;
+        fields >> id >> parent >> devno >> root >> mount_point;
+        if (unescape_mount_path(mount_point) == path) return true;
+    }
+    return false;
+}
+
+/// Forks; the parent waits until the child reports the mount live (exit 0) or failed (exit 1).
+/// Returns the fd the child writes its status to.
+int daemonize_wait() {
+    int fds[2];
+    if (::pipe2(fds, O_CLOEXEC) != 0) die(std::string("pipe: ") + std::strerror(errno));
+    pid_t pid = ::fork();
+    if (pid < 0) die(std::string("fork: ") + std::strerror(errno));
+    if (pid > 0) {
+        ::close(fds[1]);
+        char status = 1;
+        ssize_t n;
+        do n = ::read(fds[0], &status, 1);
+        while (n < 0 && errno == EINTR);
+        std::_Exit(n == 1 ? status : 1);
+    }
+    ::close(fds[0]);
+    ::setsid();
+    return fds[1];
+}
+
+void detach_stdio() {
+    int null = ::open("/dev/null", O_RDWR);
+    if (null < 0) return;
+    ::dup2(null, 0);
+    ::dup2(null, 1);
+    ::dup2(null, 2);
+    if (null > 2) ::close(null);
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+    Options o = parse_args(argc, argv);
+    o.source = absolute_dir(o.source, "source directory");
+    o.mountpoint = absolute_dir(o.mountpoint, "mount point");
+    if (is_mount_point(o.mountpoint)) die("mount point " + o.mountpoint + " is busy: something is already mounted there");
+    if (::access("/dev/fuse", R_OK | W_OK) != 0) die(std::string("cannot open /dev/fuse: ") + std::strerror(errno));
+
+    try {
+        if (!o.log_file.empty()) log::configure(log::Sink::file, o.log_file);
+    } catch (const std::system_error& e) {
+        die(e.what());
+    }
+    log::set_debug(o.debug);
+
+    int ready_fd = o.foreground ? -1 : daemonize_wait();
+
+    fs::FsOptions fs_options;
+    fs_options.source_dir = o.source;
+    fs_options.mountpoint = o.mountpoint;
+    fs_options.read_only = o.read_only;
+    fs_options.l2_cache_bytes = o.l2_cache;
+
+    asio::io_context io;
+    fs::Filesystem filesystem(io, fs_options);
+    try {
+        filesystem.initial_scan();
+    } catch (const std::system_error& e) {
+        die("source directory " + o.source + ": " + reason_of(e));
+    }
+
+    // FUSE options: ours first, the user's after them so they can override.
+    std::vector<std::string> args = {"qcowfs", "-o", "default_permissions,fsname=" + o.source + ",subtype=qcowfs"};
+    for (const auto& opt : o.fuse_options) {
+        args.push_back("-o");
+        args.push_back(opt);
+    }
+    std::vector<char*> argv_fuse;
+    for (auto& a : args) argv_fuse.push_back(a.data());
+    fuse_args fargs = FUSE_ARGS_INIT(static_cast<int>(argv_fuse.size()), argv_fuse.data());
+    fuse_session* se = fuse_session_new(&fargs, &fs::Filesystem::operations(), sizeof(fuse_lowlevel_ops), &filesystem);
+    fuse_opt_free_args(&fargs);
+    if (!se) die("invalid FUSE options (see the message above)");
+    if (fuse_session_mount(se, o.mountpoint.c_str()) != 0) {
+        fuse_session_destroy(se);
+        die("cannot mount on " + o.mountpoint);
+    }
+
+    if (ready_fd >= 0) {
+        if (o.log_file.empty()) log::configure(log::Sink::syslog);
+        if (::chdir("/") != 0) { /* nothing depends on the working directory */ }
+        detach_stdio();
+    }
+    log::info("serving " + o.source + " on " + o.mountpoint);
+
+    asio::signal_set signals(io, SIGINT, SIGTERM, SIGHUP);
+    signals.async_wait([&](const boost::system::error_code& ec, int sig) {
+        if (ec) return;
+        log::info(std::string("received ") + ::strsignal(sig) + ", unmounting");
+        filesystem.stop();
+    });
+    filesystem.start(se, [&] {
+        signals.cancel();
+        io.stop();
+    });
+    if (ready_fd >= 0) {
+        char ok = 0;
+        if (::write(ready_fd, &ok, 1) != 1) { /* the parent is gone; keep serving */ }
+        ::close(ready_fd);
+    }
+
+    unsigned threads = o.threads ? o.threads : std::max(2u, std::thread::hardware_concurrency());
+    std::vector<std::thread> pool;
+    for (unsigned i = 1; i < threads; ++i) pool.emplace_back([&io] { io.run(); });
+    io.run();
+    for (auto& t : pool) t.join();
+
+    fuse_session_unmount(se);
+    fuse_session_destroy(se);
+    log::info("unmounted " + o.mountpoint);
+    return 0;
+}

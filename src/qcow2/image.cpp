@@ -1,0 +1,344 @@
+// Opening a qcow2 image (header, data file, L1, snapshots, backing chain) and its mapped read path.
+#include "qcowfs/qcow2/image.hpp"
+
+#include <algorithm>
+#include <bit>
+#include <cstring>
+
+#include "qcowfs/codec/compression.hpp"
+#include "qcowfs/format/entries.hpp"
+#include "qcowfs/format/error.hpp"
+
+namespace qcowfs::qcow2 {
+namespace {
+
+std::string hex(uint64_t v) {
+    char buf[24];
+    std::snprintf(buf, sizeof buf, "0x%llx", static_cast<unsigned long long>(v));
+    return buf;
+}
+
+void zero(std::span<std::byte> s) { std::memset(s.data(), 0, s.size()); }
+
+}  // namespace
+
+std::string resolve_relative(const std::string& image_path, const std::string& name) {
+    if (name.empty() || name.front() == '/') return name;
+    auto slash = image_path.rfind('/');
+    if (slash == std::string::npos) return name;
+    return image_path.substr(0, slash + 1) + name;
+}
+
+// ---- RawSource -------------------------------------------------------------------------------
+
+RawSource::RawSource(std::unique_ptr<io::File> file) : file_(std::move(file)), size_(file_->size()) {}
+
+Task<void> RawSource::read(uint64_t offset, std::span<std::byte> buf) {
+    size_t n = offset < size_ ? co_await file_->read_at(offset, buf.first(std::min<uint64_t>(buf.size(), size_ - offset))) : 0;
+    zero(buf.subspan(n));
+}
+
+// ---- View ------------------------------------------------------------------------------------
+
+View::View(std::shared_ptr<Image> image, std::vector<uint64_t> l1, uint64_t size)
+    : image_(std::move(image)), l1_(std::move(l1)), size_(size) {}
+
+Task<void> View::read(uint64_t offset, std::span<std::byte> buf) {
+    if (offset >= size_) {
+        zero(buf);
+        co_return;
+    }
+    if (buf.size() > size_ - offset) {
+        zero(buf.subspan(size_ - offset));
+        buf = buf.first(size_ - offset);
+    }
+    co_await image_->read_mapped(l1_, offset, buf);
+}
+
+// ---- Image: open -----------------------------------------------------------------------------
+
+Image::Image(Private, std::string path, OpenOptions options) : path_(std::move(path)), options_(std::move(options)) {}
+
+Task<std::shared_ptr<Image>> Image::open(std::string path, OpenOptions options) {
+    auto image = std::make_shared<Image>(Private{}, std::move(path), std::move(options));
+    co_await image->open_impl(0, {});
+    co_return image;
+}
+
+Task<void> Image::open_impl(unsigned depth, std::vector<std::string> chain) {
+    file_ = options_.opener(path_, false);
+    uint64_t file_size = file_->size();
+
+    std::vector<std::byte> probe(std::min<uint64_t>(format::kHeaderProbeBytes, file_size));
+    probe.resize(co_await file_->read_at(0, probe));
+    format::Header header = format::parse_header(probe, file_size);
+    if (header.crypt_method != 0) fail(ENOTSUP, "encryption is not supported");
+
+    std::vector<std::byte> cluster0(std::min<uint64_t>(header.cluster_size(), file_size));
+    cluster0.resize(co_await file_->read_at(0, cluster0));
+    meta_ = format::parse_metadata(cluster0, file_size);
+    if (meta_.extensions.has_crypto_header) fail(ENOTSUP, "encryption is not supported");
+    geometry_ = meta_.header.geometry();
+
+    if (meta_.header.has_external_data_file()) {
+        if (!meta_.extensions.data_file || meta_.extensions.data_file->empty())
+            corrupt("the external data file bit is set but the image names no data file");
+        data_file_ = options_.opener(resolve_relative(path_, *meta_.extensions.data_file), false);
+    }
+
+    l1_ = co_await read_l1(meta_.header.l1_table_offset, meta_.header.l1_size, "L1 table");
+    co_await read_snapshot_table();
+
+    size_t slice = std::min<uint64_t>(geometry_.cluster_size(), 4096);
+    l2_cache_ = std::make_unique<cache::SliceCache>(*file_, slice, options_.l2_cache_bytes);
+
+    chain.push_back(path_);
+    if (!meta_.backing_file.empty()) co_await open_backing(depth, std::move(chain));
+}
+
+Task<std::vector<uint64_t>> Image::read_l1(uint64_t offset, uint32_t entries, const char* what) {
+    uint64_t bytes = uint64_t{entries} * 8;
+    if (bytes > format::kMaxL1Bytes) corrupt(std::string(what) + " has too many entries (" + std::to_string(entries) + ")");
+    std::vector<std::byte> raw(bytes);
+    if (co_await file_->read_at(offset, raw) != bytes)
+        corrupt(std::string(what) + " at " + hex(offset) + " lies beyond the end of the file");
+    std::vector<uint64_t> l1(entries);
+    for (uint32_t i = 0; i < entries; ++i) l1[i] = format::load_be64(raw.data() + 8 * i);
+    co_return l1;
+}
+
+Task<void> Image::read_snapshot_table() {
+    const auto& h = meta_.header;
+    if (h.nb_snapshots == 0) co_return;
+    uint64_t file_size = file_->size();
+    if (h.snapshots_offset >= file_size) corrupt("snapshot table at " + hex(h.snapshots_offset) + " lies beyond the end of the file");
+    uint64_t available = std::min<uint64_t>(format::kMaxSnapshotTableBytes, file_size - h.snapshots_offset);
+    // Most tables are small: read a little first, more only if the entries need it.
+    uint64_t want = std::min<uint64_t>(available, 64 * 1024);
+    for (;;) {
+        std::vector<std::byte> table(want);
+        table.resize(co_await file_->read_at(h.snapshots_offset, table));
+        try {
+            snapshots_ = format::parse_snapshot_table(table, h, file_size);
+            co_return;
+        } catch (const std::system_error&) {
+            if (want >= available) throw;
+        }
+        want = std::min<uint64_t>(available, want * 8);
+    }
+}
+
+Task<void> Image::open_backing(unsigned depth, std::vector<std::string> chain) {
+    if (depth + 1 > options_.max_backing_depth)
+        corrupt("backing chain is deeper than " + std::to_string(options_.max_backing_depth) + " images");
+    std::string path = resolve_relative(path_, meta_.backing_file);
+    if (std::find(chain.begin(), chain.end(), path) != chain.end())
+        corrupt("backing chain loops back to " + path);
+
+    std::string fmt = meta_.extensions.backing_format.value_or("");
+    if (fmt.empty()) {
+        // No backing format extension: probe, as QEMU does.
+        auto probe = options_.opener(path, false);
+        std::vector<std::byte> magic(4);
+        magic.resize(co_await probe->read_at(0, magic));
+        fmt = format::has_qcow2_magic(magic) ? "qcow2" : "raw";
+    }
+    if (fmt == "raw") {
+        backing_ = std::make_unique<RawSource>(options_.opener(path, false));
+    } else if (fmt == "qcow2") {
+        auto backing = std::make_shared<Image>(Private{}, path, options_);
+        try {
+            co_await backing->open_impl(depth + 1, std::move(chain));
+        } catch (const std::system_error& e) {
+            fail(errno_of(e), "backing file " + path + ": " + reason_of(e));
+        }
+        // The view keeps the backing Image alive.
+        auto view = backing->active();
+        struct Holder final : BlockSource {
+            std::shared_ptr<View> view;
+            uint64_t size() const override { return view->size(); }
+            Task<void> read(uint64_t offset, std::span<std::byte> buf) override { return view->read(offset, buf); }
+        };
+        auto holder = std::make_unique<Holder>();
+        holder->view = std::move(view);
+        backing_ = std::move(holder);
+    } else {
+        fail(ENOTSUP, "backing file format '" + fmt + "' is not supported");
+    }
+}
+
+std::shared_ptr<View> Image::active() {
+    if (auto v = active_view_.lock()) return v;
+    auto v = std::make_shared<View>(shared_from_this(), l1_, meta_.header.size);
+    active_view_ = v;
+    return v;
+}
+
+Task<std::shared_ptr<View>> Image::snapshot(const std::string& id) {
+    for (const auto& s : snapshots_) {
+        if (s.id != id) continue;
+        auto l1 = co_await read_l1(s.l1_table_offset, s.l1_size, "snapshot L1 table");
+        if (s.l1_size < geometry_.l1_entries_for(s.disk_size))
+            corrupt("snapshot " + s.id + " has an L1 table too small for its disk size");
+        co_return std::make_shared<View>(shared_from_this(), std::move(l1), s.disk_size);
+    }
+    fail(ENOENT, "no snapshot with ID " + id);
+}
+
+// ---- Image: reading --------------------------------------------------------------------------
+
+Task<void> Image::read_mapped(const std::vector<uint64_t>& l1, uint64_t offset, std::span<std::byte> buf) {
+    const ClusterGeometry& g = geometry_;
+    const uint64_t l2_coverage_bits = g.cluster_bits + std::countr_zero(g.l2_entries());
+    const size_t slice_bytes = l2_cache_->slice_bytes();
+    const uint32_t entry_size = g.l2_entry_size();
+
+    Extent cur;  // being accumulated
+    uint64_t done = 0;
+    auto emit = [&](const Extent& piece) -> Task<void> {
+        bool merge = cur.kind == piece.kind && cur.guest + cur.length == piece.guest &&
+                     (piece.kind == Extent::Kind::zero || piece.kind == Extent::Kind::backing ||
+                      (piece.kind == Extent::Kind::data && cur.host + cur.length == piece.host));
+        if (merge) {
+            cur.length += piece.length;
+            co_return;
+        }
+        if (cur.kind != Extent::Kind::none) co_await read_extent(cur, buf.subspan(cur.guest - offset, cur.length));
+        cur = piece;
+    };
+
+    while (done < buf.size()) {
+        uint64_t guest = offset + done;
+        uint64_t remaining = buf.size() - done;
+        uint64_t l1_index = guest >> l2_coverage_bits;
+        uint64_t l2_table_end = (l1_index + 1) << l2_coverage_bits;
+        uint64_t l2_offset = 0;
+        if (l1_index < l1.size()) {
+            try {
+                l2_offset = format::decode_l1(l1[l1_index], g.cluster_bits).l2_offset;
+            } catch (const std::system_error& e) {
+                corrupt("L1 entry " + std::to_string(l1_index) + ": " + reason_of(e));
+            }
+        }
+        if (l2_offset == 0) {
+            uint64_t n = std::min(remaining, l2_table_end - guest);
+            co_await emit(Extent{Extent::Kind::backing, guest, n, 0, 0});
+            done += n;
+            continue;
+        }
+        if (l2_offset < g.cluster_size())
+            corrupt("L1 entry " + std::to_string(l1_index) + " points into the image header");
+
+        uint64_t l2_index = g.l2_index(GuestOffset{guest});
+        uint64_t entry_byte = l2_index * entry_size;
+        uint64_t slice_start = entry_byte / slice_bytes * slice_bytes;
+        auto slice = co_await l2_cache_->get(l2_offset + slice_start);
+
+        // Walk the entries of this slice while the request lasts.
+        for (uint64_t pos = entry_byte - slice_start; pos < slice_bytes && done < buf.size(); pos += entry_size) {
+            guest = offset + done;
+            remaining = buf.size() - done;
+            const std::byte* p = slice->bytes.data() + pos;
+            uint64_t raw = format::load_be64(p);
+            uint64_t bitmap = g.extended_l2 ? format::load_be64(p + 8) : 0;
+            format::L2Entry e;
+            try {
+                e = format::decode_l2(raw, bitmap, g, meta_.header.version);
+            } catch (const std::system_error& ex) {
+                corrupt("L2 entry for guest offset " + hex(guest) + ": " + reason_of(ex));
+            }
+            uint64_t in_cluster = g.offset_in_cluster(guest);
+            if (e.compressed) {
+                if (data_file_) corrupt("compressed cluster in an image with an external data file");
+                uint64_t n = std::min(remaining, g.cluster_size() - in_cluster);
+                co_await emit(Extent{Extent::Kind::compressed, guest, n, e.host_offset, e.compressed_size});
+                done += n;
+                continue;
+            }
+            // Subcluster by subcluster (one "subcluster" per cluster without extended L2).
+            for (uint32_t sc = g.subcluster_index(GuestOffset{guest});
+                 sc < g.subclusters_per_cluster() && done < buf.size(); ++sc) {
+                guest = offset + done;
+                in_cluster = g.offset_in_cluster(guest);
+                uint64_t sc_end = uint64_t{sc + 1} << g.subcluster_bits();
+                uint64_t n = std::min<uint64_t>(buf.size() - done, sc_end - in_cluster);
+                Extent piece{Extent::Kind::none, guest, n, 0, 0};
+                switch (format::subcluster_type(e, sc, g)) {
+                    case format::SubclusterType::normal:
+                        piece.kind = Extent::Kind::data;
+                        piece.host = e.host_offset + in_cluster;
+                        break;
+                    case format::SubclusterType::zero_plain:
+                    case format::SubclusterType::zero_alloc:
+                        piece.kind = Extent::Kind::zero;
+                        break;
+                    case format::SubclusterType::unallocated_plain:
+                    case format::SubclusterType::unallocated_alloc:
+                        piece.kind = Extent::Kind::backing;
+                        break;
+                    case format::SubclusterType::compressed:
+                        corrupt("inconsistent compressed entry for guest offset " + hex(guest));
+                }
+                co_await emit(piece);
+                done += n;
+            }
+        }
+    }
+    if (cur.kind != Extent::Kind::none) co_await read_extent(cur, buf.subspan(cur.guest - offset, cur.length));
+}
+
+Task<void> Image::read_extent(const Extent& e, std::span<std::byte> dst) {
+    switch (e.kind) {
+        case Extent::Kind::none:
+        case Extent::Kind::zero:
+            zero(dst);
+            break;
+        case Extent::Kind::backing:
+            if (backing_)
+                co_await backing_->read(e.guest, dst);
+            else
+                zero(dst);
+            break;
+        case Extent::Kind::data: {
+            io::File& f = data_file_ ? *data_file_ : *file_;
+            size_t n = co_await f.read_at(e.host, dst);
+            zero(dst.subspan(n));  // past the end of the host file reads as zeros, as in QEMU
+            break;
+        }
+        case Extent::Kind::compressed: {
+            auto cluster = co_await decompressed(e.host, e.compressed_size);
+            std::memcpy(dst.data(), cluster->data() + geometry_.offset_in_cluster(e.guest), dst.size());
+            break;
+        }
+    }
+}
+
+Task<std::shared_ptr<const std::vector<std::byte>>> Image::decompressed(uint64_t host, uint64_t size) {
+    if (auto it = compressed_.find(host); it != compressed_.end()) {
+        compressed_lru_.splice(compressed_lru_.begin(), compressed_lru_, it->second.second);
+        co_return it->second.first;
+    }
+    const uint64_t cluster = geometry_.cluster_size();
+    if (host < cluster) corrupt("compressed cluster at " + hex(host) + " overlaps the image header");
+    if (size > 2 * cluster + 512) corrupt("compressed cluster at " + hex(host) + " claims " + std::to_string(size) + " bytes");
+    std::vector<std::byte> input(size);
+    input.resize(co_await file_->read_at(host, input));
+    if (input.empty()) corrupt("compressed cluster at " + hex(host) + " lies beyond the end of the file");
+    auto out = std::make_shared<std::vector<std::byte>>(cluster);
+    try {
+        codec::decompress_cluster(meta_.header.compression_type, input, *out);
+    } catch (const std::system_error& e) {
+        corrupt("compressed cluster at " + hex(host) + ": " + reason_of(e));
+    }
+
+    size_t capacity = std::max<size_t>(2, options_.compressed_cache_bytes / cluster);
+    while (compressed_.size() >= capacity) {
+        compressed_.erase(compressed_lru_.back());
+        compressed_lru_.pop_back();
+    }
+    compressed_lru_.push_front(host);
+    compressed_.emplace(host, std::make_pair(out, compressed_lru_.begin()));
+    co_return out;
+}
+
+}  // namespace qcowfs::qcow2
