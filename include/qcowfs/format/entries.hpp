@@ -52,7 +52,11 @@ struct L2Entry {
 /// Throws std::system_error(EIO) for reserved bits set, a host offset not aligned to the cluster,
 /// or an extended bitmap with a subcluster both allocated and zero, or allocated bits on a
 /// cluster without a host offset, or a non-zero bitmap on a compressed cluster.
-L2Entry decode_l2(uint64_t raw, uint64_t bitmap, const ClusterGeometry& g, uint32_t version);
+/// `external_data_file`: the image has one, so a standard entry with offset 0 and COPIED set maps
+/// host offset 0 (then host_offset is 0 and copied is true); without it that entry is EIO, as are
+/// compressed clusters with it.
+L2Entry decode_l2(uint64_t raw, uint64_t bitmap, const ClusterGeometry& g, uint32_t version,
+                  bool external_data_file = false);
 
 /// The type of subcluster `sc` (0 without extended L2) of a decoded entry.
 SubclusterType subcluster_type(const L2Entry& e, uint32_t sc, const ClusterGeometry& g);

@@ -36,7 +36,8 @@ std::vector<Snapshot> parse_snapshot_table(std::span<const std::byte> table, con
 /// (same validation as parse_snapshot_table). Useful to read a table in two steps.
 size_t snapshot_table_size(std::span<const std::byte> table, const Header& header);
 
-/// Serializes snapshots into a table (each entry padded to 8 bytes).
+/// Serializes snapshots into a table (each entry starts 8-aligned; as QEMU writes it, there is no
+/// padding after the last entry, so the result has snapshot_table_size() bytes).
 std::vector<std::byte> serialize_snapshot_table(const std::vector<Snapshot>& snapshots, uint32_t version);
 
 }  // namespace qcowfs::format
