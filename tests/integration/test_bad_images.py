@@ -92,7 +92,7 @@ def field(name, fld, value, **kw):
 
 
 field("hdr-version4.qcow2", "version", 4)
-field("hdr-version1.qcow2", "version", 1)
+field("hdr-version1.qcow2", "version", 1, errnos=EIO_OR_NOTSUP)
 field("hdr-clusterbits30.qcow2", "cluster_bits", 30)
 field("hdr-clusterbits8.qcow2", "cluster_bits", 8)
 field("hdr-l1size-huge.qcow2", "l1_size", 0x7fffffff)
@@ -269,6 +269,9 @@ for a in names:
 
 # ---- what qemu says (information only) ---------------------------------------------------------
 for b in broken:
+    if b["name"].startswith(("cycle-", "self-loop")):
+        print("  qemu on %s: (not asked: qemu-io hangs on backing loops)" % b["name"])
+        continue
     try:
         p = subprocess.run(["qemu-io", "-r", "-f", "qcow2", "-c", "read 0 64k", S(b["name"])],
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=5)

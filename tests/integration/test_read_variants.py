@@ -432,6 +432,45 @@ try:
             T.check_compare("%s: %s equals qemu-img convert" % (name, view), m.path(view),
                             refs[view], cluster_size=cs)
 
+    with T.step("concurrent readers"):
+        m = R.get()
+        import random
+        import threading
+        picks = [t for t in targets if t[1] in refs and t[0] in (
+            "cmp-zstd", "cmp-zlib", "extl2-64k", "chain depth 3", "cs512", "snap snapshot s1",
+            "external data file, relative name", "cs2m")]
+        errors = []
+
+        def reader(idx):
+            rnd = random.Random(idx)
+            fds = {}
+            try:
+                for i in range(150):
+                    name, view, image, snap, cs, cwd = picks[rnd.randrange(len(picks))]
+                    if view not in fds:
+                        fds[view] = (os.open(m.path(view), os.O_RDONLY), os.open(refs[view], os.O_RDONLY))
+                    fv, fr = fds[view]
+                    size = os.fstat(fr).st_size
+                    off = rnd.randrange(size)
+                    ln = rnd.randrange(1, 200000)
+                    got = H.pread_full(fv, ln, off)
+                    if got != H.pread_full(fr, ln, off):
+                        errors.append("%s: pread(%d, %d) differs" % (view, ln, off))
+            except OSError as e:
+                errors.append("thread %d: %s" % (idx, e))
+            finally:
+                for fv, fr in fds.values():
+                    os.close(fv)
+                    os.close(fr)
+
+        threads = [threading.Thread(target=reader, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+        T.check("8 threads x 150 random preads over %d images at once" % len(picks),
+                not errors and not any(t.is_alive() for t in threads), "; ".join(errors[:4]))
+
     if big_ok:
         with T.step("16 TiB sparse image"):
             m = R.get()
