@@ -216,6 +216,25 @@ def chain():
 build("chain", chain)
 
 
+def no_backing_format():
+    # the backing format extension replaced by an unknown (ignorable) extension type: the backing
+    # file's format must be probed, and the unknown extension skipped
+    base = img("nbf-base.qcow2")
+    H.create(base, 4 * MiB)
+    H.qemu_io(base, "write -P 0x17 0 4M")
+    top = img("nbf-top.qcow2")
+    H.create(top, 4 * MiB, backing="nbf-base.qcow2", cwd=SRC)
+    H.qemu_io(top, "write -P 0x18 1M 64k")
+    off, typ, ln = H.header_extensions(top)[0]
+    if typ != 0xe2792aca:
+        raise RuntimeError("first extension is 0x%x, not the backing format" % typ)
+    H.patch(top, off, b"\x7e\x57\xe5\x75")
+    add("backing format extension absent, unknown extension present", top)
+
+
+build("no-backing-format", no_backing_format)
+
+
 def raw_backing():
     base = os.path.join(SRC, "rawbase.bin")  # raw: not shown itself
     H.write_varied_raw(base, 4 * MiB, seed=3)
