@@ -83,7 +83,7 @@ Task<void> Image::open_impl(unsigned depth, std::vector<std::string> chain) {
     if (meta_.header.has_external_data_file()) {
         if (!meta_.extensions.data_file || meta_.extensions.data_file->empty())
             corrupt("the external data file bit is set but the image names no data file");
-        data_file_ = options_.opener(resolve_relative(path_, *meta_.extensions.data_file), false);
+        data_file_ = open_dependency(resolve_relative(path_, *meta_.extensions.data_file), "external data file");
     }
 
     l1_ = co_await read_l1(meta_.header.l1_table_offset, meta_.header.l1_size, "L1 table");
@@ -138,19 +138,20 @@ Task<void> Image::open_backing(unsigned depth, std::vector<std::string> chain) {
     std::string fmt = meta_.extensions.backing_format.value_or("");
     if (fmt.empty()) {
         // No backing format extension: probe, as QEMU does.
-        auto probe = options_.opener(path, false);
+        auto probe = open_dependency(path, "backing file");
         std::vector<std::byte> magic(4);
         magic.resize(co_await probe->read_at(0, magic));
         fmt = format::has_qcow2_magic(magic) ? "qcow2" : "raw";
     }
     if (fmt == "raw") {
-        backing_ = std::make_unique<RawSource>(options_.opener(path, false));
+        backing_ = std::make_unique<RawSource>(open_dependency(path, "backing file"));
     } else if (fmt == "qcow2") {
         auto backing = std::make_shared<Image>(Private{}, path, options_);
         try {
             co_await backing->open_impl(depth + 1, std::move(chain));
         } catch (const std::system_error& e) {
-            fail(errno_of(e), "backing file " + path + ": " + reason_of(e));
+            int code = errno_of(e) == ENOTSUP ? ENOTSUP : EIO;
+            fail(code, "backing file " + path + ": " + reason_of(e));
         }
         // The view keeps the backing Image alive.
         auto view = backing->active();
@@ -164,6 +165,15 @@ Task<void> Image::open_backing(unsigned depth, std::vector<std::string> chain) {
         backing_ = std::move(holder);
     } else {
         fail(ENOTSUP, "backing file format '" + fmt + "' is not supported");
+    }
+}
+
+std::unique_ptr<io::File> Image::open_dependency(const std::string& path, const char* what) {
+    // A file the image needs is missing: the image is what is broken, so its readers get EIO.
+    try {
+        return options_.opener(path, false);
+    } catch (const std::system_error& e) {
+        fail(errno_of(e) == ENOTSUP ? ENOTSUP : EIO, std::string(what) + " " + path + ": " + e.code().message());
     }
 }
 
@@ -243,7 +253,7 @@ Task<void> Image::read_mapped(const std::vector<uint64_t>& l1, uint64_t offset, 
             uint64_t bitmap = g.extended_l2 ? format::load_be64(p + 8) : 0;
             format::L2Entry e;
             try {
-                e = format::decode_l2(raw, bitmap, g, meta_.header.version);
+                e = format::decode_l2(raw, bitmap, g, meta_.header.version, data_file_ != nullptr);
             } catch (const std::system_error& ex) {
                 corrupt("L2 entry for guest offset " + hex(guest) + ": " + reason_of(ex));
             }
@@ -302,7 +312,18 @@ Task<void> Image::read_extent(const Extent& e, std::span<std::byte> dst) {
         case Extent::Kind::data: {
             io::File& f = data_file_ ? *data_file_ : *file_;
             size_t n = co_await f.read_at(e.host, dst);
-            zero(dst.subspan(n));  // past the end of the host file reads as zeros, as in QEMU
+            if (n < dst.size() && !data_file_) {
+                // A cluster the writer never finished may end early (its tail reads as zeros, as in
+                // QEMU), but a cluster that starts past the end of the file means the image was
+                // truncated: say so instead of inventing zeros.
+                uint64_t cluster = geometry_.cluster_size();
+                uint64_t first_missing = (e.host + n + cluster - 1) / cluster * cluster;
+                if (first_missing < e.host + dst.size())
+                    corrupt("data cluster at " + hex(first_missing) + " for guest offset " +
+                            hex(e.guest + (first_missing - e.host)) + " lies beyond the end of the file (" +
+                            std::to_string(file_->size()) + " bytes): the image is truncated");
+            }
+            zero(dst.subspan(n));
             break;
         }
         case Extent::Kind::compressed: {

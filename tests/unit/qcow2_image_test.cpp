@@ -107,10 +107,10 @@ TEST_CASE("contiguous host clusters are read with one request") {
     files.files["a"] = b.finish();
     asio::io_context io;
     auto view = open_image(io, files, "a")->active();
+    read_view(io, *view, 0, 1);  // loads the L2 slice
     size_t before = files.opened["a"]->read_count();
     auto buf = read_view(io, *view, 0, 8 * 4096);
-    // One L2 slice load and one data read.
-    CHECK(files.opened["a"]->read_count() - before == 2);
+    CHECK(files.opened["a"]->read_count() - before == 1);
     for (int i = 0; i < 8; ++i) CHECK(all_equal(buf, size_t(i) * 4096, size_t(i + 1) * 4096, uint8_t(0x50 + i)));
 }
 
@@ -200,7 +200,7 @@ TEST_CASE("a backing chain that loops is refused") {
     CHECK(msg.find("loops") != std::string::npos);
 }
 
-TEST_CASE("a missing backing file fails the open with ENOENT naming it") {
+TEST_CASE("a missing backing file fails the open with EIO naming it") {
     ImageBuilder a;
     a.backing_file = "gone.qcow2";
     a.start();
@@ -211,7 +211,7 @@ TEST_CASE("a missing backing file fails the open with ENOENT naming it") {
         open_image(io, files, "/d/a.qcow2");
         FAIL("open succeeded");
     } catch (const std::system_error& e) {
-        CHECK(e.code().value() == ENOENT);
+        CHECK(e.code().value() == EIO);
         CHECK(std::string(e.what()).find("gone.qcow2") != std::string::npos);
     }
 }
@@ -258,17 +258,42 @@ TEST_CASE("corrupt metadata gives EIO with a reason, and the rest of the disk st
     CHECK(read_view(io, *view, 0, 1)[0] == std::byte{0x42});
 }
 
-TEST_CASE("an L2 entry with host offset zero reads as unallocated, never as the header") {
+TEST_CASE("host offset zero: unallocated when plain, corrupt with COPIED unless there is a data file") {
     ImageBuilder b;
     b.start();
-    b.raw_entry(0, format::kOflagCopied);  // offset 0, COPIED, no zero flag
-    b.raw_entry(4096, 0);
+    b.raw_entry(0, 0);
+    b.raw_entry(4096, format::kOflagCopied);  // offset 0 with COPIED: only valid with a data file
     MemFiles files;
     files.files["h"] = b.finish();
     asio::io_context io;
     auto view = open_image(io, files, "h")->active();
-    auto buf = read_view(io, *view, 0, 8192);
-    CHECK(all_equal(buf, 0, 8192, 0));
+    auto buf = read_view(io, *view, 0, 4096);
+    CHECK(all_equal(buf, 0, 4096, 0));
+    CHECK(error_of([&] { read_view(io, *view, 4096, 10); }).find("data file") != std::string::npos);
+}
+
+TEST_CASE("a data cluster past the end of a truncated file is EIO, a short last cluster is not") {
+    ImageBuilder b;
+    b.start();
+    b.data(0, 0x31);
+    b.data(4096, 0x32);
+    MemFiles files;
+    auto bytes = b.finish();
+    // The file ends 100 bytes into the second data cluster.
+    uint64_t second = b.l2_tables.begin()->second + 2 * 4096;
+    bytes.resize(second + 100);
+    files.files["t"] = bytes;
+    asio::io_context io;
+    auto view = open_image(io, files, "t")->active();
+    auto buf = read_view(io, *view, 4096, 4096);
+    CHECK(all_equal(buf, 0, 100, 0x32));
+    CHECK(all_equal(buf, 100, 4096, 0));
+    b.data(8192, 0x33);
+    bytes = b.finish();
+    bytes.resize(b.l2_tables.begin()->second + 3 * 4096);  // ends before the third data cluster
+    files.files["t2"] = bytes;
+    auto view2 = open_image(io, files, "t2")->active();
+    CHECK(error_of([&] { read_view(io, *view2, 0, 3 * 4096); }).find("truncated") != std::string::npos);
 }
 
 TEST_CASE("an I/O error reaches the caller and is not cached") {

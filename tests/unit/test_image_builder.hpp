@@ -31,6 +31,7 @@ struct ImageBuilder {
     std::map<uint64_t, uint64_t> l2_tables;  // l1 index -> host offset
     uint64_t next_free = 0;
     uint64_t l1_offset = 0;
+    uint64_t refcount_table = 0;
     uint32_t l1_entries = 0;
     std::vector<format::Snapshot> snapshots;
 
@@ -43,6 +44,8 @@ struct ImageBuilder {
         uint64_t l1_clusters = (l1_entries * 8 + cluster() - 1) / cluster();
         next_free = l1_offset + l1_clusters * cluster();
         file.assign(next_free, std::byte{0});
+        // A refcount table of one cluster pointing at nothing: enough for the parser's checks.
+        refcount_table = alloc_cluster();
     }
     uint64_t alloc_cluster() {
         uint64_t off = next_free;
@@ -65,9 +68,9 @@ struct ImageBuilder {
     }
     /// Maps the cluster containing `guest` to a new host cluster filled with `fill` bytes.
     uint64_t data(uint64_t guest, uint8_t fill, uint64_t bitmap = 0xffffffffu) {
+        uint64_t e = entry_offset(guest);  // allocates the L2 table first, if needed
         uint64_t host = alloc_cluster();
         std::memset(file.data() + host, fill, cluster());
-        uint64_t e = entry_offset(guest);
         put64(e, format::encode_l2_standard(host, true, false));
         if (extended_l2) put64(e + 8, bitmap);
         return host;
@@ -115,8 +118,7 @@ struct ImageBuilder {
         if (compression != format::CompressionType::zlib) h.incompatible_features |= format::kIncompatCompressionType;
         if (extended_l2) h.incompatible_features |= format::kIncompatExtendedL2;
         h.header_length = 112;
-        // A refcount table of one cluster pointing at nothing: enough for the parser's checks.
-        h.refcount_table_offset = alloc_cluster();
+        h.refcount_table_offset = refcount_table;
         h.refcount_table_clusters = 1;
         if (!snapshots.empty()) {
             auto table = format::serialize_snapshot_table(snapshots, 3);

@@ -101,6 +101,8 @@ private:
     Task<std::vector<uint64_t>> read_l1(uint64_t offset, uint32_t entries, const char* what);
     Task<void> read_snapshot_table();
     Task<void> open_backing(unsigned depth, std::vector<std::string> chain);
+    /// Opens a file the image depends on (backing or data file); failures become EIO (ENOTSUP stays).
+    std::unique_ptr<io::File> open_dependency(const std::string& path, const char* what);
 
     /// Reads guest range [offset, offset + buf.size()) mapped through `l1`; the range must lie
     /// inside the view's size.
