@@ -17,8 +17,8 @@
 namespace qcowfs::fs {
 namespace {
 
-constexpr double kEntryTimeout = 0.5;  // seconds: keeps added/removed images visible within 1 s
-constexpr double kAttrTimeout = 0.5;
+constexpr double kEntryTimeout = 0.3;  // seconds: keeps added/removed images visible within 1 s
+constexpr double kAttrTimeout = 0.3;
 
 /// State behind fuse_file_info::fh for an open exposed file.
 struct OpenFile {

@@ -1,5 +1,6 @@
 // Open images by host identity, shared by all FUSE handles, and the once-per-reason error log.
 #include <boost/asio/post.hpp>
+#include <chrono>
 
 #include "qcowfs/fs/filesystem.hpp"
 #include "qcowfs/qcow2/image.hpp"
@@ -31,12 +32,25 @@ void ImageRegistry::release(const std::shared_ptr<ImageSlot>& slot) {
 }
 
 void ImageRegistry::report(const std::string& path, const std::string& reason) {
+    // One line per broken image, not one per failing request: a damaged image read by a copy
+    // tool would otherwise fill the log. A reminder follows if it keeps failing for long.
+    auto now = std::chrono::steady_clock::now();
+    size_t suppressed = 0;
     {
         std::lock_guard lock(mutex_);
         if (reported_.size() > 10000) reported_.clear();
-        if (!reported_.insert(path + '\n' + reason).second) return;
+        auto [it, first] = reported_.try_emplace(path, Reported{now, 0});
+        if (!first) {
+            if (now - it->second.when < std::chrono::minutes(10)) {
+                ++it->second.suppressed;
+                return;
+            }
+            suppressed = it->second.suppressed;
+            it->second = Reported{now, 0};
+        }
     }
-    log::error(path + ": " + reason);
+    log::error(path + ": " + reason +
+               (suppressed ? " (" + std::to_string(suppressed) + " more errors in the last 10 minutes)" : ""));
 }
 
 size_t ImageRegistry::open_images() const {

@@ -4,6 +4,7 @@
 #include <sys/stat.h>
 
 #include <atomic>
+#include <chrono>
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/strand.hpp>
 #include <condition_variable>
@@ -83,7 +84,8 @@ public:
     explicit ImageRegistry(asio::io_context& io) : io_(io) {}
     std::shared_ptr<ImageSlot> acquire(uint64_t dev, uint64_t ino, const std::string& path);
     void release(const std::shared_ptr<ImageSlot>& slot);
-    /// Logs "PATH: reason" unless that image already logged that reason.
+    /// Logs "PATH: reason" once per image; further errors of the same image within 10 minutes
+    /// are counted, not logged.
     void report(const std::string& path, const std::string& reason);
     size_t open_images() const;
 
@@ -91,7 +93,11 @@ private:
     asio::io_context& io_;
     mutable std::mutex mutex_;  // guards slots_, reported_
     std::map<std::pair<uint64_t, uint64_t>, std::shared_ptr<ImageSlot>> slots_;
-    std::set<std::string> reported_;
+    struct Reported {
+        std::chrono::steady_clock::time_point when;
+        size_t suppressed = 0;
+    };
+    std::map<std::string, Reported> reported_;
 };
 
 class Filesystem {
