@@ -79,11 +79,13 @@ struct Filesystem::Handlers {
     }
 
     static void forget(fuse_req_t req, fuse_ino_t ino, uint64_t n) {
+        log::debug("forget ino=" + std::to_string(ino) + " n=" + std::to_string(n));
         fs_of(req)->inodes_->forget(ino, n);
         fuse_reply_none(req);
     }
 
     static void forget_multi(fuse_req_t req, size_t count, fuse_forget_data* forgets) {
+        log::debug("forget_multi count=" + std::to_string(count));
         for (size_t i = 0; i < count; ++i) fs_of(req)->inodes_->forget(forgets[i].ino, forgets[i].nlookup);
         fuse_reply_none(req);
     }
@@ -129,7 +131,8 @@ struct Filesystem::Handlers {
         if (fuse_reply_open(req, fi) != 0) delete reinterpret_cast<OpenDir*>(fi->fh);
     }
 
-    static void readdir(fuse_req_t req, fuse_ino_t, size_t size, off_t off, fuse_file_info* fi) {
+    static void readdir(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, fuse_file_info* fi) {
+        log::debug("readdir ino=" + std::to_string(ino) + " off=" + std::to_string(off));
         auto* od = reinterpret_cast<OpenDir*>(fi->fh);
         std::vector<char> buf(size);
         size_t used = 0;
@@ -145,7 +148,8 @@ struct Filesystem::Handlers {
         fuse_reply_buf(req, buf.data(), used);
     }
 
-    static void releasedir(fuse_req_t req, fuse_ino_t, fuse_file_info* fi) {
+    static void releasedir(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi) {
+        log::debug("releasedir ino=" + std::to_string(ino));
         delete reinterpret_cast<OpenDir*>(fi->fh);
         fuse_reply_err(req, 0);
     }
@@ -253,7 +257,8 @@ struct Filesystem::Handlers {
         fuse_reply_err(req, 0);
     }
 
-    static void statfs(fuse_req_t req, fuse_ino_t) {
+    static void statfs(fuse_req_t req, fuse_ino_t ino) {
+        log::debug("statfs ino=" + std::to_string(ino));
         struct statvfs sv{};
         if (::statvfs(fs_of(req)->options_.source_dir.c_str(), &sv) != 0) return void(fuse_reply_err(req, errno));
         fuse_reply_statfs(req, &sv);

@@ -3,6 +3,7 @@
 fusermount3/umount/SIGTERM/SIGINT, -o ro, -o allow_other, -d, --log."""
 
 import os
+import shutil
 import re
 import signal
 import subprocess
@@ -61,6 +62,13 @@ def run_bin(args, timeout=15, cwd=None):
         open(err, "rb").read().decode("utf-8", "replace")
 
 
+def run_bin_wrapped(cmd, timeout=15):
+    """Like run_bin for a command line that runs qcowfs itself."""
+    print("  $ " + H.fmt_cmd(cmd), flush=True)
+    p = subprocess.run(cmd, capture_output=True, stdin=subprocess.DEVNULL, timeout=timeout)
+    return p.returncode, p.stdout.decode("utf-8", "replace"), p.stderr.decode("utf-8", "replace")
+
+
 def expect_error(what, args, mnt, mounts_before=0):
     code, out, err = run_bin(args, timeout=10)
     lines = [l for l in err.splitlines() if l.strip()]
@@ -99,6 +107,15 @@ with T.step("errors"):
     notdir = os.path.join(work, "afile")
     open(notdir, "w").close()
     expect_error("SOURCE_DIR is a regular file", ["-f", notdir, mnt], mnt)
+    # No /dev/fuse: an empty /dev in a private mount namespace (nothing outside it changes).
+    if shutil.which("unshare"):
+        code, out, err = run_bin_wrapped(["unshare", "-m", "--propagation", "private", "sh", "-c",
+                                          'mount -t tmpfs none /dev && exec "$0" -f "$1" "$2"', BIN, SRC, mnt])
+        lines = [l for l in err.splitlines() if l.strip()]
+        T.check("no /dev/fuse: non-zero exit", code not in (0, None), "exit %s" % code)
+        T.check("no /dev/fuse: one line naming /dev/fuse",
+                len(lines) == 1 and lines[0].startswith("qcowfs: ") and "/dev/fuse" in lines[0], err[:300])
+        T.check("no /dev/fuse: nothing mounted", H.mount_count(mnt) == 0, "mounted")
     try:
         with H.Mount(SRC) as m:
             expect_error("busy mountpoint (-f)", ["-f", SRC, m.mnt], m.mnt, mounts_before=1)
