@@ -57,8 +57,10 @@ void Filesystem::scanner_loop() {
             std::lock_guard tree_lock(tree_mutex_);
             tree_ = std::move(tree);
         } catch (const std::system_error& e) {
-            // Keep serving the last good view; say so once per distinct reason.
+            // Keep serving the last good view; say so once.
             images_.report(options_.source_dir, reason_of(e));
+        } catch (const std::exception& e) {
+            images_.report(options_.source_dir, std::string("directory scan failed: ") + e.what());
         }
         lock.lock();
     }
@@ -68,7 +70,17 @@ void Filesystem::start(fuse_session* session, std::function<void()> on_finished)
     session_ = session;
     on_finished_ = std::move(on_finished);
     scan_thread_ = std::thread([this] { scanner_loop(); });
-    asio::co_spawn(serve_strand_, serve(), asio::detached);
+    asio::co_spawn(serve_strand_, serve(), [this](std::exception_ptr error) {
+        // serve() handles its own errors; anything escaping still ends the mount cleanly.
+        if (!error) return;
+        try {
+            std::rethrow_exception(error);
+        } catch (const std::exception& e) {
+            log::error(std::string("request loop failed: ") + e.what());
+        }
+        stopping_ = true;
+        asio::co_spawn(serve_strand_, drain(), asio::detached);
+    });
 }
 
 void Filesystem::stop() {
