@@ -38,6 +38,8 @@ constexpr const char* kUsage =
     "  -o ro              mount everything read-only\n"
     "  -o threads=N       worker threads (default: number of CPUs, at least 2)\n"
     "  -o l2_cache=SIZE   L2 table cache per open image (default 4M; K, M, G suffixes)\n"
+    "  -o compressed_cache=SIZE  decompressed clusters kept per open image (default 4M)\n"
+    "  -o log=FILE        same as --log=FILE\n"
     "  -o OPT[,OPT...]    other options are passed to FUSE (allow_other, ...)\n"
     "  --log=FILE         append log lines to FILE (default: stderr with -f, else syslog)\n"
     "  -h, --help         show this help\n"
@@ -53,6 +55,7 @@ struct Options {
     bool read_only = false;
     unsigned threads = 0;
     size_t l2_cache = 4u << 20;
+    size_t compressed_cache = 4u << 20;
     std::string log_file;
     std::vector<std::string> fuse_options;
 };
@@ -89,6 +92,8 @@ void parse_o(Options& o, const std::string& list) {
             o.threads = static_cast<unsigned>(parse_size(key, value));
         } else if (key == "l2_cache") {
             o.l2_cache = parse_size(key, value);
+        } else if (key == "compressed_cache") {
+            o.compressed_cache = parse_size(key, value);
         } else if (key == "log") {
             o.log_file = value;
         } else {
@@ -221,6 +226,7 @@ int main(int argc, char** argv) {
     fs_options.mountpoint = o.mountpoint;
     fs_options.read_only = o.read_only;
     fs_options.l2_cache_bytes = o.l2_cache;
+    fs_options.compressed_cache_bytes = o.compressed_cache;
 
     asio::io_context io;
     fs::Filesystem filesystem(io, fs_options);

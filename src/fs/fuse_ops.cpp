@@ -71,7 +71,7 @@ struct Filesystem::Handlers {
         if (!node) return void(fuse_reply_err(req, ENOENT));
         fuse_entry_param e{};
         e.attr = fs.attr_of(*node);
-        e.ino = fs.inodes_->ref(node->key, e.attr, true);
+        e.ino = fs.inodes_->ref(node->key, e.attr);
         e.attr.st_ino = e.ino;
         e.attr_timeout = kAttrTimeout;
         e.entry_timeout = kEntryTimeout;
@@ -99,7 +99,7 @@ struct Filesystem::Handlers {
         auto tree = fs.tree();
         if (const Node* node = tree->find(key)) {
             st = fs.attr_of(*node);
-            fs.inodes_->ref(key, st, false);
+            fs.inodes_->update(key, st);
         } else if (ino == FUSE_ROOT_ID) {
             return void(fuse_reply_err(req, ENOENT));
         }
@@ -124,7 +124,13 @@ struct Filesystem::Handlers {
         for (const auto& [name, child_key] : dir->children) {
             const Node* child = tree->find(child_key);
             if (!child) continue;
-            uint64_t child_ino = fs.inodes_->ref(child_key, fs.attr_of(*child), false);
+            // readdir creates no inodes (no forget would ever free them): d_ino is the FUSE inode
+            // when the kernel holds one, else the host's.
+            uint64_t child_ino = fs.inodes_->find(child_key);
+            if (!child_ino) {
+                child_ino = child_key.ino ^ (std::hash<std::string>{}(child_key.snapshot_id) << 1);
+                if (child_ino == 0) child_ino = 1;
+            }
             od->entries.push_back({name, child_ino, child->attr.st_mode});
         }
         fi->fh = reinterpret_cast<uint64_t>(od.release());

@@ -10,15 +10,30 @@ InodeTable::InodeTable(NodeKey root) {
     by_key_[root] = FUSE_ROOT_ID;
 }
 
-uint64_t InodeTable::ref(const NodeKey& key, const struct stat& attr, bool lookup) {
+uint64_t InodeTable::ref(const NodeKey& key, const struct stat& attr) {
     std::lock_guard lock(mutex_);
     auto [it, inserted] = by_key_.try_emplace(key, next_);
     if (inserted) by_ino_[next_++] = Inode{key, 0, {}};
     Inode& inode = by_ino_[it->second];
     inode.attr = attr;
     inode.attr.st_ino = it->second;
-    if (lookup) ++inode.nlookup;
+    ++inode.nlookup;
     return it->second;
+}
+
+void InodeTable::update(const NodeKey& key, const struct stat& attr) {
+    std::lock_guard lock(mutex_);
+    auto it = by_key_.find(key);
+    if (it == by_key_.end()) return;
+    Inode& inode = by_ino_[it->second];
+    inode.attr = attr;
+    inode.attr.st_ino = it->second;
+}
+
+uint64_t InodeTable::find(const NodeKey& key) const {
+    std::lock_guard lock(mutex_);
+    auto it = by_key_.find(key);
+    return it == by_key_.end() ? 0 : it->second;
 }
 
 bool InodeTable::get(uint64_t ino, NodeKey& key, struct stat& attr) const {

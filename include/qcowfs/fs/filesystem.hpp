@@ -44,8 +44,12 @@ struct FsOptions {
 class InodeTable {
 public:
     explicit InodeTable(NodeKey root);
-    /// The inode of `key`, created if needed; adds one kernel lookup reference if `lookup`.
-    uint64_t ref(const NodeKey& key, const struct stat& attr, bool lookup);
+    /// The inode of `key` for a lookup reply: created if needed, one more kernel reference.
+    uint64_t ref(const NodeKey& key, const struct stat& attr);
+    /// Refreshes the attributes of `key` if it has an inode. Creates nothing.
+    void update(const NodeKey& key, const struct stat& attr);
+    /// The inode of `key` if the kernel holds one, else 0. Creates nothing.
+    uint64_t find(const NodeKey& key) const;
     /// The key and last attributes of `ino`; false if unknown.
     bool get(uint64_t ino, NodeKey& key, struct stat& attr) const;
     /// Drops `n` kernel references; the inode is forgotten when none are left.

@@ -83,8 +83,10 @@ struct ScanOptions {
 
 /// Walks SOURCE_DIR recursively and builds a Tree. Every regular file (symlinks to regular files
 /// followed; symlinked directories not descended) whose first four bytes are the qcow2 magic
-/// becomes NAME.raw (NAME = file name without a trailing ".qcow2" or ".qcow"; on a clash the full
-/// file name is kept: "a.qcow" beside "a.qcow2" gives "a.qcow.raw"), and each internal snapshot
+/// becomes NAME.raw (NAME = file name without a trailing ".qcow2" or ".qcow"). When several files
+/// would get one name, the short name goes first to a file without either suffix, then to the
+/// ".qcow2" one, then to the ".qcow" one; the others keep their full file name ("a.qcow" beside
+/// "a.qcow2" gives "a.qcow.raw"). Each internal snapshot appears as
 /// NAME@SNAP.raw (SNAP = snapshot name; its ID when the name is empty, contains '/' or clashes).
 /// Every subdirectory is mirrored. Attributes follow the host file: owner, group, times and
 /// permission bits (write bits removed unless writes are supported and the image is writable);
