@@ -2,7 +2,11 @@
 #include <doctest/doctest.h>
 
 #include "qcowfs/codec/compression.hpp"
+#include <boost/asio/detached.hpp>
+#include <boost/asio/strand.hpp>
+
 #include "qcowfs/format/error.hpp"
+#include "qcowfs/util/async_event.hpp"
 #include "test_image_builder.hpp"
 
 using namespace qcowfs;
@@ -323,4 +327,79 @@ TEST_CASE("encryption and unknown incompatible features refuse to open") {
     files.files["e"] = bytes;
     asio::io_context io;
     CHECK(error_of([&] { open_image(io, files, "e"); }).find("encryption") != std::string::npos);
+}
+
+namespace {
+
+/// A file whose reads wait on a gate once armed, counting how many are waiting at once.
+class GatedFile final : public io::File {
+public:
+    GatedFile(std::unique_ptr<io::File> inner, asio::io_context& io) : inner_(std::move(inner)), gate_(io.get_executor()) {}
+    Task<size_t> read_at(uint64_t offset, std::span<std::byte> buf) override {
+        if (armed_) {
+            ++waiting_;
+            max_waiting_ = std::max(max_waiting_, waiting_);
+            co_await gate_.wait();
+            --waiting_;
+        }
+        co_return co_await inner_->read_at(offset, buf);
+    }
+    Task<void> write_at(uint64_t offset, std::span<const std::byte> buf) override { return inner_->write_at(offset, buf); }
+    Task<void> flush() override { return inner_->flush(); }
+    uint64_t size() override { return inner_->size(); }
+    const std::string& name() const override { return inner_->name(); }
+
+    void arm() { armed_ = true; }
+    void open_gate() { gate_.set(); }
+    int max_waiting() const { return max_waiting_; }
+    int waiting() const { return waiting_; }
+
+private:
+    std::unique_ptr<io::File> inner_;
+    AsyncEvent gate_;
+    bool armed_ = false;
+    int waiting_ = 0;
+    int max_waiting_ = 0;
+};
+
+}  // namespace
+
+TEST_CASE("reads of different ranges of one image are in flight at the same time") {
+    ImageBuilder b;
+    b.size = 8 << 20;
+    b.start();
+    b.data(0, 0x01);
+    b.data(6 << 20, 0x02);  // another L2 table
+    MemFiles files;
+    files.files["g"] = b.finish();
+    asio::io_context io;
+    GatedFile* gated = nullptr;
+    qcow2::OpenOptions o;
+    o.opener = [&](const std::string& path, bool w) -> std::unique_ptr<io::File> {
+        auto f = std::make_unique<GatedFile>(files.opener()(path, w), io);
+        gated = f.get();
+        return f;
+    };
+    auto image = test::run(io, qcow2::Image::open("g", o));
+    auto view = image->active();
+    gated->arm();
+
+    auto strand = asio::make_strand(io);  // both requests on the image's one strand, as in the daemon
+    std::vector<std::byte> a(4096), c(4096);
+    int done = 0;
+    auto reader = [&](uint64_t off, std::vector<std::byte>& buf) -> Task<void> {
+        co_await view->read(off, buf);
+        ++done;
+    };
+    asio::co_spawn(strand, reader(0, a), asio::detached);
+    asio::co_spawn(strand, reader(6 << 20, c), asio::detached);
+    io.restart();
+    while (gated->waiting() < 2 && io.run_one() > 0) {
+    }
+    CHECK(gated->max_waiting() == 2);  // the second read did not wait for the first
+    gated->open_gate();
+    io.run();
+    CHECK(done == 2);
+    CHECK(a[0] == std::byte{0x01});
+    CHECK(c[0] == std::byte{0x02});
 }
