@@ -38,6 +38,11 @@ struct OpenDir {
 
 Filesystem* fs_of(fuse_req_t req) { return static_cast<Filesystem*>(fuse_req_userdata(req)); }
 
+/// Logs a request when -d is on.
+void trace(const char* op, fuse_ino_t ino, const std::string& more = {}) {
+    if (log::debug_enabled()) log::debug(std::string(op) + " ino=" + std::to_string(ino) + more);
+}
+
 
 }  // namespace
 
@@ -54,6 +59,13 @@ struct stat Filesystem::attr_of(const Node& node) const {
 }
 
 struct Filesystem::Handlers {
+    /// The key and last attributes of `ino`; replies ENOENT and returns false if it is unknown.
+    static bool resolve(fuse_req_t req, Filesystem& fs, fuse_ino_t ino, NodeKey& key, struct stat& st) {
+        if (fs.inodes_->get(ino, key, st)) return true;
+        fuse_reply_err(req, ENOENT);
+        return false;
+    }
+
     static void init(void*, fuse_conn_info* conn) {
         conn->want |= FUSE_CAP_ASYNC_READ;
         conn->max_write = 1u << 20;  // also raises max_pages, so reads of up to 1 MiB arrive whole
@@ -62,10 +74,10 @@ struct Filesystem::Handlers {
 
     static void lookup(fuse_req_t req, fuse_ino_t parent, const char* name) {
         Filesystem& fs = *fs_of(req);
-        log::debug("lookup parent=" + std::to_string(parent) + " name=" + name);
+        trace("lookup", parent, std::string(" name=") + name);
         NodeKey parent_key;
         struct stat ignored;
-        if (!fs.inodes_->get(parent, parent_key, ignored)) return void(fuse_reply_err(req, ENOENT));
+        if (!resolve(req, fs, parent, parent_key, ignored)) return;
         auto tree = fs.tree();
         const Node* node = tree->child(parent_key, name);
         if (!node) return void(fuse_reply_err(req, ENOENT));
@@ -79,7 +91,7 @@ struct Filesystem::Handlers {
     }
 
     static void forget(fuse_req_t req, fuse_ino_t ino, uint64_t n) {
-        log::debug("forget ino=" + std::to_string(ino) + " n=" + std::to_string(n));
+        trace("forget", ino, " n=" + std::to_string(n));
         fs_of(req)->inodes_->forget(ino, n);
         fuse_reply_none(req);
     }
@@ -92,10 +104,10 @@ struct Filesystem::Handlers {
 
     static void getattr(fuse_req_t req, fuse_ino_t ino, fuse_file_info*) {
         Filesystem& fs = *fs_of(req);
-        log::debug("getattr ino=" + std::to_string(ino));
+        trace("getattr", ino);
         NodeKey key;
         struct stat st;
-        if (!fs.inodes_->get(ino, key, st)) return void(fuse_reply_err(req, ENOENT));
+        if (!resolve(req, fs, ino, key, st)) return;
         auto tree = fs.tree();
         if (const Node* node = tree->find(key)) {
             st = fs.attr_of(*node);
@@ -110,10 +122,10 @@ struct Filesystem::Handlers {
 
     static void opendir(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi) {
         Filesystem& fs = *fs_of(req);
-        log::debug("opendir ino=" + std::to_string(ino));
+        trace("opendir", ino);
         NodeKey key;
         struct stat st;
-        if (!fs.inodes_->get(ino, key, st)) return void(fuse_reply_err(req, ENOENT));
+        if (!resolve(req, fs, ino, key, st)) return;
         auto tree = fs.tree();
         const Node* dir = tree->find(key);
         if (!dir) return void(fuse_reply_err(req, ENOENT));
@@ -138,7 +150,7 @@ struct Filesystem::Handlers {
     }
 
     static void readdir(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, fuse_file_info* fi) {
-        log::debug("readdir ino=" + std::to_string(ino) + " off=" + std::to_string(off));
+        trace("readdir", ino, " off=" + std::to_string(off));
         auto* od = reinterpret_cast<OpenDir*>(fi->fh);
         std::vector<char> buf(size);
         size_t used = 0;
@@ -155,17 +167,17 @@ struct Filesystem::Handlers {
     }
 
     static void releasedir(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi) {
-        log::debug("releasedir ino=" + std::to_string(ino));
+        trace("releasedir", ino);
         delete reinterpret_cast<OpenDir*>(fi->fh);
         fuse_reply_err(req, 0);
     }
 
     static void open(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi) {
         Filesystem& fs = *fs_of(req);
-        log::debug("open ino=" + std::to_string(ino) + " flags=" + std::to_string(fi->flags));
+        trace("open", ino, " flags=" + std::to_string(fi->flags));
         NodeKey key;
         struct stat st;
-        if (!fs.inodes_->get(ino, key, st)) return void(fuse_reply_err(req, ENOENT));
+        if (!resolve(req, fs, ino, key, st)) return;
         if (key.kind == NodeKey::Kind::directory) return void(fuse_reply_err(req, EISDIR));
         auto tree = fs.tree();
         const Node* node = tree->find(key);
@@ -227,8 +239,7 @@ struct Filesystem::Handlers {
 
     static void read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, fuse_file_info* fi) {
         Filesystem& fs = *fs_of(req);
-        if (log::debug_enabled())
-            log::debug("read ino=" + std::to_string(ino) + " off=" + std::to_string(off) + " size=" + std::to_string(size));
+        trace("read", ino, " off=" + std::to_string(off) + " size=" + std::to_string(size));
         auto* of = reinterpret_cast<OpenFile*>(fi->fh);
         fs.spawn(of->slot->strand, [&fs, req, of, size, off]() -> Task<void> {
             try {
@@ -254,7 +265,7 @@ struct Filesystem::Handlers {
 
     static void release(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi) {
         Filesystem& fs = *fs_of(req);
-        log::debug("release ino=" + std::to_string(ino));
+        trace("release", ino);
         auto* of = reinterpret_cast<OpenFile*>(fi->fh);
         auto slot = of->slot;
         // Drop the view on the image's strand, where its Image lives.
@@ -264,7 +275,7 @@ struct Filesystem::Handlers {
     }
 
     static void statfs(fuse_req_t req, fuse_ino_t ino) {
-        log::debug("statfs ino=" + std::to_string(ino));
+        trace("statfs", ino);
         struct statvfs sv{};
         if (::statvfs(fs_of(req)->options_.source_dir.c_str(), &sv) != 0) return void(fuse_reply_err(req, errno));
         fuse_reply_statfs(req, &sv);

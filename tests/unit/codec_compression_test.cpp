@@ -5,22 +5,16 @@
 #include <random>
 #include <vector>
 
+#include "test_errors.hpp"
 #include "qcowfs/codec/compression.hpp"
 #include "qcowfs/format/error.hpp"
 
 using namespace qcowfs;
 using qcowfs::format::CompressionType;
 
-namespace {
+using qcowfs::test::thrown_errno;
 
-int thrown_errno(const std::function<void()>& f) {
-    try {
-        f();
-    } catch (const std::system_error& e) {
-        return e.code().value();
-    }
-    return 0;
-}
+namespace {
 
 /// Compressible but not trivial: runs of text with a varying counter.
 std::vector<std::byte> cluster_data(size_t size) {

@@ -6,22 +6,16 @@
 #include <random>
 #include <vector>
 
+#include "test_errors.hpp"
 #include "qcowfs/format/entries.hpp"
 #include "qcowfs/format/error.hpp"
 
 using namespace qcowfs;
 using namespace qcowfs::format;
 
-namespace {
+using qcowfs::test::thrown_errno;
 
-int thrown_errno(const std::function<void()>& f) {
-    try {
-        f();
-    } catch (const std::system_error& e) {
-        return e.code().value();
-    }
-    return 0;
-}
+namespace {
 
 const ClusterGeometry kStd{16, false};
 const ClusterGeometry kExt{16, true};

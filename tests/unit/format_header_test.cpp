@@ -5,26 +5,18 @@
 #include <functional>
 #include <string>
 
+#include "test_errors.hpp"
 #include "qcowfs/format/error.hpp"
 #include "qcowfs/format/header.hpp"
 
 using namespace qcowfs;
 using namespace qcowfs::format;
 
+using qcowfs::test::thrown_errno;
+
 namespace {
 
 constexpr uint64_t kFileSize = 0x100000;
-
-/// errno of the std::system_error `f` throws (0 if none), and its message in `what`.
-int thrown_errno(const std::function<void()>& f, std::string* what = nullptr) {
-    try {
-        f();
-    } catch (const std::system_error& e) {
-        if (what) *what = e.what();
-        return e.code().value();
-    }
-    return 0;
-}
 
 Header v3_header() {
     Header h;

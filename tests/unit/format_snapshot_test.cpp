@@ -5,25 +5,18 @@
 #include <functional>
 #include <string>
 
+#include "test_errors.hpp"
 #include "qcowfs/format/error.hpp"
 #include "qcowfs/format/snapshot.hpp"
 
 using namespace qcowfs;
 using namespace qcowfs::format;
 
+using qcowfs::test::thrown_errno;
+
 namespace {
 
 constexpr uint64_t kFileSize = 0x200000;
-
-int thrown_errno(const std::function<void()>& f, std::string* what = nullptr) {
-    try {
-        f();
-    } catch (const std::system_error& e) {
-        if (what) *what = e.what();
-        return e.code().value();
-    }
-    return 0;
-}
 
 Header header_with(uint32_t nb_snapshots) {
     Header h;

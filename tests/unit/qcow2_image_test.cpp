@@ -7,6 +7,7 @@
 
 #include "qcowfs/format/error.hpp"
 #include "qcowfs/util/async_event.hpp"
+#include "test_errors.hpp"
 #include "test_image_builder.hpp"
 
 using namespace qcowfs;
@@ -47,15 +48,6 @@ bool all_equal(const std::vector<std::byte>& v, size_t from, size_t to, uint8_t 
     for (size_t i = from; i < to; ++i)
         if (v[i] != std::byte{value}) return false;
     return true;
-}
-
-std::string error_of(const std::function<void()>& f) {
-    try {
-        f();
-    } catch (const std::system_error& e) {
-        return e.what();
-    }
-    return "";
 }
 
 }  // namespace
@@ -164,7 +156,7 @@ TEST_CASE("extended L2 entries: allocated, zero and unallocated subclusters") {
     bad.raw_entry(65536, format::encode_l2_standard(bad.alloc_cluster(), true, false), 0x1ULL | (0x1ULL << 32));
     files.files["dir/bad.qcow2"] = bad.finish();
     auto bad_view = open_image(io, files, "dir/bad.qcow2")->active();
-    CHECK(error_of([&] { read_view(io, *bad_view, 65536, 10); }).find("L2 entry") != std::string::npos);
+    CHECK(test::thrown_message([&] { read_view(io, *bad_view, 65536, 10); }).find("L2 entry") != std::string::npos);
 }
 
 TEST_CASE("backing chain: unallocated clusters come from a qcow2 backing file, zero flags hide it") {
@@ -200,7 +192,7 @@ TEST_CASE("a backing chain that loops is refused") {
     files.files["/d/a.qcow2"] = a.finish();
     files.files["/d/b.qcow2"] = b.finish();
     asio::io_context io;
-    auto msg = error_of([&] { open_image(io, files, "/d/a.qcow2"); });
+    auto msg = test::thrown_message([&] { open_image(io, files, "/d/a.qcow2"); });
     CHECK(msg.find("loops") != std::string::npos);
 }
 
@@ -255,9 +247,9 @@ TEST_CASE("corrupt metadata gives EIO with a reason, and the rest of the disk st
     files.files["bad"] = b.finish();
     asio::io_context io;
     auto view = open_image(io, files, "bad")->active();
-    std::string beyond = error_of([&] { read_view(io, *view, 2 << 20, 512); });
+    std::string beyond = test::thrown_message([&] { read_view(io, *view, 2 << 20, 512); });
     CHECK(beyond.find("beyond the end") != std::string::npos);
-    std::string reserved = error_of([&] { read_view(io, *view, 4 << 20, 512); });
+    std::string reserved = test::thrown_message([&] { read_view(io, *view, 4 << 20, 512); });
     CHECK(reserved.find("L1 entry 2") != std::string::npos);
     CHECK(read_view(io, *view, 0, 1)[0] == std::byte{0x42});
 }
@@ -273,7 +265,7 @@ TEST_CASE("host offset zero: unallocated when plain, corrupt with COPIED unless 
     auto view = open_image(io, files, "h")->active();
     auto buf = read_view(io, *view, 0, 4096);
     CHECK(all_equal(buf, 0, 4096, 0));
-    CHECK(error_of([&] { read_view(io, *view, 4096, 10); }).find("data file") != std::string::npos);
+    CHECK(test::thrown_message([&] { read_view(io, *view, 4096, 10); }).find("data file") != std::string::npos);
 }
 
 TEST_CASE("a data cluster past the end of a truncated file is EIO, a short last cluster is not") {
@@ -297,7 +289,7 @@ TEST_CASE("a data cluster past the end of a truncated file is EIO, a short last 
     bytes.resize(b.l2_tables.begin()->second + 3 * 4096);  // ends before the third data cluster
     files.files["t2"] = bytes;
     auto view2 = open_image(io, files, "t2")->active();
-    CHECK(error_of([&] { read_view(io, *view2, 0, 3 * 4096); }).find("truncated") != std::string::npos);
+    CHECK(test::thrown_message([&] { read_view(io, *view2, 0, 3 * 4096); }).find("truncated") != std::string::npos);
 }
 
 TEST_CASE("an I/O error reaches the caller and is not cached") {
@@ -326,7 +318,7 @@ TEST_CASE("encryption and unknown incompatible features refuse to open") {
     MemFiles files;
     files.files["e"] = bytes;
     asio::io_context io;
-    CHECK(error_of([&] { open_image(io, files, "e"); }).find("encryption") != std::string::npos);
+    CHECK(test::thrown_message([&] { open_image(io, files, "e"); }).find("encryption") != std::string::npos);
 }
 
 namespace {
