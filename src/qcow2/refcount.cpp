@@ -1,0 +1,338 @@
+// Refcount table and blocks of one image file, and the cluster allocator that uses them.
+#include "qcowfs/qcow2/refcount.hpp"
+
+#include <algorithm>
+#include <boost/asio/this_coro.hpp>
+#include <cstdio>
+#include <string>
+
+#include "qcowfs/format/entries.hpp"
+#include "qcowfs/format/error.hpp"
+#include "qcowfs/io/file.hpp"
+
+namespace qcowfs::qcow2 {
+
+namespace {
+
+std::string hex(uint64_t v) {
+    char buf[32];
+    std::snprintf(buf, sizeof buf, "0x%llx", static_cast<unsigned long long>(v));
+    return buf;
+}
+
+uint64_t div_ceil(uint64_t a, uint64_t b) { return a / b + (a % b != 0); }
+
+}  // namespace
+
+struct Refcounts::Guard {
+    Refcounts* refcounts;
+    ~Guard() { refcounts->release(); }
+};
+
+Refcounts::Refcounts(io::File& file, const format::Header& header, size_t cache_bytes)
+    : file_(file),
+      cluster_bits_(header.cluster_bits),
+      refcount_order_(header.refcount_order),
+      block_entries_(format::refcount_block_entries(header.cluster_bits, header.refcount_order)),
+      table_offset_(header.refcount_table_offset),
+      table_clusters_(header.refcount_table_clusters) {
+    size_t slice = std::min<uint64_t>(cluster_size(), 4096);
+    slice_entries_ = (uint64_t{slice} * 8) >> refcount_order_;
+    blocks_ = std::make_unique<cache::SliceCache>(file, slice, cache_bytes);
+    table_cache_ = std::make_unique<cache::SliceCache>(file, slice, 16 * slice);
+    // Ordering rule: a table entry reaches the disk only after the block it points at.
+    table_cache_->depends_on(*blocks_);
+}
+
+Task<void> Refcounts::acquire() {
+    while (busy_) {
+        if (!idle_) idle_ = std::make_shared<AsyncEvent>(co_await asio::this_coro::executor);
+        auto idle = idle_;
+        co_await idle->wait();
+    }
+    busy_ = true;
+}
+
+void Refcounts::release() {
+    busy_ = false;
+    if (auto idle = std::move(idle_)) idle->set();
+}
+
+Task<void> Refcounts::load() {
+    const uint64_t cs = cluster_size();
+    const uint64_t file_size = file_.size();
+    const uint64_t bytes = uint64_t{table_clusters_} << cluster_bits_;
+    if (table_clusters_ == 0) corrupt("image has no refcount table (refcount_table_clusters is 0)");
+    if (bytes > format::kMaxRefcountTableBytes)
+        corrupt("refcount table of " + std::to_string(table_clusters_) + " clusters exceeds the 8 MiB limit");
+    if (table_offset_ == 0 || table_offset_ % cs != 0) corrupt("invalid refcount table offset " + hex(table_offset_));
+    if (table_offset_ > file_size || bytes > file_size - table_offset_)
+        corrupt("refcount table at " + hex(table_offset_) + " (" + std::to_string(bytes) +
+                " bytes) lies beyond the end of " + file_.name());
+
+    std::vector<std::byte> raw(bytes);
+    if (co_await file_.read_at(table_offset_, raw) != bytes)
+        corrupt("refcount table at " + hex(table_offset_) + " lies beyond the end of " + file_.name());
+    std::vector<uint64_t> table(bytes / 8);
+    for (size_t i = 0; i < table.size(); ++i) {
+        uint64_t entry = format::load_be64(raw.data() + 8 * i);
+        uint64_t offset = entry & format::kRefcountTableOffsetMask;
+        if (entry != offset)
+            corrupt("refcount table entry " + std::to_string(i) + " has reserved bits set (" + hex(entry) + ")");
+        if (offset % cs != 0)
+            corrupt("refcount table entry " + std::to_string(i) + ": refcount block offset " + hex(offset) +
+                    " is not cluster aligned");
+        if (offset != 0 && (offset > file_size || cs > file_size - offset))
+            corrupt("refcount table entry " + std::to_string(i) + ": refcount block at " + hex(offset) +
+                    " lies beyond the end of " + file_.name() + " (" + std::to_string(file_size) + " bytes)");
+        table[i] = offset;
+    }
+    table_ = std::move(table);
+    hint_ = 1;
+}
+
+Task<uint64_t> Refcounts::refcount_of(uint64_t cluster_index) {
+    uint64_t block = block_offset(cluster_index / block_entries_);
+    if (block == 0) co_return 0;
+    uint64_t i = cluster_index % block_entries_;
+    auto slice = co_await blocks_->get(block + i / slice_entries_ * blocks_->slice_bytes());
+    co_return format::get_refcount(slice->bytes, refcount_order_, i % slice_entries_);
+}
+
+Task<void> Refcounts::set_refcount(uint64_t cluster_index, uint64_t value) {
+    uint64_t block = block_offset(cluster_index / block_entries_);
+    uint64_t i = cluster_index % block_entries_;
+    auto slice = co_await blocks_->get_for_write(block + i / slice_entries_ * blocks_->slice_bytes());
+    format::set_refcount(slice->bytes, refcount_order_, i % slice_entries_, value);
+}
+
+Task<uint64_t> Refcounts::get(uint64_t cluster_index) { co_return co_await refcount_of(cluster_index); }
+
+Task<void> Refcounts::update(uint64_t first_cluster, uint64_t count, int64_t delta) {
+    co_await acquire();
+    Guard guard{this};
+    co_await update_locked(first_cluster, count, delta);
+}
+
+Task<void> Refcounts::update_locked(uint64_t first, uint64_t count, int64_t delta) {
+    if (count == 0 || delta == 0) co_return;
+    if (first + count < first) fail(EINVAL, "cluster range overflows");
+    const uint64_t end = first + count;
+    const uint64_t max = format::max_refcount(refcount_order_);
+    const uint64_t magnitude = delta < 0 ? uint64_t(-(delta + 1)) + 1 : uint64_t(delta);
+    const size_t slice_bytes = blocks_->slice_bytes();
+    auto bad = [&](uint64_t cluster, uint64_t value) {
+        corrupt("refcount of cluster " + std::to_string(cluster) + " (host offset " + hex(cluster << cluster_bits_) +
+                ") is " + std::to_string(value) + ": adding " + std::to_string(delta) +
+                (delta < 0 ? " would drop it below 0" : " would exceed the maximum of " + std::to_string(max)));
+    };
+
+    // 1. Check every cluster before changing any.
+    for (uint64_t c = first; c < end;) {
+        uint64_t ti = c / block_entries_, i = c % block_entries_;
+        uint64_t block = block_offset(ti);
+        if (block == 0) {
+            if (delta < 0 || magnitude > max) bad(c, 0);
+            c += std::min(end - c, block_entries_ - i);
+            continue;
+        }
+        auto slice = co_await blocks_->get(block + i / slice_entries_ * slice_bytes);
+        uint64_t idx = i % slice_entries_, n = std::min(end - c, slice_entries_ - idx);
+        for (uint64_t k = 0; k < n; ++k) {
+            uint64_t v = format::get_refcount(slice->bytes, refcount_order_, idx + k);
+            if (delta < 0 ? v < magnitude : magnitude > max || v > max - magnitude) bad(c + k, v);
+        }
+        c += n;
+    }
+
+    // 2. Increases need a block for every part of the range; blocks never go inside the range.
+    if (delta > 0)
+        for (uint64_t ti = first / block_entries_; ti <= (end - 1) / block_entries_; ++ti)
+            if (block_offset(ti) == 0) co_await allocate_block(ti, Range{first, end});
+
+    // 3. Apply, one slice at a time (get_for_write and the changes with no co_await between).
+    for (uint64_t c = first; c < end;) {
+        uint64_t ti = c / block_entries_, i = c % block_entries_;
+        auto slice = co_await blocks_->get_for_write(block_offset(ti) + i / slice_entries_ * slice_bytes);
+        uint64_t idx = i % slice_entries_, n = std::min(end - c, slice_entries_ - idx);
+        for (uint64_t k = 0; k < n; ++k) {
+            uint64_t v = format::get_refcount(slice->bytes, refcount_order_, idx + k);
+            v = delta < 0 ? v - magnitude : v + magnitude;
+            format::set_refcount(slice->bytes, refcount_order_, idx + k, v);
+            if (v == 0) hint_ = std::min(hint_, std::max<uint64_t>(c + k, 1));
+        }
+        c += n;
+    }
+}
+
+Task<uint64_t> Refcounts::allocate(uint64_t count) {
+    if (count == 0) fail(EINVAL, "cannot allocate 0 clusters");
+    co_await acquire();
+    Guard guard{this};
+    uint64_t first_free = 0;
+    uint64_t first = co_await find_free(count, Range{}, &first_free);
+    // Nothing below first_free is free; if the run starts there, nothing below its end is either.
+    uint64_t old_hint = hint_;
+    hint_ = first_free == first ? first + count : first_free;
+    try {
+        co_await update_locked(first, count, 1);
+    } catch (...) {
+        hint_ = std::min(hint_, old_hint);
+        throw;
+    }
+    co_return first << cluster_bits_;
+}
+
+void Refcounts::free_hint(uint64_t cluster_index) { hint_ = std::min(hint_, std::max<uint64_t>(cluster_index, 1)); }
+
+Task<uint64_t> Refcounts::find_free(uint64_t count, Range exclude, uint64_t* first_free_seen) {
+    const size_t slice_bytes = blocks_->slice_bytes();
+    uint64_t c = std::max<uint64_t>(hint_, 1);
+    uint64_t run_start = c, run = 0;
+    bool seen = false;
+    auto saw_free = [&](uint64_t cluster) {
+        if (!seen && first_free_seen) *first_free_seen = cluster;
+        seen = true;
+    };
+    while (run < count) {
+        if (exclude.contains(c)) {
+            c = run_start = exclude.end;
+            run = 0;
+            continue;
+        }
+        uint64_t stop = exclude.first > c ? exclude.first : UINT64_MAX;  // next excluded cluster
+        uint64_t ti = c / block_entries_, i = c % block_entries_;
+        uint64_t block = block_offset(ti);
+        if (block == 0) {  // no block: every cluster it would describe is free
+            uint64_t n = std::min(block_entries_ - i, stop - c);
+            saw_free(c);
+            run += n;
+            c += n;
+            continue;
+        }
+        auto slice = co_await blocks_->get(block + i / slice_entries_ * slice_bytes);
+        uint64_t idx = i % slice_entries_, n = std::min(slice_entries_ - idx, stop - c);
+        for (uint64_t k = 0; k < n && run < count; ++k, ++c) {
+            if (format::get_refcount(slice->bytes, refcount_order_, idx + k) == 0) {
+                saw_free(c);
+                ++run;
+            } else {
+                run = 0;
+                run_start = c + 1;
+            }
+        }
+    }
+    co_return run_start;
+}
+
+Task<void> Refcounts::allocate_block(uint64_t table_index, Range exclude) {
+    for (;;) {
+        if (table_index >= table_.size()) co_await grow_table(table_index + 1, exclude);
+        if (table_[table_index] != 0) co_return;  // the growth made it
+        // Every cluster this block would describe is free: put it in the first one allowed, so it
+        // describes itself.
+        uint64_t first = table_index * block_entries_;
+        uint64_t b = std::max<uint64_t>(first, 1);
+        if (exclude.contains(b)) b = exclude.end;
+        if (b < first + block_entries_) {
+            co_await create_block(table_index, b);
+            co_return;
+        }
+        // The whole range is excluded: use a free cluster whose refcount an existing block holds.
+        uint64_t x = co_await find_free(1, exclude, nullptr);
+        if (block_offset(x / block_entries_) != 0) {
+            co_await create_block(table_index, x);
+            co_return;
+        }
+        co_await allocate_block(x / block_entries_, exclude);  // describes itself, then retry
+    }
+}
+
+Task<void> Refcounts::create_block(uint64_t table_index, uint64_t cluster_index) {
+    const bool self = cluster_index / block_entries_ == table_index;
+    // An existing block's entry first: the only step that can fail (reading it).
+    if (!self) co_await set_refcount(cluster_index, 1);
+    uint64_t offset = cluster_index << cluster_bits_;
+    for (uint64_t s = 0; s < cluster_size(); s += blocks_->slice_bytes()) co_await blocks_->create(offset + s);
+    table_[table_index] = offset;
+    if (self) co_await set_refcount(cluster_index, 1);  // a dirty slice just created: no I/O
+    co_await store_table_entry(table_index);
+}
+
+Task<void> Refcounts::store_table_entry(uint64_t table_index) {
+    // The slice is rebuilt from table_ (the truth), so it never needs reading.
+    const size_t slice_bytes = table_cache_->slice_bytes();
+    uint64_t start = table_index * 8 / slice_bytes * slice_bytes;
+    auto slice = co_await table_cache_->create(table_offset_ + start);
+    for (size_t k = 0; k < slice_bytes / 8; ++k) format::store_be64(slice->bytes.data() + 8 * k, table_[start / 8 + k]);
+}
+
+Task<void> Refcounts::grow_table(uint64_t min_entries, Range exclude) {
+    if (!on_table_moved) corrupt("the refcount table is full and cannot move (no header updater)");
+    const uint64_t cs = cluster_size();
+    const uint64_t per_cluster = cs / 8;
+    const uint64_t old_entries = table_.size();
+
+    // Layout, as QEMU does it: at the first region the old table cannot describe (nothing there
+    // is in use), nb new blocks followed by the new table of tc clusters; the blocks describe
+    // themselves and the table.
+    uint64_t r0 = old_entries, nb = 0, tc = 0;
+    for (;;) {
+        nb = 1;
+        tc = 0;
+        for (;;) {
+            uint64_t want = std::max({min_entries, old_entries + old_entries / 2, r0 + nb});
+            uint64_t new_tc = div_ceil(want, per_cluster);
+            if (new_tc * cs > format::kMaxRefcountTableBytes)
+                fail(ENOSPC, "the refcount table would exceed the 8 MiB limit");
+            uint64_t new_nb = div_ceil(new_tc, block_entries_ - 1);  // nb * E >= nb + tc
+            if (new_tc == tc && new_nb == nb) break;
+            tc = new_tc;
+            nb = new_nb;
+        }
+        Range area{r0 * block_entries_, r0 * block_entries_ + nb + tc};
+        if (area.first < exclude.end && exclude.first < area.end) {
+            r0 = div_ceil(exclude.end, block_entries_);
+            continue;
+        }
+        break;
+    }
+
+    const uint64_t area = r0 * block_entries_;
+    const uint64_t new_offset = (area + nb) << cluster_bits_;
+    const size_t slice_bytes = blocks_->slice_bytes();
+    std::vector<uint64_t> table(tc * per_cluster, 0);
+    std::copy(table_.begin(), table_.end(), table.begin());
+    for (uint64_t k = 0; k < nb; ++k) {
+        table[r0 + k] = (area + k) << cluster_bits_;
+        for (uint64_t s = 0; s < cs; s += slice_bytes) co_await blocks_->create(table[r0 + k] + s);
+    }
+    for (uint64_t x = area; x < area + nb + tc; ++x) {
+        uint64_t i = x % block_entries_;
+        auto slice = co_await blocks_->get_for_write(table[x / block_entries_] + i / slice_entries_ * slice_bytes);
+        format::set_refcount(slice->bytes, refcount_order_, i % slice_entries_, 1);
+    }
+    for (uint64_t s = 0; s < tc * cs; s += slice_bytes) {
+        auto slice = co_await table_cache_->create(new_offset + s);
+        for (size_t k = 0; k < slice_bytes / 8; ++k) format::store_be64(slice->bytes.data() + 8 * k, table[s / 8 + k]);
+    }
+
+    // Ordering: new blocks (and every pending change) written, synced; then the new table written,
+    // synced; then the header points at it; only then is the old table freed.
+    co_await table_cache_->sync();
+    co_await on_table_moved(new_offset, static_cast<uint32_t>(tc));
+    uint64_t old_first = table_offset_ >> cluster_bits_;
+    uint64_t old_clusters = table_clusters_;
+    table_ = std::move(table);
+    table_offset_ = new_offset;
+    table_clusters_ = static_cast<uint32_t>(tc);
+    co_await update_locked(old_first, old_clusters, -1);
+}
+
+Task<void> Refcounts::flush() {
+    co_await acquire();
+    Guard guard{this};
+    co_await table_cache_->sync();
+}
+
+}  // namespace qcowfs::qcow2
