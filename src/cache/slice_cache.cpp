@@ -112,19 +112,7 @@ void SliceCache::depends_on(SliceCache& other) {
 
 Task<void> SliceCache::flush() {
     // One flush at a time: a second one waits, then runs in full (it may find new dirty slices).
-    while (flushing_) {
-        if (!flush_done_) flush_done_ = std::make_shared<AsyncEvent>(co_await asio::this_coro::executor);
-        auto done = flush_done_;
-        co_await done->wait();
-    }
-    flushing_ = true;
-    struct Release {
-        SliceCache* c;
-        ~Release() {
-            c->flushing_ = false;
-            if (auto done = std::move(c->flush_done_)) done->set();
-        }
-    } release{this};
+    auto guard = co_await flush_mutex_.lock();
 
     // Ordering rule: whatever the dependency holds is on stable storage before our first write.
     if (dependency_) {

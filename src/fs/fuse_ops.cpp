@@ -11,7 +11,6 @@
 #include "qcowfs/format/error.hpp"
 #include "qcowfs/fs/filesystem.hpp"
 #include "qcowfs/qcow2/image.hpp"
-#include "qcowfs/util/async_event.hpp"
 #include "qcowfs/util/log.hpp"
 
 namespace qcowfs::fs {
@@ -70,6 +69,10 @@ struct Filesystem::Handlers {
         conn->want |= FUSE_CAP_ASYNC_READ;
         conn->max_write = 1u << 20;  // also raises max_pages, so reads of up to 1 MiB arrive whole
         conn->max_readahead = 1u << 20;
+        // Readahead and asynchronous direct I/O are "background" requests, 12 at most by
+        // default: too few to keep io_uring busy at queue depths of 16 and more.
+        conn->max_background = 64;
+        conn->congestion_threshold = 48;
     }
 
     static void lookup(fuse_req_t req, fuse_ino_t parent, const char* name) {
@@ -197,23 +200,10 @@ struct Filesystem::Handlers {
         options.compressed_cache_bytes = fs.options_.compressed_cache_bytes;
         fs.spawn(slot->strand, [&fs, req, slot, info, snapshot_id, options]() mutable -> Task<void> {
             try {
-                // One open per image at a time; later handles share the Image.
-                while (!slot->image) {
-                    if (auto pending = std::static_pointer_cast<AsyncEvent>(slot->opening)) {
-                        co_await pending->wait();
-                        continue;
-                    }
-                    auto event = std::make_shared<AsyncEvent>(slot->strand);
-                    slot->opening = event;
-                    try {
-                        slot->image = co_await qcow2::Image::open(slot->path, options);
-                    } catch (...) {
-                        slot->opening.reset();
-                        event->set();
-                        throw;
-                    }
-                    slot->opening.reset();
-                    event->set();
+                {
+                    // One open per image at a time; later handles share the Image.
+                    auto opening = co_await slot->open_mutex.lock();
+                    if (!slot->image) slot->image = co_await qcow2::Image::open(slot->path, options);
                 }
                 auto of = std::make_unique<OpenFile>();
                 of->slot = slot;

@@ -24,11 +24,6 @@ uint64_t div_ceil(uint64_t a, uint64_t b) { return a / b + (a % b != 0); }
 
 }  // namespace
 
-struct Refcounts::Guard {
-    Refcounts* refcounts;
-    ~Guard() { refcounts->release(); }
-};
-
 Refcounts::Refcounts(io::File& file, const format::Header& header, size_t cache_bytes)
     : file_(file),
       cluster_bits_(header.cluster_bits),
@@ -42,20 +37,6 @@ Refcounts::Refcounts(io::File& file, const format::Header& header, size_t cache_
     table_cache_ = std::make_unique<cache::SliceCache>(file, slice, 16 * slice);
     // Ordering rule: a table entry reaches the disk only after the block it points at.
     table_cache_->depends_on(*blocks_);
-}
-
-Task<void> Refcounts::acquire() {
-    while (busy_) {
-        if (!idle_) idle_ = std::make_shared<AsyncEvent>(co_await asio::this_coro::executor);
-        auto idle = idle_;
-        co_await idle->wait();
-    }
-    busy_ = true;
-}
-
-void Refcounts::release() {
-    busy_ = false;
-    if (auto idle = std::move(idle_)) idle->set();
 }
 
 Task<void> Refcounts::load() {
@@ -109,8 +90,7 @@ Task<void> Refcounts::set_refcount(uint64_t cluster_index, uint64_t value) {
 Task<uint64_t> Refcounts::get(uint64_t cluster_index) { co_return co_await refcount_of(cluster_index); }
 
 Task<void> Refcounts::update(uint64_t first_cluster, uint64_t count, int64_t delta) {
-    co_await acquire();
-    Guard guard{this};
+    auto guard = co_await mutex_.lock();
     co_await update_locked(first_cluster, count, delta);
 }
 
@@ -167,8 +147,7 @@ Task<void> Refcounts::update_locked(uint64_t first, uint64_t count, int64_t delt
 
 Task<uint64_t> Refcounts::allocate(uint64_t count) {
     if (count == 0) fail(EINVAL, "cannot allocate 0 clusters");
-    co_await acquire();
-    Guard guard{this};
+    auto guard = co_await mutex_.lock();
     uint64_t first_free = 0;
     uint64_t first = co_await find_free(count, Range{}, &first_free);
     // Nothing below first_free is free; if the run starts there, nothing below its end is either.
@@ -330,8 +309,7 @@ Task<void> Refcounts::grow_table(uint64_t min_entries, Range exclude) {
 }
 
 Task<void> Refcounts::flush() {
-    co_await acquire();
-    Guard guard{this};
+    auto guard = co_await mutex_.lock();
     co_await table_cache_->sync();
 }
 

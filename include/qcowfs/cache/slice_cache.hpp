@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "qcowfs/util/async_event.hpp"
+#include "qcowfs/util/async_mutex.hpp"
 #include "qcowfs/util/task.hpp"
 
 namespace qcowfs::io {
@@ -99,9 +100,7 @@ private:
     std::set<uint64_t> dirty_;  // offsets of dirty slices; each is in map_ and never evicted
     SliceCache* dependency_ = nullptr;
     bool unsynced_ = false;  // slices written since this cache last synced its file
-    // Serializes flush(): set while one runs; waiters park on flush_done_.
-    bool flushing_ = false;
-    std::shared_ptr<AsyncEvent> flush_done_;
+    AsyncMutex flush_mutex_;  // serializes flush()
     size_t hits_ = 0;
     size_t misses_ = 0;
 };

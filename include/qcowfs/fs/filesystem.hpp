@@ -19,6 +19,7 @@
 #include <unordered_map>
 
 #include "qcowfs/fs/tree.hpp"
+#include "qcowfs/util/async_mutex.hpp"
 #include "qcowfs/util/task.hpp"
 
 struct fuse_session;
@@ -76,7 +77,7 @@ struct ImageSlot {
     std::string path;
     // Strand only:
     std::shared_ptr<qcow2::Image> image;
-    std::shared_ptr<void> opening;  // an AsyncEvent while an open is in progress
+    AsyncMutex open_mutex;  // held while the image is being opened
     // Registry mutex only:
     size_t handles = 0;
 };

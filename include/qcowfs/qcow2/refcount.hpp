@@ -10,6 +10,7 @@
 #include "qcowfs/cache/slice_cache.hpp"
 #include "qcowfs/format/header.hpp"
 #include "qcowfs/util/async_event.hpp"
+#include "qcowfs/util/async_mutex.hpp"
 #include "qcowfs/util/task.hpp"
 
 namespace qcowfs::io {
@@ -99,10 +100,6 @@ private:
         uint64_t end = 0;
         bool contains(uint64_t c) const { return c >= first && c < end; }
     };
-    struct Guard;
-
-    Task<void> acquire();
-    void release();
 
     uint64_t block_offset(uint64_t table_index) const {
         return table_index < table_.size() ? table_[table_index] : 0;
@@ -127,9 +124,7 @@ private:
     std::unique_ptr<cache::SliceCache> blocks_;       // refcount block slices
     std::unique_ptr<cache::SliceCache> table_cache_;  // refcount table slices, written after blocks_
     uint64_t hint_ = 1;  // no free cluster lies below this one (clusters only, not exact)
-    // Serializes update/allocate/flush: busy_ while one runs; waiters park on idle_.
-    bool busy_ = false;
-    std::shared_ptr<AsyncEvent> idle_;
+    AsyncMutex mutex_;  // serializes update/allocate/flush
 };
 
 }  // namespace qcowfs::qcow2
