@@ -5,14 +5,11 @@
 #include <cstdio>
 #include <string>
 
+#include "qcowfs/format/error.hpp"
+
 namespace qcowfs::format::detail {
 
-/// `v` as "0x..." for error messages.
-inline std::string hex(uint64_t v) {
-    char buf[24];
-    std::snprintf(buf, sizeof buf, "0x%llx", static_cast<unsigned long long>(v));
-    return buf;
-}
+using qcowfs::hex;
 
 /// True if [offset, offset + length) lies inside [0, limit); never overflows.
 inline bool inside(uint64_t offset, uint64_t length, uint64_t limit) {

@@ -12,12 +12,6 @@
 namespace qcowfs::qcow2 {
 namespace {
 
-std::string hex(uint64_t v) {
-    char buf[24];
-    std::snprintf(buf, sizeof buf, "0x%llx", static_cast<unsigned long long>(v));
-    return buf;
-}
-
 void zero(std::span<std::byte> s) { std::memset(s.data(), 0, s.size()); }
 
 }  // namespace

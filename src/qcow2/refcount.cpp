@@ -14,12 +14,6 @@ namespace qcowfs::qcow2 {
 
 namespace {
 
-std::string hex(uint64_t v) {
-    char buf[32];
-    std::snprintf(buf, sizeof buf, "0x%llx", static_cast<unsigned long long>(v));
-    return buf;
-}
-
 uint64_t div_ceil(uint64_t a, uint64_t b) { return a / b + (a % b != 0); }
 
 }  // namespace

@@ -2,6 +2,8 @@
 #pragma once
 
 #include <cerrno>
+#include <cstdint>
+#include <cstdio>
 #include <string>
 #include <system_error>
 
@@ -11,6 +13,13 @@ namespace qcowfs {
 /// boundary turns code().value() into the errno of the reply and logs what().
 [[noreturn]] inline void fail(int errno_value, const std::string& what) {
     throw std::system_error(std::error_code(errno_value, std::generic_category()), what);
+}
+
+/// `v` as "0x..." for error messages (offsets and raw entries read best in hex).
+inline std::string hex(uint64_t v) {
+    char buf[24];
+    std::snprintf(buf, sizeof buf, "0x%llx", static_cast<unsigned long long>(v));
+    return buf;
 }
 
 /// Metadata that violates the qcow2 specification: reads of the image return EIO.
