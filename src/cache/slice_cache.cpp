@@ -29,20 +29,24 @@ Task<std::shared_ptr<Slice>> SliceCache::get_for_write(uint64_t host_offset) {
     co_return slice;
 }
 
-Task<std::shared_ptr<Slice>> SliceCache::create(uint64_t host_offset) {
+Task<SliceCache::Entry*> SliceCache::settled(uint64_t host_offset) {
     for (;;) {
         auto it = map_.find(host_offset);
-        if (it == map_.end()) break;
-        if (it->second.slice) {
-            auto& bytes = it->second.slice->bytes;
-            std::fill(bytes.begin(), bytes.end(), std::byte{0});
-            lru_.splice(lru_.begin(), lru_, it->second.lru);
-            mark_dirty(host_offset);
-            co_return it->second.slice;
-        }
-        // A read of this slice is in flight: let it finish, then overwrite what it brought.
+        if (it == map_.end()) co_return nullptr;
+        if (it->second.slice) co_return &it->second;
+        // A read of this slice is in flight: wait for it, then look again (it may have failed).
         auto loaded = it->second.loaded;
         co_await loaded->wait();
+    }
+}
+
+Task<std::shared_ptr<Slice>> SliceCache::create(uint64_t host_offset) {
+    if (Entry* e = co_await settled(host_offset)) {
+        // Cached (perhaps just read): overwrite it with zeros.
+        std::fill(e->slice->bytes.begin(), e->slice->bytes.end(), std::byte{0});
+        lru_.splice(lru_.begin(), lru_, e->lru);
+        mark_dirty(host_offset);
+        co_return e->slice;
     }
     auto slice = std::make_shared<Slice>();
     slice->host_offset = host_offset;
@@ -55,17 +59,10 @@ Task<std::shared_ptr<Slice>> SliceCache::create(uint64_t host_offset) {
 }
 
 Task<std::shared_ptr<Slice>> SliceCache::load(uint64_t host_offset) {
-    for (;;) {
-        auto it = map_.find(host_offset);
-        if (it == map_.end()) break;
-        if (it->second.slice) {
-            ++hits_;
-            lru_.splice(lru_.begin(), lru_, it->second.lru);
-            co_return it->second.slice;
-        }
-        // Another coroutine is reading this slice: wait for it, then look again (it may have failed).
-        auto loaded = it->second.loaded;
-        co_await loaded->wait();
+    if (Entry* e = co_await settled(host_offset)) {
+        ++hits_;
+        lru_.splice(lru_.begin(), lru_, e->lru);
+        co_return e->slice;
     }
 
     ++misses_;

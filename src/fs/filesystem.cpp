@@ -85,9 +85,10 @@ void Filesystem::start(fuse_session* session, std::function<void()> on_finished)
 
 void Filesystem::stop() {
     if (stopping_.exchange(true)) return;
-    // Wake the reader so it notices; it runs on serve_strand_.
+    // Wake the reader, which waits on serve_strand_, so it notices.
     asio::post(serve_strand_, [this] {
         if (session_) fuse_session_exit(session_);
+        if (device_) device_->cancel();
     });
 }
 
@@ -95,18 +96,14 @@ Task<void> Filesystem::serve() {
     int fd = fuse_session_fd(session_);
     int flags = ::fcntl(fd, F_GETFL);
     ::fcntl(fd, F_SETFL, flags | O_NONBLOCK);
-    asio::posix::stream_descriptor device(serve_strand_, fd);
-    asio::steady_timer poll_stop(serve_strand_);
+    // stop() cancels the wait through device_, on this strand; a stop() that came before the
+    // device existed is seen through stopping_.
+    device_ = std::make_unique<asio::posix::stream_descriptor>(serve_strand_, fd);
     fuse_buf buf{};
     bool ended = false;
     while (!ended && !stopping_ && !fuse_session_exited(session_)) {
-        // Wait until a request is readable; wake at least every 200 ms to notice stop().
-        poll_stop.expires_after(std::chrono::milliseconds(200));
-        poll_stop.async_wait([&device](const boost::system::error_code& ec) {
-            if (!ec) device.cancel();
-        });
-        auto [ec] = co_await device.async_wait(asio::posix::stream_descriptor::wait_read, asio::as_tuple(asio::use_awaitable));
-        poll_stop.cancel();
+        auto [ec] = co_await device_->async_wait(asio::posix::stream_descriptor::wait_read,
+                                                  asio::as_tuple(asio::use_awaitable));
         if (ec) continue;
         for (;;) {
             int res = fuse_session_receive_buf(session_, &buf);
@@ -120,7 +117,8 @@ Task<void> Filesystem::serve() {
             fuse_session_process_buf(session_, &buf);
         }
     }
-    device.release();
+    device_->release();  // the session owns the fd
+    device_.reset();
     std::free(buf.mem);
     stopping_ = true;
     co_await drain();

@@ -34,7 +34,7 @@ Task<void> RawSource::read(uint64_t offset, std::span<std::byte> buf) {
 
 // ---- View ------------------------------------------------------------------------------------
 
-View::View(std::shared_ptr<Image> image, std::vector<uint64_t> l1, uint64_t size)
+View::View(std::shared_ptr<Image> image, std::shared_ptr<const std::vector<uint64_t>> l1, uint64_t size)
     : image_(std::move(image)), l1_(std::move(l1)), size_(size) {}
 
 Task<void> View::read(uint64_t offset, std::span<std::byte> buf) {
@@ -46,7 +46,7 @@ Task<void> View::read(uint64_t offset, std::span<std::byte> buf) {
         zero(buf.subspan(size_ - offset));
         buf = buf.first(size_ - offset);
     }
-    co_await image_->read_mapped(l1_, offset, buf);
+    co_await image_->read_mapped(*l1_, offset, buf);
 }
 
 // ---- Image: open -----------------------------------------------------------------------------
@@ -80,7 +80,8 @@ Task<void> Image::open_impl(unsigned depth, std::vector<std::string> chain) {
         data_file_ = open_dependency(resolve_relative(path_, *meta_.extensions.data_file), "external data file");
     }
 
-    l1_ = co_await read_l1(meta_.header.l1_table_offset, meta_.header.l1_size, "L1 table");
+    l1_ = std::make_shared<std::vector<uint64_t>>(
+        co_await read_l1(meta_.header.l1_table_offset, meta_.header.l1_size, "L1 table"));
     co_await read_snapshot_table();
 
     size_t slice = std::min<uint64_t>(geometry_.cluster_size(), 4096);
@@ -138,7 +139,7 @@ Task<void> Image::open_backing(unsigned depth, std::vector<std::string> chain) {
         fmt = format::has_qcow2_magic(magic) ? "qcow2" : "raw";
     }
     if (fmt == "raw") {
-        backing_ = std::make_unique<RawSource>(open_dependency(path, "backing file"));
+        backing_ = std::make_shared<RawSource>(open_dependency(path, "backing file"));
     } else if (fmt == "qcow2") {
         auto backing = std::make_shared<Image>(Private{}, path, options_);
         try {
@@ -147,16 +148,7 @@ Task<void> Image::open_backing(unsigned depth, std::vector<std::string> chain) {
             int code = errno_of(e) == ENOTSUP ? ENOTSUP : EIO;
             fail(code, "backing file " + path + ": " + reason_of(e));
         }
-        // The view keeps the backing Image alive.
-        auto view = backing->active();
-        struct Holder final : BlockSource {
-            std::shared_ptr<View> view;
-            uint64_t size() const override { return view->size(); }
-            Task<void> read(uint64_t offset, std::span<std::byte> buf) override { return view->read(offset, buf); }
-        };
-        auto holder = std::make_unique<Holder>();
-        holder->view = std::move(view);
-        backing_ = std::move(holder);
+        backing_ = backing->active();  // the view keeps the backing Image alive
     } else {
         fail(ENOTSUP, "backing file format '" + fmt + "' is not supported");
     }
@@ -184,7 +176,8 @@ Task<std::shared_ptr<View>> Image::snapshot(const std::string& id) {
         auto l1 = co_await read_l1(s.l1_table_offset, s.l1_size, "snapshot L1 table");
         if (s.l1_size < geometry_.l1_entries_for(s.disk_size))
             corrupt("snapshot " + s.id + " has an L1 table too small for its disk size");
-        co_return std::make_shared<View>(shared_from_this(), std::move(l1), s.disk_size);
+        co_return std::make_shared<View>(shared_from_this(),
+                                         std::make_shared<const std::vector<uint64_t>>(std::move(l1)), s.disk_size);
     }
     fail(ENOENT, "no snapshot with ID " + id);
 }

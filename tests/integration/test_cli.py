@@ -195,6 +195,65 @@ for how in ("SIGTERM", "SIGINT", "umount", "fusermount3 -u"):
         finally:
             m.force_cleanup()
 
+# ---- SIGTERM while reads are in flight -------------------------------------------------------
+with T.step("SIGTERM under load"):
+    import threading
+    ref = open(REF, "rb").read()
+    m = H.Mount(SRC)
+    try:
+        m.start()
+        stop = threading.Event()
+        results = {"ok": 0, "wrong": 0, "errors": 0}
+        lock = threading.Lock()
+
+        def reader(seed):
+            import random
+            rnd = random.Random(seed)
+            try:
+                fd = os.open(m.path("one.raw"), os.O_RDONLY)
+            except OSError:
+                with lock:
+                    results["errors"] += 1
+                return
+            try:
+                while not stop.is_set():
+                    off = rnd.randrange(0, max(1, len(ref) - 1))
+                    n = rnd.randrange(1, 1 << 20)
+                    try:
+                        data = os.pread(fd, n, off)
+                    except OSError:
+                        with lock:
+                            results["errors"] += 1
+                        break  # unmounted under us: the kernel ends the rest
+                    with lock:
+                        results["ok" if data == ref[off:off + n] else "wrong"] += 1
+            finally:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+
+        threads = [threading.Thread(target=reader, args=(i,), daemon=True) for i in range(8)]
+        for t in threads:
+            t.start()
+        time.sleep(1.0)
+        m.proc.send_signal(signal.SIGTERM)
+        try:
+            code = m.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            code = "still running after 20 s"
+        stop.set()
+        for t in threads:
+            t.join(timeout=10)
+        T.check("SIGTERM under load: exits 0", code == 0, "exit %s" % code)
+        T.check("SIGTERM under load: no reader hangs", not any(t.is_alive() for t in threads), "a read never returned")
+        T.check("SIGTERM under load: reads happened", results["ok"] > 0, results)
+        T.check("SIGTERM under load: no read returned wrong bytes", results["wrong"] == 0, results)
+        ok, _ = H.wait_for(lambda: not H.is_mounted(m.mnt), timeout=2)
+        T.check("SIGTERM under load: unmounted", ok)
+    finally:
+        m.force_cleanup()
+
 # ---- -o ro, -o allow_other ------------------------------------------------------------------
 with T.step("-o ro"):
     try:

@@ -88,6 +88,9 @@ private:
         uint64_t version = 0;  // bumped each time the slice is handed out for writing
     };
     Task<std::shared_ptr<Slice>> load(uint64_t host_offset);
+    /// The cached entry once no read of it is in flight, or nullptr if it is not cached. The
+    /// pointer stays valid until the caller's next co_await.
+    Task<Entry*> settled(uint64_t host_offset);
     void mark_dirty(uint64_t host_offset);
     Task<void> write_dirty();
     void evict();

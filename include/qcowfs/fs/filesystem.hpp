@@ -6,6 +6,7 @@
 #include <atomic>
 #include <chrono>
 #include <boost/asio/io_context.hpp>
+#include <boost/asio/posix/stream_descriptor.hpp>
 #include <boost/asio/strand.hpp>
 #include <condition_variable>
 #include <cstdint>
@@ -142,6 +143,7 @@ private:
     std::unique_ptr<InodeTable> inodes_;
     asio::strand<asio::io_context::executor_type> serve_strand_;
     fuse_session* session_ = nullptr;
+    std::unique_ptr<asio::posix::stream_descriptor> device_;  // /dev/fuse; serve_strand_ only
     std::function<void()> on_finished_;
     std::atomic<bool> stopping_{false};
     std::atomic<int64_t> inflight_{0};

@@ -48,14 +48,15 @@ class Image;
 /// read through its own L1 table. Keeps its Image alive.
 class View final : public BlockSource {
 public:
-    View(std::shared_ptr<Image> image, std::vector<uint64_t> l1, uint64_t size);
+    /// `l1` is shared with the Image for the active disk, so there is one copy and one truth.
+    View(std::shared_ptr<Image> image, std::shared_ptr<const std::vector<uint64_t>> l1, uint64_t size);
     uint64_t size() const override { return size_; }
     Task<void> read(uint64_t offset, std::span<std::byte> buf) override;
     Image& image() { return *image_; }
 
 private:
     std::shared_ptr<Image> image_;
-    std::vector<uint64_t> l1_;  // host-endian raw L1 entries
+    std::shared_ptr<const std::vector<uint64_t>> l1_;  // host-endian raw L1 entries
     uint64_t size_;
 };
 
@@ -118,10 +119,10 @@ private:
     std::unique_ptr<io::File> data_file_;  // external data file, or null (then data is in file_)
     format::ImageMetadata meta_;
     ClusterGeometry geometry_;
-    std::vector<uint64_t> l1_;
+    std::shared_ptr<std::vector<uint64_t>> l1_;  // the active L1 table, shared with the active View
     std::vector<format::Snapshot> snapshots_;
     std::unique_ptr<cache::SliceCache> l2_cache_;
-    std::unique_ptr<BlockSource> backing_;
+    std::shared_ptr<BlockSource> backing_;  // a RawSource, or the active View of the backing Image
     std::weak_ptr<View> active_view_;
 
     // Decompressed cluster cache: host offset -> cluster, LRU order in compressed_lru_.
