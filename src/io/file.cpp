@@ -7,7 +7,9 @@
 
 #include <algorithm>
 #include <boost/asio/as_tuple.hpp>
+#include <boost/asio/co_spawn.hpp>
 #include <boost/asio/random_access_file.hpp>
+#include <boost/asio/thread_pool.hpp>
 #include <boost/asio/use_awaitable.hpp>
 #include <cstring>
 
@@ -15,6 +17,22 @@
 
 namespace qcowfs::io {
 namespace {
+
+/// Threads for the system calls io_uring is not asked to do (fdatasync, fallocate, ftruncate), so
+/// they never block a thread that serves requests.
+asio::thread_pool& blocking_pool() {
+    static asio::thread_pool pool(2);
+    return pool;
+}
+
+/// Runs `fn` on the blocking-call pool and resumes the caller on its own executor with fn's
+/// result (or exception).
+template <class Fn>
+Task<std::invoke_result_t<Fn&>> blocking(Fn fn) {
+    using R = std::invoke_result_t<Fn&>;
+    co_return co_await asio::co_spawn(
+        blocking_pool(), [&fn]() -> asio::awaitable<R> { co_return fn(); }, asio::use_awaitable);
+}
 
 /// A host file read and written through io_uring. Asio submits one operation per I/O object and
 /// direction at a time (the ordering stream sockets need), so a single random_access_file would
@@ -53,9 +71,46 @@ public:
     }
 
     Task<void> flush() override {
-        // Asio has no asynchronous fsync; fdatasync blocks this thread briefly, the only place that does.
-        if (::fdatasync(fd_) != 0) fail(errno, "fdatasync of " + path_ + " failed");
-        co_return;
+        // Asio has no asynchronous fsync: it runs on the blocking-call pool, not on this thread.
+        co_await blocking([this] {
+            if (::fdatasync(fd_) != 0) fail(errno, "fdatasync of " + path_ + " failed");
+        });
+    }
+
+    Task<void> discard(uint64_t offset, uint64_t length) override {
+        if (length == 0) co_return;
+        bool punched = co_await blocking([&] {
+            if (::fallocate(fd_, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, static_cast<off_t>(offset),
+                            static_cast<off_t>(length)) == 0)
+                return true;
+            if (errno != EOPNOTSUPP && errno != ENOSYS) fail(errno, "punching a hole in " + path_ + " failed");
+            return false;
+        });
+        if (punched) co_return;
+        // The host file system cannot punch holes: write zeros over the part inside the file.
+        uint64_t end = std::min(offset + length, size());
+        std::vector<std::byte> zeros(std::min<uint64_t>(1 << 20, end > offset ? end - offset : 0));
+        for (uint64_t at = offset; at < end; at += zeros.size())
+            co_await write_at(at, std::span<const std::byte>(zeros).first(std::min<uint64_t>(zeros.size(), end - at)));
+    }
+
+    Task<void> allocate(uint64_t offset, uint64_t length) override {
+        if (length == 0) co_return;
+        co_await blocking([&] {
+            if (::fallocate(fd_, 0, static_cast<off_t>(offset), static_cast<off_t>(length)) == 0) return;
+            if (errno != EOPNOTSUPP && errno != ENOSYS) fail(errno, "allocating space in " + path_ + " failed");
+            struct stat st;
+            if (::fstat(fd_, &st) != 0) fail(errno, "fstat of " + path_ + " failed");
+            if (static_cast<uint64_t>(st.st_size) < offset + length &&
+                ::ftruncate(fd_, static_cast<off_t>(offset + length)) != 0)
+                fail(errno, "extending " + path_ + " failed");
+        });
+    }
+
+    Task<void> truncate(uint64_t new_size) override {
+        co_await blocking([&] {
+            if (::ftruncate(fd_, static_cast<off_t>(new_size)) != 0) fail(errno, "truncating " + path_ + " failed");
+        });
     }
 
     uint64_t size() override {
@@ -139,6 +194,10 @@ std::unique_ptr<File> open_file(const Executor& executor, const std::string& pat
     return std::make_unique<UringFile>(executor, fd, path);
 }
 
+Task<void> File::discard(uint64_t, uint64_t) { fail(EOPNOTSUPP, "discard is not supported by " + name()); }
+Task<void> File::allocate(uint64_t, uint64_t) { fail(EOPNOTSUPP, "allocate is not supported by " + name()); }
+Task<void> File::truncate(uint64_t) { fail(EOPNOTSUPP, "truncate is not supported by " + name()); }
+
 MemFile::MemFile(std::string name, std::vector<std::byte> content)
     : name_(std::move(name)), durable_(content), current_(std::move(content)) {}
 
@@ -171,6 +230,28 @@ Task<void> MemFile::flush() {
     std::lock_guard lock(mutex_);
     maybe_fail();
     durable_ = current_;
+    co_return;
+}
+
+Task<void> MemFile::discard(uint64_t offset, uint64_t length) {
+    std::lock_guard lock(mutex_);
+    maybe_fail();
+    if (offset < current_.size())
+        std::fill_n(current_.begin() + offset, std::min<uint64_t>(length, current_.size() - offset), std::byte{0});
+    co_return;
+}
+
+Task<void> MemFile::allocate(uint64_t offset, uint64_t length) {
+    std::lock_guard lock(mutex_);
+    maybe_fail();
+    if (offset + length > current_.size()) current_.resize(offset + length);
+    co_return;
+}
+
+Task<void> MemFile::truncate(uint64_t new_size) {
+    std::lock_guard lock(mutex_);
+    maybe_fail();
+    current_.resize(new_size);
     co_return;
 }
 

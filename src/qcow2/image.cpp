@@ -34,19 +34,42 @@ Task<void> RawSource::read(uint64_t offset, std::span<std::byte> buf) {
 
 // ---- View ------------------------------------------------------------------------------------
 
+View::View(std::shared_ptr<Image> image) : image_(std::move(image)) {}
+
 View::View(std::shared_ptr<Image> image, std::shared_ptr<const std::vector<uint64_t>> l1, uint64_t size)
     : image_(std::move(image)), l1_(std::move(l1)), size_(size) {}
 
+uint64_t View::size() const { return l1_ ? size_ : image_->size(); }
+
 Task<void> View::read(uint64_t offset, std::span<std::byte> buf) {
-    if (offset >= size_) {
+    uint64_t size = this->size();
+    if (offset >= size) {
         zero(buf);
         co_return;
     }
-    if (buf.size() > size_ - offset) {
-        zero(buf.subspan(size_ - offset));
-        buf = buf.first(size_ - offset);
+    if (buf.size() > size - offset) {
+        zero(buf.subspan(size - offset));
+        buf = buf.first(size - offset);
     }
-    co_await image_->read_mapped(*l1_, offset, buf);
+    if (l1_)
+        co_await image_->read_mapped(*l1_, offset, buf);
+    else
+        co_await image_->read_active(offset, buf);
+}
+
+Task<void> View::write(uint64_t offset, std::span<const std::byte> data) {
+    if (l1_) fail(EROFS, "snapshots are read-only");
+    co_await image_->write(offset, data);
+}
+
+Task<void> View::write_zeroes(uint64_t offset, uint64_t length, bool discard) {
+    if (l1_) fail(EROFS, "snapshots are read-only");
+    co_await image_->write_zeroes(offset, length, discard);
+}
+
+Task<void> View::flush() {
+    if (l1_) co_return;
+    co_await image_->flush();
 }
 
 // ---- Image: open -----------------------------------------------------------------------------
@@ -80,8 +103,7 @@ Task<void> Image::open_impl(unsigned depth, std::vector<std::string> chain) {
         data_file_ = open_dependency(resolve_relative(path_, *meta_.extensions.data_file), "external data file");
     }
 
-    l1_ = std::make_shared<std::vector<uint64_t>>(
-        co_await read_l1(meta_.header.l1_table_offset, meta_.header.l1_size, "L1 table"));
+    l1_ = co_await read_l1(meta_.header.l1_table_offset, meta_.header.l1_size, "L1 table");
     co_await read_snapshot_table();
 
     size_t slice = std::min<uint64_t>(geometry_.cluster_size(), 4096);
@@ -165,7 +187,7 @@ std::unique_ptr<io::File> Image::open_dependency(const std::string& path, const 
 
 std::shared_ptr<View> Image::active() {
     if (auto v = active_view_.lock()) return v;
-    auto v = std::make_shared<View>(shared_from_this(), l1_, meta_.header.size);
+    auto v = std::make_shared<View>(shared_from_this());
     active_view_ = v;
     return v;
 }

@@ -25,6 +25,17 @@ public:
     virtual Task<void> write_at(uint64_t offset, std::span<const std::byte> buf) = 0;
     /// Returns once everything written before the call is on stable storage (fdatasync).
     virtual Task<void> flush() = 0;
+    /// Makes [offset, offset + length) read as zeros and gives its storage back to the host file
+    /// system where it can (punches a hole; the size does not change). Throws std::system_error.
+    /// The base version fails with EOPNOTSUPP (test doubles that never need it).
+    virtual Task<void> discard(uint64_t offset, uint64_t length);
+    /// Makes sure [offset, offset + length) is inside the file, extending it (with zeros) if
+    /// needed; reserves the space where the host file system can. Throws std::system_error.
+    /// The base version fails with EOPNOTSUPP.
+    virtual Task<void> allocate(uint64_t offset, uint64_t length);
+    /// Sets the size of the file (bytes past it are dropped; new ones read as zeros).
+    /// The base version fails with EOPNOTSUPP.
+    virtual Task<void> truncate(uint64_t size);
     /// Current size of the file in bytes. Throws std::system_error.
     virtual uint64_t size() = 0;
     /// The path or label used in log lines and errors.
@@ -35,8 +46,8 @@ public:
 /// O_RDWR, else O_RDONLY. Throws std::system_error naming the path.
 std::unique_ptr<File> open_file(const Executor& executor, const std::string& path, bool writable);
 
-/// An in-memory file for unit tests. Writes land in a volatile layer until flush(); crash() drops
-/// what was not flushed, as a power cut would. Faults can be injected into the next operations.
+/// An in-memory file for unit tests. Writes (and discard/allocate/truncate) land in a volatile
+/// layer until flush(); crash() drops what was not flushed, as a power cut would. Faults can be injected into the next operations.
 class MemFile final : public File {
 public:
     explicit MemFile(std::string name = "mem", std::vector<std::byte> content = {});
@@ -44,6 +55,9 @@ public:
     Task<size_t> read_at(uint64_t offset, std::span<std::byte> buf) override;
     Task<void> write_at(uint64_t offset, std::span<const std::byte> buf) override;
     Task<void> flush() override;
+    Task<void> discard(uint64_t offset, uint64_t length) override;
+    Task<void> allocate(uint64_t offset, uint64_t length) override;
+    Task<void> truncate(uint64_t size) override;
     uint64_t size() override;
     const std::string& name() const override { return name_; }
 

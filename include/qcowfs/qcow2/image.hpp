@@ -12,6 +12,7 @@
 #include <unordered_map>
 #include <vector>
 
+#include "qcowfs/cache/data_cache.hpp"
 #include "qcowfs/cache/slice_cache.hpp"
 #include "qcowfs/format/header.hpp"
 #include "qcowfs/format/snapshot.hpp"
@@ -29,6 +30,12 @@ struct OpenOptions {
     size_t l2_cache_bytes = 4u << 20;            // per image, bounds memory for L2 slices
     size_t compressed_cache_bytes = 4u << 20;    // per image, decompressed clusters kept
     unsigned max_backing_depth = 256;
+    /// Open the image (and its external data file) read-write so that the active disk can be
+    /// written. Nothing on disk changes until the first write. Backing files stay read-only.
+    bool writable = false;
+    /// Called (on the image's strand) with a reason when the image stops accepting writes because
+    /// its metadata was found inconsistent (the corrupt bit has been set).
+    std::function<void(const std::string& reason)> on_corrupt;
 };
 
 /// The guest-visible bytes of a disk: a view of a qcow2 image, or a raw backing file.
@@ -44,20 +51,29 @@ public:
 
 class Image;
 
-/// One point in time of an image: the active disk, or an internal snapshot (read-only), each
-/// read through its own L1 table. Keeps its Image alive.
-class View final : public BlockSource {
+/// One point in time of an image: the active disk (readable and, if the image is writable,
+/// writable), or an internal snapshot (read-only), each read through its own L1 table. Keeps its
+/// Image alive. As a cache::CacheTarget it is what a DataCache writes back to.
+class View final : public BlockSource, public cache::CacheTarget {
 public:
-    /// `l1` is shared with the Image for the active disk, so there is one copy and one truth.
+    /// The active disk of `image`.
+    explicit View(std::shared_ptr<Image> image);
+    /// A snapshot: read through `l1`, `size` bytes.
     View(std::shared_ptr<Image> image, std::shared_ptr<const std::vector<uint64_t>> l1, uint64_t size);
-    uint64_t size() const override { return size_; }
+    /// The active disk's current size, or the snapshot's.
+    uint64_t size() const override;
     Task<void> read(uint64_t offset, std::span<std::byte> buf) override;
+    /// Active disk: Image::write / write_zeroes / flush. Snapshot: EROFS.
+    Task<void> write(uint64_t offset, std::span<const std::byte> data) override;
+    Task<void> write_zeroes(uint64_t offset, uint64_t length, bool discard) override;
+    Task<void> flush() override;
+    bool is_active() const { return !l1_; }
     Image& image() { return *image_; }
 
 private:
     std::shared_ptr<Image> image_;
-    std::shared_ptr<const std::vector<uint64_t>> l1_;  // host-endian raw L1 entries
-    uint64_t size_;
+    std::shared_ptr<const std::vector<uint64_t>> l1_;  // snapshots: host-endian raw L1 entries
+    uint64_t size_ = 0;                                // snapshots only
 };
 
 /// An open qcow2 image file. All methods run on one strand (the caller's); nothing is locked.
@@ -76,6 +92,41 @@ public:
 
     /// The active disk.
     std::shared_ptr<View> active();
+    /// Current virtual size of the active disk.
+    uint64_t size() const { return meta_.header.size; }
+
+    // ---- Writing (active disk only; see docs/architecture.md "Writing") ------------------------
+    // Every call below runs on the image's strand, may wait for I/O, and throws
+    // std::system_error: EROFS when the image is not writable (read_only_reason() says why),
+    // EIO when metadata is found inconsistent (the image is then marked corrupt and stays
+    // read-only), ENOSPC / the host's errno for I/O failures. Data and metadata changes are
+    // durable only after flush().
+
+    /// Empty if the active disk can be written; otherwise why not ("opened read-only", "the
+    /// image is marked corrupt", "unknown incompatible features 0x40", ...).
+    const std::string& read_only_reason() const { return read_only_reason_; }
+
+    /// Writes `data` at guest `offset`: in place into clusters this image owns alone, else into
+    /// newly allocated clusters with the rest of the old content copied in (copy-on-write from
+    /// snapshots, backing files, zero, unallocated and compressed clusters). EINVAL past size().
+    Task<void> write(uint64_t offset, std::span<const std::byte> data);
+    /// Makes [offset, offset + length) read as zeros. Whole clusters get the zero flag (or become
+    /// unallocated where nothing shows through); `discard` also releases their host clusters,
+    /// otherwise clusters this image owns stay allocated. Partial clusters get zeros written.
+    Task<void> write_zeroes(uint64_t offset, uint64_t length, bool discard);
+    /// Allocates host clusters for every cluster of the range that has none, content unchanged
+    /// (fallocate mode 0).
+    Task<void> allocate(uint64_t offset, uint64_t length);
+    /// Changes the virtual size. Growing: the new part reads as zeros (the L1 table grows and
+    /// moves when needed). Shrinking: clusters past the new end are released; ENOTSUP if the
+    /// image has internal snapshots.
+    Task<void> resize(uint64_t new_size);
+    /// Writes every metadata change in dependency order (docs/architecture.md) and syncs: when
+    /// it returns, everything written before the call is on stable storage.
+    Task<void> flush();
+    /// flush(), then leaves the image clean (dirty bit cleared, bitmaps consistent again where
+    /// qcowfs keeps them) and refuses further writes. Safe to call on a read-only image.
+    Task<void> close();
     /// The internal snapshot with this ID (loads its L1 table). Throws ENOENT if there is none.
     Task<std::shared_ptr<View>> snapshot(const std::string& id);
 
@@ -108,6 +159,8 @@ private:
     /// Reads guest range [offset, offset + buf.size()) mapped through `l1`; the range must lie
     /// inside the view's size.
     Task<void> read_mapped(const std::vector<uint64_t>& l1, uint64_t offset, std::span<std::byte> buf);
+    /// read_mapped through the active L1 under a shared range lock (writes hold exclusive ones).
+    Task<void> read_active(uint64_t offset, std::span<std::byte> buf);
     /// Reads one extent into `dst` (dst.size() == extent.length).
     Task<void> read_extent(const Extent& e, std::span<std::byte> dst);
     /// The decompressed cluster whose compressed data starts at `host` (cached).
@@ -119,10 +172,11 @@ private:
     std::unique_ptr<io::File> data_file_;  // external data file, or null (then data is in file_)
     format::ImageMetadata meta_;
     ClusterGeometry geometry_;
-    std::shared_ptr<std::vector<uint64_t>> l1_;  // the active L1 table, shared with the active View
+    std::vector<uint64_t> l1_;  // the active L1 table (host-endian raw entries)
     std::vector<format::Snapshot> snapshots_;
     std::unique_ptr<cache::SliceCache> l2_cache_;
     std::shared_ptr<BlockSource> backing_;  // a RawSource, or the active View of the backing Image
+    std::string read_only_reason_;
     std::weak_ptr<View> active_view_;
 
     // Decompressed cluster cache: host offset -> cluster, LRU order in compressed_lru_.
