@@ -754,3 +754,306 @@ class TestRun:
         _cleanup()
         print("%d passed, %d failed" % (self.passed, self.failed), flush=True)
         sys.exit(0 if self.failed == 0 else 1)
+
+
+# --------------------------------------------------------------------------------------------
+# writing: fallocate, the reference applier, image checks after writes
+
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+FALLOC_FL_ZERO_RANGE = 0x10
+
+_libc = None
+
+
+def fallocate(fd, mode, offset, length):
+    """fallocate(2) through ctypes; raises OSError with the errno on failure."""
+    global _libc
+    import ctypes
+    import ctypes.util
+    if _libc is None:
+        _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        _libc.fallocate64.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_longlong,
+                                      ctypes.c_longlong]
+        _libc.fallocate64.restype = ctypes.c_int
+    if _libc.fallocate64(fd, mode, offset, length) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, "fallocate(mode=0x%x, off=%d, len=%d): %s" % (
+            mode, offset, length, os.strerror(e)))
+
+
+def pwrite_full(fd, data, offset):
+    """pwrite until every byte is written; a write that makes no progress raises OSError."""
+    mv = memoryview(data)
+    done = 0
+    while done < len(mv):
+        n = os.pwrite(fd, mv[done:], offset + done)
+        if n <= 0:
+            raise OSError(errno.EIO, "pwrite(off=%d, len=%d) wrote %d bytes" % (
+                offset + done, len(mv) - done, n))
+        done += n
+    return done
+
+
+def drop_page_cache(fd):
+    """Drops the kernel's clean cached pages of the open file (fsync first so that they are
+    clean), so the next reads go to the file system rather than the page cache."""
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    except OSError:
+        pass
+
+
+def check_clean(img, cwd=None, timeout=300):
+    """`qemu-img check` (no repair). Returns (exit code, output): 0 means no errors and no
+    leaks (2: corruptions, 3: leaks only, 1: the check could not run)."""
+    p = run(["qemu-img", "check", img], check=False, cwd=cwd, timeout=timeout)
+    return p.returncode, (p.out + p.err).strip()
+
+
+def clip_text(text, head=700, tail=1100):
+    """The start and the end of a long output (qemu-img check lists every error, then sums up)."""
+    if len(text) <= head + tail + 20:
+        return text
+    return "%s\n[... %d characters ...]\n%s" % (text[:head], len(text) - head - tail,
+                                                  text[-tail:])
+
+
+def qemu_compare(img, ref, fmt="qcow2", ref_fmt="raw", cwd=None, timeout=300):
+    """`qemu-img compare -f fmt -F ref_fmt img ref`: returns (exit code, output); 0 means
+    identical guest contents (qemu-img treats a size difference as zeros: compare sizes too)."""
+    p = run(["qemu-img", "compare", "-f", fmt, "-F", ref_fmt, img, ref], check=False, cwd=cwd,
+            timeout=timeout)
+    return p.returncode, (p.out + p.err).strip()
+
+
+def virtual_size(img):
+    return info(img)["virtual-size"]
+
+
+def header_bits(img):
+    """(dirty, corrupt) from a v3 header's incompatible features; (False, False) for v2, which
+    has no such field."""
+    if read_field(img, "version") < 3:
+        return False, False
+    f = read_field(img, "incompatible_features")
+    return bool(f & 1), bool(f & 2)
+
+
+def snapshot_names(img):
+    return [s["name"] for s in info(img).get("snapshots", [])]
+
+
+def first_diff_files(a, b, chunk=1 * MiB):
+    """None if the files are equal (content and size), else a description of the first
+    difference (offset and the bytes there)."""
+    sa, sb = os.stat(a).st_size, os.stat(b).st_size
+    with open(a, "rb") as fa, open(b, "rb") as fb:
+        off = 0
+        while True:
+            x = fa.read(chunk)
+            y = fb.read(chunk)
+            if x != y:
+                d = _first_diff(x, y)
+                if d < min(len(x), len(y)):
+                    return "first difference at offset %d (0x%x): %r vs %r (sizes %d, %d)" % (
+                        off + d, off + d, x[d:d + 8], y[d:d + 8], sa, sb)
+                break
+            if not x:
+                break
+            off += len(x)
+    if sa != sb:
+        return "sizes differ: %d vs %d (equal up to %d)" % (sa, sb, min(sa, sb))
+    return None
+
+
+def diff_ranges(a, b, limit=8, gran=512):
+    """Up to `limit` differing byte ranges (merged at `gran` granularity) between two files,
+    as 'start-end' strings, for failure messages."""
+    out = []
+    with open(a, "rb") as fa, open(b, "rb") as fb:
+        off = 0
+        cur = None
+        while len(out) < limit:
+            x = fa.read(gran)
+            y = fb.read(gran)
+            if not x and not y:
+                break
+            if x != y:
+                if cur and cur[1] == off:
+                    cur[1] = off + max(len(x), len(y))
+                else:
+                    if cur:
+                        out.append("%d-%d" % tuple(cur))
+                    cur = [off, off + max(len(x), len(y))]
+            off += gran
+        if cur and len(out) < limit:
+            out.append("%d-%d" % tuple(cur))
+    return out
+
+
+class OpError(Exception):
+    """An operation on the file under the mount failed (the reference was left unchanged)."""
+
+    def __init__(self, op, err):
+        self.op = op
+        self.err = err
+        super().__init__("%s on the mounted file failed: %s" % (op, err))
+
+
+class DualFile:
+    """Applies every operation to a file under the mount AND to a reference raw file, so the
+    two must stay byte-for-byte equal. The operation is done on the mounted file first; if it
+    fails, OpError is raised and the reference is not touched. `history` keeps the operations
+    (for failure messages).
+
+    Reference semantics: punch/zero ranges become zeros (written, so the reference's file
+    system does not matter); allocate changes no content; truncate and writes past the end
+    change the size as on any file."""
+
+    def __init__(self, view, ref, log=None):
+        self.view = view
+        self.ref = ref
+        self.fv = os.open(view, os.O_RDWR)
+        self.fr = os.open(ref, os.O_RDWR)
+        self.history = []
+        self.log = log
+
+    def close(self):
+        for fd in (self.fv, self.fr):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+    def size(self):
+        return os.fstat(self.fr).st_size
+
+    def _do(self, desc, fn):
+        self.history.append(desc)
+        if self.log:
+            self.log(desc)
+        try:
+            fn()
+        except OSError as e:
+            raise OpError(desc, "%s (%s)" % (errname(e.errno), e.strerror or e))
+
+    def _ref_zero(self, off, ln):
+        end = min(off + ln, self.size())
+        pos = off
+        z = bytes(min(4 * MiB, max(end - off, 0)))
+        while pos < end:
+            n = min(len(z), end - pos)
+            pwrite_full(self.fr, z[:n], pos)
+            pos += n
+
+    def pwrite(self, off, data):
+        self._do("pwrite(off=%d, len=%d)" % (off, len(data)),
+                 lambda: pwrite_full(self.fv, data, off))
+        pwrite_full(self.fr, data, off)
+
+    def punch(self, off, ln):
+        self._do("fallocate(PUNCH_HOLE|KEEP_SIZE, off=%d, len=%d)" % (off, ln),
+                 lambda: fallocate(self.fv, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, off, ln))
+        self._ref_zero(off, ln)
+
+    def zero_range(self, off, ln, keep_size=True):
+        mode = FALLOC_FL_ZERO_RANGE | (FALLOC_FL_KEEP_SIZE if keep_size else 0)
+        self._do("fallocate(ZERO_RANGE%s, off=%d, len=%d)" % (
+            "|KEEP_SIZE" if keep_size else "", off, ln),
+            lambda: fallocate(self.fv, mode, off, ln))
+        if not keep_size and off + ln > self.size():
+            os.ftruncate(self.fr, off + ln)
+        self._ref_zero(off, ln)
+
+    def allocate(self, off, ln):
+        """fallocate mode KEEP_SIZE: content unchanged."""
+        self._do("fallocate(KEEP_SIZE, off=%d, len=%d)" % (off, ln),
+                 lambda: fallocate(self.fv, FALLOC_FL_KEEP_SIZE, off, ln))
+
+    def truncate(self, size, by_path=False):
+        if by_path:
+            self._do("truncate(path, %d) [was %d]" % (size, self.size()),
+                     lambda: os.truncate(self.view, size))
+        else:
+            self._do("ftruncate(fd, %d) [was %d]" % (size, self.size()),
+                     lambda: os.ftruncate(self.fv, size))
+        os.ftruncate(self.fr, size)
+
+    def fsync(self, data_only=False):
+        self._do("fdatasync" if data_only else "fsync",
+                 lambda: (os.fdatasync if data_only else os.fsync)(self.fv))
+
+    def verify(self, off, ln):
+        """None if the mounted file reads like the reference at [off, off+ln), else a problem
+        string (a read error included)."""
+        try:
+            got = pread_full(self.fv, ln, off)
+        except OSError as e:
+            return "pread(off=%d, len=%d) on the mounted file failed: %s" % (
+                off, ln, errname(e.errno))
+        exp = pread_full(self.fr, ln, off)
+        if got == exp:
+            return None
+        d = _first_diff(got, exp)
+        return ("pread(off=%d, len=%d): got %d bytes, expected %d; first difference at offset "
+                "%d (got %r expected %r)" % (off, ln, len(got), len(exp), off + d,
+                                             got[d:d + 8], exp[d:d + 8]))
+
+    def size_problem(self):
+        vs, rs = os.fstat(self.fv).st_size, self.size()
+        st = os.stat(self.view).st_size
+        if vs == rs and st == rs:
+            return None
+        return "size: fstat %d, stat %d, expected %d" % (vs, st, rs)
+
+    def recent(self, n=8):
+        return "; ".join(self.history[-n:])
+
+
+def hash_files(paths):
+    """{path: sha256} for files that must not change (backing files, data files)."""
+    return {p: sha256_file(p) for p in paths}
+
+
+def tree_manifest(root, skip=("lost+found",)):
+    """{relative path: description} of a directory tree: 'dir', 'link -> target', or
+    'file SIZE SHA256' (mode bits included), for comparing trees."""
+    res = {}
+    for dirpath, dirs, files in os.walk(root):
+        rel = os.path.relpath(dirpath, root)
+        if rel == ".":
+            dirs[:] = [d for d in dirs if d not in skip]
+        for d in dirs:
+            p = os.path.join(dirpath, d)
+            r = os.path.normpath(os.path.join(rel, d))
+            if os.path.islink(p):
+                res[r] = "link -> %s" % os.readlink(p)
+            else:
+                res[r] = "dir %o" % (os.lstat(p).st_mode & 0o7777)
+        for f in files:
+            p = os.path.join(dirpath, f)
+            r = os.path.normpath(os.path.join(rel, f))
+            st = os.lstat(p)
+            if os.path.islink(p):
+                res[r] = "link -> %s" % os.readlink(p)
+            else:
+                res[r] = "file %o %d %s" % (st.st_mode & 0o7777, st.st_size, sha256_file(p))
+    return res
+
+
+def manifest_diff(expected, got, limit=6):
+    """Problem strings between two tree manifests (empty = equal)."""
+    probs = []
+    missing = sorted(set(expected) - set(got))
+    extra = sorted(set(got) - set(expected))
+    if missing:
+        probs.append("%d missing (%s)" % (len(missing), ", ".join(missing[:limit])))
+    if extra:
+        probs.append("%d unexpected (%s)" % (len(extra), ", ".join(extra[:limit])))
+    differ = [k for k in sorted(set(expected) & set(got)) if expected[k] != got[k]]
+    for k in differ[:limit]:
+        probs.append("%s: expected %s, got %s" % (k, expected[k][:90], got[k][:90]))
+    if len(differ) > limit:
+        probs.append("... %d entries differ in all" % len(differ))
+    return probs

@@ -1,0 +1,473 @@
+#!/usr/bin/env python3
+"""Concurrent writes through the mount: 8 threads and 4 processes each write their own
+interleaved 512-byte sectors of the same clusters at once (sector i belongs to writer i % 12),
+in two rounds (the second overwrites half of each writer's sectors), over an image with a backing
+file, one with an internal snapshot and compressed clusters, and one with 4 KiB clusters and zero
+clusters across an L2-table boundary, while other threads read. Afterwards every sector holds its
+writer's last pattern, `qemu-img check` is clean and `qemu-img compare` with the expected content
+is identical; the snapshot and the backing file are unchanged.
+
+Then whole-file copies onto exposed files: `dd conv=notrunc` (odd block size, at an odd offset),
+`cp` (O_TRUNC: the disk shrinks to 0 and grows back), `cp --sparse=always` of a sparse file onto
+an image with a backing file (holes must read as zeros, not as the backing file), and `cp` onto an
+image with an internal snapshot, which must fail and change nothing."""
+
+import os
+import random
+import subprocess
+import sys
+import threading
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import harness as H  # noqa: E402
+
+KiB, MiB = H.KiB, H.MiB
+T = H.TestRun("write_concurrent", deadline=600)
+
+SEED = int(os.environ.get("QCOWFS_TEST_SEED") or random.SystemRandom().randrange(1, 1 << 31))
+print("seed %d (repeat with QCOWFS_TEST_SEED=%d)" % (SEED, SEED), flush=True)
+THREADS = 8
+PROCS = 4
+NW = THREADS + PROCS
+
+# Shared by the writer threads, the writer processes (passed as source) and the checker.
+COMMON = r'''
+import os, random, struct, time, mmap
+
+def pattern(w, s, rnd_no):
+    head = struct.pack("<4sIII", b"QWRT", w, s, rnd_no)
+    body = (b"writer %d sector %d round %d|" % (w, s, rnd_no)) * 20
+    return head + body[:512 - len(head)]
+
+def plan(seed, w, nw, nsectors):
+    """Writer w's sectors in round-1 order and the ones it overwrites in round 2."""
+    mine = list(range(w, nsectors, nw))
+    rnd = random.Random(seed * 1000 + w)
+    if w % 2:
+        rnd.shuffle(mine)          # odd writers: random order
+    again = rnd.sample(mine, len(mine) // 2)
+    return mine, again
+
+def open_rw(path, direct):
+    if direct:
+        try:
+            return os.open(path, os.O_RDWR | os.O_DIRECT), True
+        except OSError:
+            pass
+    return os.open(path, os.O_RDWR), False
+
+def write_sectors(path, w, nw, base, nsectors, seed, direct, start_at):
+    mine, again = plan(seed, w, nw, nsectors)
+    fd, direct = open_rw(path, direct)
+    buf = mmap.mmap(-1, 512)   # aligned, for O_DIRECT
+    time.sleep(max(0.0, start_at - time.time()))
+    try:
+        for rnd_no, seq in ((1, mine), (2, again)):
+            for s in seq:
+                buf[:] = pattern(w, s, rnd_no)
+                n = os.pwrite(fd, buf, base + 512 * s)
+                if n != 512:
+                    raise OSError(5, "short write %d at sector %d" % (n, s))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return direct
+'''
+exec(COMMON)
+
+WORKER = COMMON + r'''
+import sys
+path, w, nw, base, nsectors, seed, direct, start_at = sys.argv[1:9]
+try:
+    write_sectors(path, int(w), int(nw), int(base), int(nsectors), int(seed), direct == "1",
+                  float(start_at))
+except OSError as e:
+    print("writer process %s: %s" % (w, e)); sys.exit(1)
+'''
+
+work = H.tempdir("wconc")
+SRC = os.path.join(work, "src")
+os.makedirs(SRC)
+
+
+def img(name):
+    return os.path.join(SRC, name)
+
+
+class Target:
+    def __init__(self, name, base, nsectors, cs):
+        self.name = name
+        self.img = img(name + ".qcow2")
+        self.view = name + ".raw"
+        self.base = base
+        self.nsectors = nsectors
+        self.cs = cs
+        self.ref = os.path.join(work, name + ".ref")      # content before mounting
+        self.expect = os.path.join(work, name + ".expect")
+        self.protected = []
+        self.snaps = {}
+
+
+targets = []
+
+
+def varied(path, size, seed, holes=()):
+    """Varied data (see harness.write_varied_raw) with zeroed holes, so that qemu-io can put
+    compressed clusters there."""
+    H.write_varied_raw(path, size, seed=seed)
+    with open(path, "r+b") as f:
+        for off, ln in holes:
+            f.seek(off)
+            f.write(bytes(ln))
+    return path
+
+
+def build_backed():
+    # an overlay over a backing file; the region starts in the middle of a cluster
+    base = img("base.qcow2")
+    H.qemu_img("convert", "-f", "raw", "-O", "qcow2", varied(os.path.join(work, "b.bin"),
+               16 * MiB, 5), base)
+    t = Target("backed", 1 * MiB - 32 * KiB, 4096, 64 * KiB)
+    H.create(t.img, 16 * MiB, backing="base.qcow2", cwd=SRC)
+    H.qemu_io(t.img, "write -P 0x61 %d 64k" % (1 * MiB + 128 * KiB), "write -z %d 64k" % (2 * MiB))
+    t.protected = [base]
+    return t
+
+
+def build_snap():
+    # internal snapshot; compressed, zero and shared clusters under the region
+    t = Target("snap", 4 * MiB, 4096, 64 * KiB)
+    H.qemu_img("convert", "-f", "raw", "-O", "qcow2", varied(os.path.join(work, "s.bin"),
+               16 * MiB, 6, holes=[(4 * MiB, 128 * KiB)]), t.img)
+    H.qemu_io(t.img, "write -c -P 0x71 4M 128k", "write -z 4544k 64k", "discard 5M 64k")
+    H.qemu_img("snapshot", "-c", "s1", t.img)
+    H.qemu_io(t.img, "write -P 0x72 %d 64k" % (4 * MiB + 256 * KiB))
+    return t
+
+
+def build_small():
+    # 4 KiB clusters: an L2 table maps 2 MiB; the region straddles that boundary
+    t = Target("small", 2 * MiB - 256 * KiB, 2048, 4 * KiB)
+    H.create(t.img, 8 * MiB, "cluster_size=4k")
+    H.qemu_io(t.img, "write -P 0x81 1M 2M", "write -z 1900k 100k", "write -z -u 2100k 40k")
+    return t
+
+
+for fn in (build_backed, build_snap, build_small):
+    with T.step("build %s" % fn.__name__[6:]):
+        t = fn()
+        H.to_raw(t.img, t.ref, cwd=SRC)
+        for s in H.snapshot_names(t.img):
+            out = os.path.join(work, "%s@%s.ref" % (t.name, s))
+            H.to_raw(t.img, out, snapshot=s)
+            t.snaps[s] = out
+        t.protected_hash = H.hash_files(t.protected)
+        # expected content: the old content with every writer's last pattern over its sectors
+        with open(t.ref, "rb") as f:
+            data = bytearray(f.read())
+        for w in range(NW):
+            mine, again = plan(SEED, w, NW, t.nsectors)
+            last = dict((s, 1) for s in mine)
+            last.update((s, 2) for s in again)
+            for s, r in last.items():
+                data[t.base + 512 * s:t.base + 512 * (s + 1)] = pattern(w, s, r)
+        with open(t.expect, "wb") as f:
+            f.write(data)
+        targets.append(t)
+
+
+def sector_ok(t, old, got, s):
+    """Is sector s (bytes `got`) a state it may legally be in while the writers run?"""
+    w = s % NW
+    return got == old or got == pattern(w, s, 1) or got == pattern(w, s, 2)
+
+
+def hammer(m, t):
+    """All writers on one image at once, with two readers; returns problem strings."""
+    path = m.path(t.view)
+    problems = []
+    start_at = time.time() + 1.0
+    procs = []
+    for i in range(PROCS):
+        w = THREADS + i
+        procs.append((w, subprocess.Popen(
+            [sys.executable, "-c", WORKER, path, str(w), str(NW), str(t.base), str(t.nsectors),
+             str(SEED), "1" if i % 2 else "0", repr(start_at)],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)))
+    directs = []
+
+    def writer(w):
+        try:
+            directs.append(write_sectors(path, w, NW, t.base, t.nsectors, SEED, w % 2 == 0,
+                                         start_at))
+        except OSError as e:
+            problems.append("writer thread %d: %s" % (w, e))
+
+    stop = threading.Event()
+    with open(t.ref, "rb") as f:
+        f.seek(t.base)
+        old = f.read(512 * t.nsectors)
+    reads = [0]
+
+    def reader(i):
+        rnd = random.Random(SEED + i)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+            direct = True
+        except OSError:
+            fd = os.open(path, os.O_RDONLY)
+            direct = False
+        buf = __import__("mmap").mmap(-1, 64 * KiB)
+        try:
+            while not stop.is_set():
+                s0 = rnd.randrange(t.nsectors)
+                n = min(rnd.randrange(1, 129), t.nsectors - s0)
+                got = os.preadv(fd, [memoryview(buf)[:512 * n]], t.base + 512 * s0)
+                reads[0] += 1
+                if got != 512 * n:
+                    problems.append("reader: short read %d of %d" % (got, 512 * n))
+                    return
+                if not direct:
+                    continue  # the page cache does not promise whole sectors
+                for k in range(n):
+                    s = s0 + k
+                    sec = bytes(buf[512 * k:512 * (k + 1)])
+                    if not sector_ok(t, old[512 * s:512 * (s + 1)], sec, s):
+                        problems.append("reader: sector %d (offset %d) reads %r..., neither "
+                                        "its old content nor a pattern of writer %d" % (
+                                            s, t.base + 512 * s, sec[:24], s % NW))
+                        return
+        except OSError as e:
+            problems.append("reader: %s" % e)
+        finally:
+            os.close(fd)
+
+    threads = [threading.Thread(target=writer, args=(w,)) for w in range(THREADS)]
+    readers = [threading.Thread(target=reader, args=(i,)) for i in range(2)]
+    t0 = time.monotonic()
+    for th in threads + readers:
+        th.start()
+    for th in threads:
+        th.join(timeout=240)
+    for w, p in procs:
+        try:
+            out, _ = p.communicate(timeout=240)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            out, _ = p.communicate()
+            problems.append("writer process %d timed out" % w)
+        if p.returncode != 0:
+            problems.append("writer process %d exit %d: %s" % (w, p.returncode,
+                                                               out.decode(errors="replace")[-300:]))
+    stop.set()
+    for th in readers:
+        th.join(timeout=60)
+    if any(th.is_alive() for th in threads + readers):
+        problems.append("a writer or reader thread hangs")
+    print("  %s: %d writers (%d threads with O_DIRECT), %d reads, %.1fs" % (
+        t.name, NW, sum(directs), reads[0], time.monotonic() - t0), flush=True)
+    return problems
+
+
+def region_diff(path, t):
+    """Sectors of the region that do not hold their expected pattern (read through qcowfs)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        H.drop_page_cache(fd)
+        got = H.pread_full(fd, 512 * t.nsectors, t.base)
+    finally:
+        os.close(fd)
+    with open(t.expect, "rb") as f:
+        f.seek(t.base)
+        exp = f.read(512 * t.nsectors)
+    bad = [s for s in range(t.nsectors) if got[512 * s:512 * (s + 1)] != exp[512 * s:512 * (s + 1)]]
+    desc = []
+    for s in bad[:4]:
+        sec = got[512 * s:512 * (s + 1)]
+        desc.append("sector %d (offset %d, writer %d) holds %r" % (
+            s, t.base + 512 * s, s % NW, sec[:28]))
+    return bad, desc
+
+
+try:
+    with H.Mount(SRC) as m:
+        for t in targets:
+            with T.step("%s: concurrent writers" % t.name):
+                probs = hammer(m, t)
+                T.check("%s: %d writers and 2 readers, no errors" % (t.name, NW), not probs,
+                        "; ".join(probs[:4]))
+                bad, desc = region_diff(m.path(t.view), t)
+                T.check("%s: all %d sectors hold their writer's last pattern (read through the "
+                        "mount)" % (t.name, t.nsectors), not bad,
+                        "%d sectors wrong: %s" % (len(bad), "; ".join(desc)))
+                T.check_compare("%s: whole disk equals the expected content" % t.name,
+                                m.path(t.view), t.expect, nreads=20, cluster_size=t.cs)
+                for s, ref in t.snaps.items():
+                    T.check_compare("%s: snapshot view %s@%s.raw unchanged" % (t.name, t.name, s),
+                                    m.path("%s@%s.raw" % (t.name, s)), ref, nreads=10)
+        T.check("qcowfs still running after the concurrent writes", m.alive())
+except H.MountError as e:
+    T.check("mount/unmount", False, str(e))
+
+for t in targets:
+    with T.step("%s: after unmount" % t.name):
+        rc, out = H.check_clean(t.img)
+        T.check("%s: qemu-img check exit 0" % t.name, rc == 0, "exit %d: %s" % (rc, H.clip_text(out)))
+        dirty, corrupt = H.header_bits(t.img)
+        T.check("%s: dirty and corrupt bits clear" % t.name, not dirty and not corrupt,
+                "dirty=%s corrupt=%s" % (dirty, corrupt))
+        rc, out = H.qemu_compare(t.img, t.expect)
+        T.check("%s: qemu-img compare with the expected content: identical" % t.name, rc == 0,
+                "exit %d: %s" % (rc, out[-500:]))
+        for s, ref in t.snaps.items():
+            out = os.path.join(work, "after-%s@%s" % (t.name, s))
+            H.to_raw(t.img, out, snapshot=s)
+            d = H.first_diff_files(out, ref)
+            T.check("%s: snapshot %s unchanged" % (t.name, s), d is None, d)
+        for p, h in t.protected_hash.items():
+            T.check("%s: backing file %s unchanged" % (t.name, os.path.basename(p)),
+                    H.sha256_file(p) == h)
+
+
+# ---- dd and cp onto exposed files ----------------------------------------------------------------
+
+CP = os.path.join(work, "cp")
+CPSRC = os.path.join(CP, "src")
+os.makedirs(CPSRC)
+
+
+def cimg(name):
+    return os.path.join(CPSRC, name)
+
+
+copies = []  # (name, image, expected raw file, must-be-unchanged files)
+with T.step("build images for dd/cp"):
+    rnd = random.Random(SEED)
+    H.qemu_img("convert", "-f", "raw", "-O", "qcow2",
+               varied(os.path.join(CP, "a.bin"), 16 * MiB, 11), cimg("dd.qcow2"))
+    H.create(cimg("cp.qcow2"), 4 * MiB)
+    H.qemu_io(cimg("cp.qcow2"), "write -P 0x11 0 4M")
+    H.qemu_img("convert", "-f", "raw", "-O", "qcow2",
+               varied(os.path.join(CP, "b.bin"), 16 * MiB, 12), cimg("cpbase.qcow2"))
+    H.create(cimg("cpsparse.qcow2"), 16 * MiB, backing="cpbase.qcow2", cwd=CPSRC)
+    H.qemu_io(cimg("cpsparse.qcow2"), "write -P 0x12 0 1M", "write -P 0x13 9M 2M")
+    H.qemu_img("convert", "-f", "raw", "-O", "qcow2",
+               varied(os.path.join(CP, "c.bin"), 8 * MiB, 13), cimg("cpsnap.qcow2"))
+    H.qemu_img("snapshot", "-c", "keep", cimg("cpsnap.qcow2"))
+    H.qemu_io(cimg("cpsnap.qcow2"), "write -P 0x14 1M 64k")
+    refs = {}
+    for n in ("dd", "cp", "cpsparse", "cpsnap"):
+        refs[n] = H.to_raw(cimg(n + ".qcow2"), os.path.join(CP, n + ".ref"), cwd=CPSRC)
+    snap_keep = H.to_raw(cimg("cpsnap.qcow2"), os.path.join(CP, "cpsnap@keep.ref"),
+                         snapshot="keep")
+    base_hash = H.sha256_file(cimg("cpbase.qcow2"))
+
+    # what to copy: dense random data (size a sector multiple, not a cluster multiple)
+    dense = os.path.join(CP, "dense.bin")
+    with open(dense, "wb") as f:
+        f.write(rnd.randbytes(5 * MiB + 1536))
+    piece = os.path.join(CP, "piece.bin")
+    with open(piece, "wb") as f:
+        f.write(rnd.randbytes(3 * MiB + 1000))
+    # a sparse file: data pieces with holes between them, a hole at the end
+    sparse = os.path.join(CP, "sparse.bin")
+    with open(sparse, "wb") as f:
+        for off, ln in ((0, 100 * KiB), (1 * MiB, 64 * KiB), (3 * MiB + 4096, 1 * MiB),
+                        (9 * MiB + 512, 300 * KiB)):
+            f.seek(off)
+            f.write(rnd.randbytes(ln))
+        f.truncate(12 * MiB + 512)
+    DD_OFF = 777777
+
+    # expected results
+    exp = {}
+    with open(refs["dd"], "rb") as f:
+        d = bytearray(f.read())
+    with open(piece, "rb") as f:
+        p = f.read()
+    d[DD_OFF:DD_OFF + len(p)] = p
+    exp["dd"] = os.path.join(CP, "dd.expect")
+    with open(exp["dd"], "wb") as f:
+        f.write(d)
+    exp["cp"] = dense
+    exp["cpsparse"] = sparse
+    with open(refs["cpsnap"], "rb") as f:
+        d = bytearray(f.read())
+    d[DD_OFF:DD_OFF + len(p)] = p
+    exp["cpsnap"] = os.path.join(CP, "cpsnap.expect")
+    with open(exp["cpsnap"], "wb") as f:
+        f.write(d)
+
+broken = {}  # image -> why its expected content is unknown (an earlier step failed)
+try:
+    with H.Mount(CPSRC) as m:
+        with T.step("dd conv=notrunc"):
+            for n in ("dd", "cpsnap"):
+                r = H.run(["dd", "if=" + piece, "of=" + m.path(n + ".raw"), "bs=3000",
+                           "seek=%d" % DD_OFF, "oflag=seek_bytes", "conv=notrunc",
+                           "status=none"], check=False)
+                if not T.check("%s: dd bs=3000 seek=%d conv=notrunc exits 0" % (n, DD_OFF),
+                               r.returncode == 0, r.err.strip()):
+                    broken[n] = "dd failed"
+                    continue
+                if not T.check_compare("%s: after dd, the disk is the old one with the piece at "
+                                       "%d" % (n, DD_OFF), m.path(n + ".raw"), exp[n], nreads=20):
+                    broken[n] = "wrong content after dd"
+        with T.step("cp (O_TRUNC)"):
+            r = H.run(["cp", dense, m.path("cp.raw")], check=False)
+            if not T.check("cp.raw: cp of a %d-byte file exits 0" % os.path.getsize(dense),
+                           r.returncode == 0, r.err.strip()):
+                broken["cp"] = "cp failed"
+            else:
+                T.check_compare("cp.raw: exactly the copied file (content and size)",
+                                m.path("cp.raw"), dense, nreads=20)
+        with T.step("cp --sparse=always onto a disk with a backing file"):
+            r = H.run(["cp", "--sparse=always", sparse, m.path("cpsparse.raw")], check=False)
+            if not T.check("cpsparse.raw: cp --sparse=always exits 0", r.returncode == 0,
+                           r.err.strip()):
+                broken["cpsparse"] = "cp failed"
+            else:
+                T.check_compare("cpsparse.raw: exactly the sparse file (holes read as zeros, "
+                                "not as the backing file)", m.path("cpsparse.raw"), sparse,
+                                nreads=20)
+        with T.step("cp onto a disk with a snapshot"):
+            view = m.path("cpsnap.raw")
+            before = os.path.getsize(view)
+            before_hash = H.sha256_file(view)
+            r = H.run(["cp", dense, view], check=False)
+            T.check("cpsnap.raw: cp fails (truncating would shrink a disk with snapshots)",
+                    r.returncode != 0, "cp exited 0")
+            print("  cp said: %s" % r.err.strip(), flush=True)
+            T.check("cpsnap.raw: size unchanged (%d)" % before, os.path.getsize(view) == before,
+                    "now %d" % os.path.getsize(view))
+            T.check("cpsnap.raw: content unchanged by the failed cp",
+                    H.sha256_file(view) == before_hash)
+except H.MountError as e:
+    T.check("dd/cp mount/unmount", False, str(e))
+
+for n in ("dd", "cp", "cpsparse", "cpsnap"):
+    with T.step("%s: after unmount" % n):
+        im = cimg(n + ".qcow2")
+        rc, out = H.check_clean(im)
+        T.check("%s: qemu-img check exit 0" % n, rc == 0, "exit %d: %s" % (rc, H.clip_text(out)))
+        dirty, corrupt = H.header_bits(im)
+        T.check("%s: dirty and corrupt bits clear" % n, not dirty and not corrupt,
+                "dirty=%s corrupt=%s" % (dirty, corrupt))
+        if n in broken:
+            print("  %s: content not compared (%s)" % (n, broken[n]), flush=True)
+            continue
+        vs, es = H.virtual_size(im), os.path.getsize(exp[n])
+        T.check("%s: virtual size %d as expected" % (n, es), vs == es, "virtual size %d" % vs)
+        rc, out = H.qemu_compare(im, exp[n], cwd=CPSRC)
+        T.check("%s: qemu-img compare with the expected content: identical" % n, rc == 0,
+                "exit %d: %s" % (rc, out[-500:]))
+with T.step("cpsnap: snapshot and backing file after unmount"):
+    out = H.to_raw(cimg("cpsnap.qcow2"), os.path.join(CP, "after-keep.raw"), snapshot="keep")
+    d = H.first_diff_files(out, snap_keep)
+    T.check("cpsnap: snapshot 'keep' unchanged", d is None, d)
+    T.check("cpbase.qcow2 (backing file) unchanged", H.sha256_file(cimg("cpbase.qcow2")) == base_hash)
+
+print("seed was %d" % SEED, flush=True)
+T.finish()
