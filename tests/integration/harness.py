@@ -17,6 +17,7 @@ import errno
 import hashlib
 import os
 import random
+import re
 import shlex
 import shutil
 import signal
@@ -917,6 +918,7 @@ class DualFile:
         self.fv = os.open(view, os.O_RDWR)
         self.fr = os.open(ref, os.O_RDWR)
         self.history = []
+        self.ranges = []  # (index into history, start, end) of what each operation touched
         self.log = log
 
     def close(self):
@@ -929,7 +931,9 @@ class DualFile:
     def size(self):
         return os.fstat(self.fr).st_size
 
-    def _do(self, desc, fn):
+    def _do(self, desc, fn, start=None, end=None):
+        if start is not None:
+            self.ranges.append((len(self.history), start, end))
         self.history.append(desc)
         if self.log:
             self.log(desc)
@@ -949,35 +953,38 @@ class DualFile:
 
     def pwrite(self, off, data):
         self._do("pwrite(off=%d, len=%d)" % (off, len(data)),
-                 lambda: pwrite_full(self.fv, data, off))
+                 lambda: pwrite_full(self.fv, data, off), off, off + len(data))
         pwrite_full(self.fr, data, off)
 
     def punch(self, off, ln):
         self._do("fallocate(PUNCH_HOLE|KEEP_SIZE, off=%d, len=%d)" % (off, ln),
-                 lambda: fallocate(self.fv, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, off, ln))
+                 lambda: fallocate(self.fv, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, off, ln),
+                 off, off + ln)
         self._ref_zero(off, ln)
 
     def zero_range(self, off, ln, keep_size=True):
         mode = FALLOC_FL_ZERO_RANGE | (FALLOC_FL_KEEP_SIZE if keep_size else 0)
         self._do("fallocate(ZERO_RANGE%s, off=%d, len=%d)" % (
             "|KEEP_SIZE" if keep_size else "", off, ln),
-            lambda: fallocate(self.fv, mode, off, ln))
+            lambda: fallocate(self.fv, mode, off, ln), off, off + ln)
         if not keep_size and off + ln > self.size():
             os.ftruncate(self.fr, off + ln)
         self._ref_zero(off, ln)
 
     def allocate(self, off, ln):
-        """fallocate mode KEEP_SIZE: content unchanged."""
-        self._do("fallocate(KEEP_SIZE, off=%d, len=%d)" % (off, ln),
-                 lambda: fallocate(self.fv, FALLOC_FL_KEEP_SIZE, off, ln))
+        """fallocate mode 0 inside the file: allocates, content and size unchanged."""
+        self._do("fallocate(0, off=%d, len=%d)" % (off, ln),
+                 lambda: fallocate(self.fv, 0, off, ln), off, off + ln)
 
     def truncate(self, size, by_path=False):
+        old = self.size()
+        lo, hi = min(old, size), max(old, size)
         if by_path:
-            self._do("truncate(path, %d) [was %d]" % (size, self.size()),
-                     lambda: os.truncate(self.view, size))
+            self._do("truncate(path, %d) [was %d]" % (size, old),
+                     lambda: os.truncate(self.view, size), lo, hi)
         else:
-            self._do("ftruncate(fd, %d) [was %d]" % (size, self.size()),
-                     lambda: os.ftruncate(self.fv, size))
+            self._do("ftruncate(fd, %d) [was %d]" % (size, old),
+                     lambda: os.ftruncate(self.fv, size), lo, hi)
         os.ftruncate(self.fr, size)
 
     def fsync(self, data_only=False):
@@ -1009,6 +1016,23 @@ class DualFile:
 
     def recent(self, n=8):
         return "; ".join(self.history[-n:])
+
+    def touching(self, offset, limit=6):
+        """The operations (numbered from 1) whose range contains `offset`, last ones first."""
+        hits = ["#%d %s" % (i + 1, self.history[i]) for i, a, b in self.ranges if a <= offset < b]
+        return "; ".join(hits[::-1][:limit]) or "none"
+
+    def first_difference(self):
+        """None if the mounted file equals the reference (size, content), else a description of
+        the first difference, the differing ranges and the operations that touched it."""
+        d = first_diff_files(self.view, self.ref)
+        if d is None:
+            return None
+        m = re.search(r"offset (\d+)", d)
+        where = int(m.group(1)) if m else None
+        return "%s; differing ranges: %s; operations that touched offset %s: %s" % (
+            d, ", ".join(diff_ranges(self.view, self.ref)), where,
+            self.touching(where) if where is not None else "?")
 
 
 def hash_files(paths):

@@ -33,7 +33,8 @@ work = H.tempdir("wvariants")
 
 
 class Variant:
-    def __init__(self, name, cs=64 * KiB, extl2=False, snapshots=False, compress=True):
+    def __init__(self, name, cs=64 * KiB, extl2=False, snapshots=False, compress=True,
+                 grow=True):
         self.name = name
         self.dir = os.path.join(work, name)
         self.src = os.path.join(self.dir, "src")
@@ -44,6 +45,7 @@ class Variant:
         self.l2_span = cs * (cs // (16 if extl2 else 8))  # guest bytes one L2 table maps
         self.snapshots = snapshots
         self.compress = compress
+        self.grow = grow  # False: no operation makes the disk bigger than it is
         self.protected = []      # files the writes must not change (backing, ...)
         self.raw_data_file = None  # data_file_raw=on: the data file must equal the disk
         self.ref = os.path.join(self.dir, "ref.raw")
@@ -230,7 +232,9 @@ def _(v):
     H.qemu_io(v.img, "write -P 0xa5 0 4k", "write -P 0xa6 1000000 12345")
 
 
-@variant("snapshots-v2-4k", cs=4 * KiB, snapshots=True)
+# v2 snapshots may lack their disk size (QEMU refuses any resize of such an image): this
+# variant only checks that shrinking fails, and grows nothing
+@variant("snapshots-v2-4k", cs=4 * KiB, snapshots=True, grow=False)
 def _(v):
     from_raw(v, 16 * MiB, "compat=0.10,cluster_size=4k", seed=42)
     H.qemu_img("snapshot", "-c", "first", v.img)
@@ -401,7 +405,7 @@ def run_ops(v, m, rnd):
                 off, ln = rand_range(rnd, v, size, rand_len(rnd))
                 f.allocate(off, ln)
                 op = "allocate"
-            elif r < 0.77:
+            elif r < 0.77 and v.grow:
                 # write across the end: the file grows (to a sector multiple: qcow2 sizes are)
                 ln = rand_len(rnd) % (2 * MiB) + 1
                 off = max(0, size - rnd.randrange(0, min(ln, 3 * v.cs) + 1))
@@ -413,6 +417,7 @@ def run_ops(v, m, rnd):
                 op = "write past the end"
             elif r < 0.85:
                 grow = size < orig // 2 + 512 or (size < orig * 3 // 2 and rnd.random() < 0.5)
+                grow = grow and v.grow
                 by_path = rnd.random() < 0.5
                 if grow:
                     new = rnd.randrange(size + 512, orig * 3 // 2 + 1024) // 512 * 512
@@ -457,6 +462,8 @@ def run_ops(v, m, rnd):
             H.drop_page_cache(f.fv)
             problems += H.compare(view, v.ref, nreads=24, seed=rnd.randrange(1 << 30),
                                   cluster_size=v.cs)
+        if problems:
+            problems.append(f.first_difference() or "(the whole file is equal now)")
     except H.OpError as e:
         T.check("%s: operation %d" % (v.name, len(f.history)), False,
                 "%s; operations before it: %s" % (e, "; ".join(f.history[-7:-1])))
@@ -465,7 +472,8 @@ def run_ops(v, m, rnd):
         f.close()
     T.check("%s: %d operations (%s) read back like the reference" % (
         v.name, sum(counts.values()), ", ".join("%d %s" % (n, k) for k, n in sorted(counts.items()))),
-        not problems, "%s; last operations: %s" % ("; ".join(problems[:3]), f.recent()))
+        not problems, "%s; last operations: %s" % (
+            "; ".join(problems[:3] + (problems[-1:] if len(problems) > 3 else [])), f.recent()))
     return not problems
 
 
