@@ -316,9 +316,19 @@ try:
                     f.write(want)
                 T.check_compare("%s: reads the written content through the mount" % view, path,
                                 info["expected"], nreads=30)
+                if view in ("good.raw", "lazy.raw", "snap.raw", "overlay.raw"):
+                    # the last handle is closed: everything written back, image clean, while
+                    # the mount is still up
+                    ok, _ = H.wait_for(lambda: not W.is_dirty(info["path"]) and W.qcheck(
+                        info["path"]).clean(), timeout=3, interval=0.2)
+                    c = W.qcheck(info["path"])
+                    T.check("%s: after the last close (still mounted): no dirty bit, check exit 0, "
+                            "no leaks" % view, ok, c.summary() + "; incompatible 0x%x" %
+                            H.read_field(info["path"], "incompatible_features"))
+                    T.check_compare("%s: after the last close qemu-img convert shows the writes" % view,
+                                    H.to_raw(info["path"], os.path.join(work, "closed.raw")),
+                                    info["expected"], nreads=10)
         T.check("daemon alive after the writes", m.alive(), m.log_text()[-1000:])
-        if "lazy.raw" in IMGS:
-            print("  lazy.qcow2 dirty after close, still mounted: %s" % W.is_dirty(IMGS["lazy.raw"]["path"]))
         main_log = m.log_text()
 except H.MountError as e:
     T.check("main mount/unmount (exit 0)", False, str(e))

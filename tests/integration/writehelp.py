@@ -439,6 +439,8 @@ class Model:
                     elif kind == "T":
                         self.required_size = max(self.required_size, off)
                 else:
+                    if seq in j.canceled:
+                        continue
                     self.n_alt += 1
                     if kind == "T":
                         self.sizes.add(off)
