@@ -645,6 +645,71 @@ with T.step("good2 after unmount"):
     T.check("good2: qemu-img check exit 0, no leaks", c.clean(), c.summary())
     T.check_compare("good2: qemu-img convert shows the writes",
                     H.to_raw(GOOD2["path"], os.path.join(work, "good2.now")), GOOD2["expected"], nreads=10)
+# ============================================================================================
+# fsync/fdatasync reach the image file's stable storage before they return (seen with strace -y)
+
+
+def host_syncs(trace, img):
+    """Completed fsync/fdatasync calls on img in an `strace -f -y -o` file."""
+    n = 0
+    pending = {}
+    try:
+        text = open(trace, errors="replace").read()
+    except OSError:
+        return 0
+    for line in text.splitlines():
+        parts = line.split(None, 1)
+        if len(parts) < 2:
+            continue
+        pid, rest = parts
+        if rest.startswith(("fsync(", "fdatasync(")):
+            on_img = ("<%s>" % img) in rest
+            if rest.endswith("<unfinished ...>"):
+                pending[pid] = on_img
+            elif on_img and rest.rstrip().endswith("= 0"):
+                n += 1
+        elif rest.startswith(("<... fsync resumed>", "<... fdatasync resumed>")):
+            if pending.pop(pid, False) and rest.rstrip().endswith("= 0"):
+                n += 1
+    return n
+
+
+with T.step("fsync reaches stable storage"):
+    import shutil
+    if not shutil.which("strace"):
+        print("  NOTE: strace not installed; the host-sync check is not run", flush=True)
+    else:
+        SRC4 = mkdir("src4")
+        dimg = os.path.realpath(good("dur.qcow2", SRC4))
+        trace = os.path.join(work, "strace.txt")
+
+        class StraceMount(H.Mount):
+            def cmd(self):
+                return ["strace", "-f", "-qq", "-y", "-e", "trace=fsync,fdatasync", "-o", trace] + \
+                    super().cmd()
+
+        with StraceMount(SRC4, start_timeout=20) as m:
+            fd = os.open(m.path("dur.raw"), os.O_RDWR)
+            try:
+                for i, (fn, fname) in enumerate(((os.fsync, "fsync"), (os.fdatasync, "fdatasync"),
+                                                 (os.fsync, "fsync"))):
+                    # allocating writes (guest 3M.. is unallocated), then one in place
+                    off = 3 * MiB + i * 100000 if i < 2 else 1000
+                    os.pwrite(fd, bytes([0x30 + i]) * 70000, off)
+                    before = host_syncs(trace, dimg)
+                    fn(fd)
+                    after = host_syncs(trace, dimg)
+                    T.check("%s #%d on the exposed file: the daemon fsync'ed/fdatasync'ed the image "
+                            "file before replying (%d host syncs before, %d after)" % (fname, i, before, after),
+                            after > before, "strace lines on the image: %s" % [
+                                l for l in open(trace, errors="replace").read().splitlines()
+                                if "dur.qcow2" in l][-5:])
+            finally:
+                os.close(fd)
+        c = W.qcheck(dimg)
+        T.check("dur.qcow2: check exit 0 after the strace'd mount", c.clean(), c.summary())
+
+
 print("---- qcowfs log (inconsistent images) ----\n%s\n-----" % bad_log[-4000:], flush=True)
 if T.failed:
     print("---- qcowfs log (main mount) ----\n%s\n-----" % main_log[-4000:], flush=True)
