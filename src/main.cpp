@@ -31,7 +31,12 @@ constexpr const char* kUsage =
     "usage: qcowfs [options] SOURCE_DIR MOUNTPOINT\n"
     "\n"
     "Shows every qcow2 image below SOURCE_DIR as a raw file NAME.raw below MOUNTPOINT,\n"
-    "and each internal snapshot as NAME@SNAPSHOT.raw.\n"
+    "and each internal snapshot as NAME@SNAPSHOT.raw (read-only). NAME.raw can be written\n"
+    "unless the mount is -o ro, or the image is corrupt, has unknown incompatible features,\n"
+    "is the backing file of another image, or its host file is not writable (EROFS).\n"
+    "Writes are cached (-o write_cache) and made durable by fsync, and every 5 s; closing\n"
+    "an image writes everything back and leaves it clean. The disk size only changes by\n"
+    "truncate (O_TRUNC empties the disk) or fallocate; writes past the end fail (ENOSPC).\n"
     "\n"
     "options:\n"
     "  -f                 stay in the foreground (default: daemonize once mounted)\n"
@@ -40,6 +45,7 @@ constexpr const char* kUsage =
     "  -o threads=N       worker threads (default: number of CPUs, at least 2)\n"
     "  -o l2_cache=SIZE   L2 table cache per open image (default 4M; K, M, G suffixes)\n"
     "  -o compressed_cache=SIZE  decompressed clusters kept per open image (default 4M)\n"
+    "  -o write_cache=SIZE  written data cached per writable open image (default 64M)\n"
     "  -o readahead=SIZE  kernel readahead for the mount (default 1M; 0 keeps the kernel's)\n"
     "  -o log=FILE        same as --log=FILE\n"
     "  -o OPT[,OPT...]    other options are passed to FUSE (allow_other, ...)\n"
@@ -58,6 +64,7 @@ struct Options {
     unsigned threads = 0;
     size_t l2_cache = 4u << 20;
     size_t compressed_cache = 4u << 20;
+    size_t write_cache = 64u << 20;
     size_t readahead = 1u << 20;
     std::string log_file;
     std::vector<std::string> fuse_options;
@@ -99,6 +106,8 @@ void parse_o(Options& o, const std::string& list) {
             o.readahead = parse_size(key, value);
         } else if (key == "compressed_cache") {
             o.compressed_cache = parse_size(key, value);
+        } else if (key == "write_cache") {
+            o.write_cache = parse_size(key, value);
         } else if (key == "log") {
             o.log_file = value;
         } else {
@@ -255,6 +264,7 @@ int main(int argc, char** argv) {
     fs_options.read_only = o.read_only;
     fs_options.l2_cache_bytes = o.l2_cache;
     fs_options.compressed_cache_bytes = o.compressed_cache;
+    fs_options.write_cache_bytes = o.write_cache;
 
     asio::io_context io;
     fs::Filesystem filesystem(io, fs_options);

@@ -1,10 +1,12 @@
-// Filesystem lifetime: the scanner thread, the /dev/fuse reader coroutine, and orderly shutdown.
+// Filesystem lifetime: the scanner thread, the /dev/fuse reader, image open/close, periodic
+// write-back, and orderly shutdown.
 #include "qcowfs/fs/filesystem.hpp"
 
 #include <fcntl.h>
 #include <fuse_lowlevel.h>
 
 #include <boost/asio/as_tuple.hpp>
+#include <algorithm>
 #include <boost/asio/co_spawn.hpp>
 #include <boost/asio/detached.hpp>
 #include <boost/asio/posix/stream_descriptor.hpp>
@@ -14,7 +16,9 @@
 #include <chrono>
 #include <cstring>
 
+#include "qcowfs/cache/data_cache.hpp"
 #include "qcowfs/format/error.hpp"
+#include "qcowfs/io/file.hpp"
 #include "qcowfs/qcow2/image.hpp"
 #include "qcowfs/util/log.hpp"
 
@@ -23,7 +27,7 @@ namespace qcowfs::fs {
 Filesystem::Filesystem(asio::io_context& io, FsOptions options)
     : io_(io),
       options_(std::move(options)),
-      scanner_(options_.source_dir, ScanOptions{options_.mountpoint, false}),
+      scanner_(options_.source_dir, ScanOptions{options_.mountpoint, !options_.read_only}),
       images_(io),
       serve_strand_(asio::make_strand(io)) {}
 
@@ -70,6 +74,8 @@ void Filesystem::start(fuse_session* session, std::function<void()> on_finished)
     session_ = session;
     on_finished_ = std::move(on_finished);
     scan_thread_ = std::thread([this] { scanner_loop(); });
+    writeback_timer_ = std::make_unique<asio::steady_timer>(serve_strand_);
+    asio::co_spawn(serve_strand_, writeback_loop(), asio::detached);
     asio::co_spawn(serve_strand_, serve(), [this](std::exception_ptr error) {
         // serve() handles its own errors; anything escaping still ends the mount cleanly.
         if (!error) return;
@@ -124,20 +130,136 @@ Task<void> Filesystem::serve() {
     co_await drain();
 }
 
-Task<void> Filesystem::drain() {
+Task<bool> Filesystem::wait_idle(std::chrono::seconds limit) {
     asio::steady_timer timer(serve_strand_);
-    auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(60);
+    auto deadline = std::chrono::steady_clock::now() + limit;
     while (inflight_.load() > 0 && std::chrono::steady_clock::now() < deadline) {
         timer.expires_after(std::chrono::milliseconds(5));
         co_await timer.async_wait(asio::use_awaitable);
     }
-    if (inflight_.load() > 0) log::error("gave up waiting for " + std::to_string(inflight_.load()) + " requests");
+    co_return inflight_.load() == 0;
+}
+
+Task<void> Filesystem::drain() {
+    if (writeback_timer_) writeback_timer_->cancel();  // writeback_loop sees stopping_ and ends
+    if (!co_await wait_idle(std::chrono::seconds(60)))
+        log::error("gave up waiting for " + std::to_string(inflight_.load()) + " requests");
+    // Unmounted or stopped with images still open (the kernel sends no more releases): close each
+    // as the last release would, so every image is left written back and clean.
+    for (const auto& slot : images_.all()) spawn(slot->strand, close_slot(slot, true));
+    if (!co_await wait_idle(std::chrono::seconds(120)))
+        log::error("gave up waiting for " + std::to_string(inflight_.load()) + " image closes");
     {
         std::lock_guard lock(scan_mutex_);
         scan_stop_ = true;
     }
     scan_cv_.notify_all();
     if (on_finished_) on_finished_();
+}
+
+Task<void> Filesystem::writeback_loop() {
+    // Like a journaling file system's commit interval: changed images are made durable every few
+    // seconds, so a crash or power cut loses at most that much of what was written.
+    while (!stopping_) {
+        writeback_timer_->expires_after(std::chrono::milliseconds(options_.writeback_interval_ms));
+        co_await writeback_timer_->async_wait(asio::as_tuple(asio::use_awaitable));  // cancelled: stopping
+        if (stopping_) break;
+        for (const auto& slot : images_.all()) spawn(slot->strand, flush_slot(slot));
+    }
+}
+
+Task<void> Filesystem::ensure_open(std::shared_ptr<ImageSlot> slot, bool writable_wanted) {
+    // One open or close per image at a time; later handles share the Image.
+    auto guard = co_await slot->lifecycle.lock();
+    if (slot->image) co_return;
+    qcow2::OpenOptions options;
+    options.opener = [&io = io_](const std::string& path, bool writable) {
+        return io::open_file(io.get_executor(), path, writable);
+    };
+    options.l2_cache_bytes = options_.l2_cache_bytes;
+    options.compressed_cache_bytes = options_.compressed_cache_bytes;
+    options.on_corrupt = [weak = std::weak_ptr<ImageSlot>(slot)](const std::string& reason) {
+        auto s = weak.lock();
+        if (!s) return;
+        s->corrupt = true;
+        std::string line = s->path;
+        line.append(": marked corrupt: ").append(reason);
+        log::error(line);
+    };
+    std::shared_ptr<qcow2::Image> image;
+    if (writable_wanted && !slot->corrupt) {
+        options.writable = true;
+        int denied = 0;
+        try {
+            image = co_await qcow2::Image::open(slot->path, options);
+        } catch (const std::system_error& e) {
+            denied = errno_of(e);
+            if (denied != EACCES && denied != EROFS && denied != EPERM) throw;
+        }
+        if (denied) {
+            log::debug(slot->path + ": cannot be opened for writing (" + std::strerror(denied) + "), read-only");
+            options.writable = false;
+        }
+    }
+    if (!image) image = co_await qcow2::Image::open(slot->path, options);
+    if (options.writable && image->read_only_reason().empty()) {
+        slot->active = image->active();
+        slot->cache = std::make_unique<cache::DataCache>(*slot->active, options_.write_cache_bytes);
+    }
+    slot->changes = slot->flushed_changes = 0;
+    slot->live_size = image->size();
+    slot->image = std::move(image);
+}
+
+void Filesystem::release_slot(const std::shared_ptr<ImageSlot>& slot) {
+    if (images_.release(slot)) spawn(slot->strand, close_slot(slot, false));
+}
+
+Task<void> Filesystem::close_slot(std::shared_ptr<ImageSlot> slot, bool force) {
+    {
+        auto guard = co_await slot->lifecycle.lock();
+        // An open that came in since the last release keeps the image (it waited for this lock
+        // and finds it open); a close that forced its way at shutdown needs no second try.
+        if (!force && images_.handles(slot) > 0) co_return;
+        if (slot->image) {
+            if (slot->cache) {
+                try {
+                    co_await slot->cache->write_back();
+                } catch (const std::system_error& e) {
+                    std::string line = slot->path;
+                    line.append(": writing back cached data at close failed, ")
+                        .append(std::to_string(slot->cache->dirty_bytes()))
+                        .append(" bytes lost: ")
+                        .append(reason_of(e));
+                    log::error(line);
+                }
+            }
+            try {
+                co_await slot->image->close();
+            } catch (const std::system_error& e) {
+                std::string line = slot->path;
+                line.append(": closing the image failed: ").append(reason_of(e));
+                log::error(line);
+            }
+            slot->cache.reset();
+            slot->active.reset();
+            slot->image.reset();
+            slot->live_size = ImageSlot::kUnknownSize;
+        }
+    }
+    if (!force) images_.remove_if_unused(slot);
+}
+
+Task<void> Filesystem::flush_slot(std::shared_ptr<ImageSlot> slot) {
+    auto guard = co_await slot->lifecycle.lock();
+    if (!slot->cache || (slot->cache->empty() && slot->changes == slot->flushed_changes)) co_return;
+    uint64_t changes = slot->changes;
+    try {
+        co_await slot->cache->flush();
+        slot->flushed_changes = std::max(slot->flushed_changes, changes);
+    } catch (const std::system_error& e) {
+        images_.report(slot->path, "periodic write-back failed: " + reason_of(e));
+    }
 }
 
 }  // namespace qcowfs::fs

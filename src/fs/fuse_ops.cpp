@@ -1,13 +1,18 @@
 // FUSE low-level request handlers: every request is answered exactly once, errors become errno.
 #include <fcntl.h>
 #include <fuse_lowlevel.h>
+#include <linux/falloc.h>
+#include <sys/stat.h>
 #include <sys/statvfs.h>
+#include <unistd.h>
 
 #include <boost/asio/co_spawn.hpp>
 #include <boost/asio/detached.hpp>
 #include <cstring>
+#include <limits>
 #include <vector>
 
+#include "qcowfs/cache/data_cache.hpp"
 #include "qcowfs/format/error.hpp"
 #include "qcowfs/fs/filesystem.hpp"
 #include "qcowfs/qcow2/image.hpp"
@@ -19,11 +24,21 @@ namespace {
 constexpr double kEntryTimeout = 0.3;  // seconds: keeps added/removed images visible within 1 s
 constexpr double kAttrTimeout = 0.3;
 
+constexpr mode_t kWriteBits = S_IWUSR | S_IWGRP | S_IWOTH;
+
 /// State behind fuse_file_info::fh for an open exposed file.
 struct OpenFile {
     std::shared_ptr<ImageSlot> slot;
     std::shared_ptr<qcow2::BlockSource> view;
+    bool active = false;    // the active disk (reads go through slot->cache when there is one)
+    bool writable = false;  // opened for writing (then slot->cache exists)
 };
+
+/// Replies to `req` with the error `e` carries, after logging it once per image.
+void reply_error(fuse_req_t req, ImageRegistry& images, const std::string& path, const std::system_error& e) {
+    images.report(path, reason_of(e));
+    fuse_reply_err(req, errno_of(e));
+}
 
 /// State behind fuse_file_info::fh for an open directory: its entries when opened.
 struct DirEntry {
@@ -45,16 +60,26 @@ void trace(const char* op, fuse_ino_t ino, const std::string& more = {}) {
 
 }  // namespace
 
-template <class Ex, class Body>
-void Filesystem::spawn(const Ex& executor, Body body) {
-    ++inflight_;
-    asio::co_spawn(executor, std::move(body), [this](std::exception_ptr) { --inflight_; });
-}
-
 struct stat Filesystem::attr_of(const Node& node) const {
     struct stat st = node.attr;
-    if (options_.read_only) st.st_mode &= ~(S_IWUSR | S_IWGRP | S_IWOTH);
+    if (options_.read_only) st.st_mode &= ~kWriteBits;
+    // The scanned size lags writes by a scan interval; an open image knows its size now.
+    if (node.key.kind == NodeKey::Kind::image) {
+        if (auto slot = images_.find(node.key.dev, node.key.ino)) {
+            uint64_t size = slot->live_size;
+            if (size != ImageSlot::kUnknownSize) st.st_size = static_cast<off_t>(size);
+        }
+    }
     return st;
+}
+
+std::string Filesystem::write_refusal(const Node& node) const {
+    if (options_.read_only) return "the file system is mounted read-only";
+    if (node.key.kind == NodeKey::Kind::snapshot) return "snapshots are read-only";
+    if (!node.image) return "not an image";
+    if (!node.image->read_only_reason.empty()) return node.image->read_only_reason;
+    if (auto slot = images_.find(node.key.dev, node.key.ino); slot && slot->corrupt) return "the image is marked corrupt";
+    return {};
 }
 
 struct Filesystem::Handlers {
@@ -67,6 +92,9 @@ struct Filesystem::Handlers {
 
     static void init(void*, fuse_conn_info* conn) {
         conn->want |= FUSE_CAP_ASYNC_READ;
+        // O_TRUNC must arrive as a setattr of size 0 (a resize), not as an open flag; and no
+        // write-back page cache: every write reaches the image's DataCache.
+        conn->want &= ~(FUSE_CAP_ATOMIC_O_TRUNC | FUSE_CAP_WRITEBACK_CACHE);
         conn->max_write = 1u << 20;  // also raises max_pages, so reads of up to 1 MiB arrive whole
         conn->max_readahead = 1u << 20;
         // Readahead and asynchronous direct I/O are "background" requests, 12 at most by
@@ -185,43 +213,52 @@ struct Filesystem::Handlers {
         auto tree = fs.tree();
         const Node* node = tree->find(key);
         if (!node || !node->image) return void(fuse_reply_err(req, ENOENT));
-        if ((fi->flags & O_ACCMODE) != O_RDONLY || (fi->flags & O_TRUNC)) {
-            // The write path is not implemented yet: every exposed file is read-only.
-            return void(fuse_reply_err(req, EROFS));
+        // O_TRUNC does not arrive here (no FUSE_CAP_ATOMIC_O_TRUNC): the kernel sends setattr.
+        const bool for_writing = (fi->flags & O_ACCMODE) != O_RDONLY || (fi->flags & O_TRUNC);
+        if (for_writing) {
+            std::string why = fs.write_refusal(*node);
+            if (!why.empty()) {
+                trace("open", ino, ": EROFS, " + why);
+                return void(fuse_reply_err(req, EROFS));
+            }
         }
+        // Open the Image writable whenever the image may be written, whatever this handle wants:
+        // it is shared by every handle, and a later one may write.
+        const bool writable_image = !fs.options_.read_only && node->image->read_only_reason.empty();
         auto slot = fs.images_.acquire(key.dev, key.ino, node->image->path);
         fuse_file_info info = *fi;  // *fi does not outlive this call
         std::string snapshot_id = key.snapshot_id;
-        qcow2::OpenOptions options;
-        options.opener = [&io = fs.io_](const std::string& path, bool writable) {
-            return io::open_file(io.get_executor(), path, writable);
-        };
-        options.l2_cache_bytes = fs.options_.l2_cache_bytes;
-        options.compressed_cache_bytes = fs.options_.compressed_cache_bytes;
-        fs.spawn(slot->strand, [&fs, req, slot, info, snapshot_id, options]() mutable -> Task<void> {
+        fs.spawn(slot->strand, [&fs, req, slot, info, snapshot_id, for_writing, writable_image]() mutable -> Task<void> {
             try {
-                {
-                    // One open per image at a time; later handles share the Image.
-                    auto opening = co_await slot->open_mutex.lock();
-                    if (!slot->image) slot->image = co_await qcow2::Image::open(slot->path, options);
+                co_await fs.ensure_open(slot, writable_image);
+                if (for_writing && (!slot->cache || slot->corrupt)) {
+                    // Opened read-only after all (no write permission on the host file, or the
+                    // image itself refuses writes): EROFS is an answer, not an image error.
+                    trace("open", 0, " " + slot->path + ": EROFS, " +
+                                         (slot->corrupt ? std::string("marked corrupt")
+                                                        : slot->image->read_only_reason()));
+                    fs.release_slot(slot);
+                    fuse_reply_err(req, EROFS);
+                    co_return;
                 }
                 auto of = std::make_unique<OpenFile>();
                 of->slot = slot;
-                if (snapshot_id.empty())
+                of->active = snapshot_id.empty();
+                of->writable = for_writing;
+                if (of->active)
                     of->view = slot->image->active();
                 else
                     of->view = co_await slot->image->snapshot(snapshot_id);
                 info.fh = reinterpret_cast<uint64_t>(of.get());
                 info.keep_cache = 0;
                 if (fuse_reply_open(req, &info) == 0) of.release();
-                else fs.images_.release(slot);
+                else fs.release_slot(slot);
             } catch (const std::system_error& e) {
-                fs.images_.report(slot->path, reason_of(e));
-                fs.images_.release(slot);
-                fuse_reply_err(req, errno_of(e));
+                fs.release_slot(slot);
+                reply_error(req, fs.images_, slot->path, e);
             } catch (const std::exception& e) {
                 fs.images_.report(slot->path, e.what());
-                fs.images_.release(slot);
+                fs.release_slot(slot);
                 fuse_reply_err(req, EIO);
             }
         });
@@ -241,7 +278,12 @@ struct Filesystem::Handlers {
                 }
                 size_t n = static_cast<size_t>(std::min<uint64_t>(size, vsize - offset));
                 std::unique_ptr<std::byte[]> buf(new std::byte[n]);
-                co_await of->view->read(offset, std::span<std::byte>(buf.get(), n));
+                std::span<std::byte> out(buf.get(), n);
+                // The active disk of a writable image reads through its cache: cached writes show.
+                if (of->active && of->slot->cache)
+                    co_await of->slot->cache->read(offset, out);
+                else
+                    co_await of->view->read(offset, out);
                 fuse_reply_buf(req, reinterpret_cast<const char*>(buf.get()), n);
             } catch (const std::system_error& e) {
                 fs.images_.report(of->slot->path, reason_of(e));
@@ -253,14 +295,217 @@ struct Filesystem::Handlers {
         });
     }
 
+    /// Runs `body` on the image strand of `fi`'s file if it was opened for writing, replying
+    /// EBADF otherwise; the body's std::system_error becomes the reply (logged once per image).
+    template <class Body>
+    static void spawn_write(fuse_req_t req, fuse_file_info* fi, Body body) {
+        Filesystem& fs = *fs_of(req);
+        auto* of = reinterpret_cast<OpenFile*>(fi->fh);
+        if (!of->writable || !of->slot->cache) return void(fuse_reply_err(req, EBADF));
+        fs.spawn(of->slot->strand, [&fs, req, of, body = std::move(body)]() mutable -> Task<void> {
+            try {
+                co_await body(*of->slot);
+            } catch (const std::system_error& e) {
+                reply_error(req, fs.images_, of->slot->path, e);
+            } catch (const std::exception& e) {
+                fs.images_.report(of->slot->path, e.what());
+                fuse_reply_err(req, EIO);
+            }
+        });
+    }
+
+    /// Changes the disk's size: cached data is written back first (a refused shrink loses
+    /// nothing), changes past the new end are dropped, then the image is resized. On its strand.
+    static Task<void> resize(ImageSlot& slot, uint64_t new_size) {
+        auto exclusive = co_await slot.size_lock.lock(0, 1, cache::RangeLock::Mode::exclusive);
+        if (new_size == slot.image->size()) co_return;
+        if (new_size < slot.image->size()) {
+            co_await slot.cache->write_back();
+            slot.cache->truncate(new_size);
+        }
+        ++slot.changes;
+        co_await slot.image->resize(new_size);
+        slot.live_size = slot.image->size();
+    }
+
+    static void write(fuse_req_t req, fuse_ino_t ino, const char* buf, size_t size, off_t off, fuse_file_info* fi) {
+        trace("write", ino, " off=" + std::to_string(off) + " size=" + std::to_string(size));
+        // libfuse owns `buf` only until this callback returns.
+        std::vector<std::byte> data(reinterpret_cast<const std::byte*>(buf), reinterpret_cast<const std::byte*>(buf) + size);
+        spawn_write(req, fi, [req, data = std::move(data), off](ImageSlot& slot) -> Task<void> {
+            auto shared = co_await slot.size_lock.lock(0, 1, cache::RangeLock::Mode::shared);
+            // A disk does not grow by writing past its end: like a block device, the part past the
+            // end is not written (a short write), and a write that starts there fails with ENOSPC.
+            const uint64_t offset = static_cast<uint64_t>(off), disk = slot.image->size();
+            if (data.empty()) co_return void(fuse_reply_write(req, 0));
+            if (off < 0 || offset >= disk) co_return void(fuse_reply_err(req, off < 0 ? EINVAL : ENOSPC));
+            size_t n = static_cast<size_t>(std::min<uint64_t>(data.size(), disk - offset));
+            ++slot.changes;
+            co_await slot.cache->write(offset, std::span<const std::byte>(data).first(n));
+            fuse_reply_write(req, n);
+        });
+    }
+
+    static void flush(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi) {
+        trace("flush", ino);
+        auto* of = reinterpret_cast<OpenFile*>(fi->fh);
+        if (!of->writable) return void(fuse_reply_err(req, 0));
+        // close(2): write the cached data back so that errors reach the closing program.
+        spawn_write(req, fi, [req](ImageSlot& slot) -> Task<void> {
+            co_await slot.cache->write_back();
+            fuse_reply_err(req, 0);
+        });
+    }
+
+    static void fsync(fuse_req_t req, fuse_ino_t ino, int datasync, fuse_file_info* fi) {
+        trace("fsync", ino, " datasync=" + std::to_string(datasync));
+        Filesystem& fs = *fs_of(req);
+        auto* of = reinterpret_cast<OpenFile*>(fi->fh);
+        if (!of->active) return void(fuse_reply_err(req, 0));  // snapshots never change
+        // Any handle of the active disk may sync it (fsync on an O_RDONLY descriptor is allowed).
+        fs.spawn(of->slot->strand, [&fs, req, of]() -> Task<void> {
+            ImageSlot& slot = *of->slot;
+            try {
+                if (slot.cache) {
+                    uint64_t changes = slot.changes;
+                    co_await slot.cache->flush();  // write-back, then Image::flush: durable
+                    slot.flushed_changes = std::max(slot.flushed_changes, changes);
+                }
+                fuse_reply_err(req, 0);
+            } catch (const std::system_error& e) {
+                reply_error(req, fs.images_, slot.path, e);
+            } catch (const std::exception& e) {
+                fs.images_.report(slot.path, e.what());
+                fuse_reply_err(req, EIO);
+            }
+        });
+    }
+
+    static void fallocate(fuse_req_t req, fuse_ino_t ino, int mode, off_t off, off_t length, fuse_file_info* fi) {
+        trace("fallocate", ino, " mode=" + std::to_string(mode) + " off=" + std::to_string(off) +
+                                    " len=" + std::to_string(length));
+        if (off < 0 || length <= 0 || off > std::numeric_limits<off_t>::max() - length)
+            return void(fuse_reply_err(req, EINVAL));
+        const bool keep_size = mode & FALLOC_FL_KEEP_SIZE;
+        const int op = mode & ~FALLOC_FL_KEEP_SIZE;
+        if (op != 0 && op != FALLOC_FL_ZERO_RANGE && !(op == FALLOC_FL_PUNCH_HOLE && keep_size))
+            return void(fuse_reply_err(req, EOPNOTSUPP));
+        spawn_write(req, fi, [req, op, keep_size, off, length](ImageSlot& slot) -> Task<void> {
+            const uint64_t begin = static_cast<uint64_t>(off), end = begin + static_cast<uint64_t>(length);
+            // Without KEEP_SIZE a range past the end grows the disk first (never PUNCH_HOLE).
+            if (!keep_size && end > slot.image->size()) co_await resize(slot, end);
+            auto shared = co_await slot.size_lock.lock(0, 1, cache::RangeLock::Mode::shared);
+            const uint64_t disk = slot.image->size();
+            if (begin < disk) {
+                const uint64_t n = std::min(end, disk) - begin;
+                ++slot.changes;
+                if (op == FALLOC_FL_PUNCH_HOLE) {
+                    co_await slot.cache->write_zeroes(begin, n, true);
+                } else if (op == FALLOC_FL_ZERO_RANGE) {
+                    co_await slot.cache->write_zeroes(begin, n, false);
+                } else {
+                    // A cached discard over the range must not free what is being reserved.
+                    co_await slot.cache->write_back();
+                    co_await slot.image->allocate(begin, n);
+                }
+            }
+            fuse_reply_err(req, 0);
+        });
+    }
+
+    /// Attributes after a setattr: the node's, with owner, mode and times fresh from the host
+    /// file, and the live size.
+    static struct stat fresh_attr(Filesystem& fs, const Node& node, fuse_ino_t ino) {
+        struct stat st = fs.attr_of(node);
+        struct stat host {};
+        if (::stat(node.image->path.c_str(), &host) == 0) {
+            mode_t perm = host.st_mode & 0777;
+            if (fs.options_.read_only || !node.image->read_only_reason.empty()) perm &= ~kWriteBits;
+            st.st_mode = (st.st_mode & S_IFMT) | perm;
+            st.st_uid = host.st_uid;
+            st.st_gid = host.st_gid;
+            st.st_atim = host.st_atim;
+            st.st_mtim = host.st_mtim;
+            st.st_ctim = host.st_ctim;
+        }
+        st.st_ino = ino;
+        fs.inodes_->update(node.key, st);
+        return st;
+    }
+
+    static void setattr(fuse_req_t req, fuse_ino_t ino, struct stat* attr, int to_set, fuse_file_info* fi) {
+        Filesystem& fs = *fs_of(req);
+        trace("setattr", ino, " to_set=" + std::to_string(to_set));
+        NodeKey key;
+        struct stat st;
+        if (!resolve(req, fs, ino, key, st)) return;
+        auto tree = fs.tree();
+        const Node* node = tree->find(key);
+        if (!node) return void(fuse_reply_err(req, ENOENT));
+        if (fs.options_.read_only || key.kind != NodeKey::Kind::image) return void(fuse_reply_err(req, EROFS));
+        if (to_set & FUSE_SET_ATTR_SIZE) {
+            if (attr->st_size < 0) return void(fuse_reply_err(req, EINVAL));
+            std::string why = fs.write_refusal(*node);
+            if (!why.empty()) {
+                trace("setattr", ino, ": EROFS, " + why);
+                return void(fuse_reply_err(req, EROFS));
+            }
+        }
+        // Owner, mode and times belong to the host image file.
+        const char* path = node->image->path.c_str();
+        if ((to_set & FUSE_SET_ATTR_MODE) && ::chmod(path, attr->st_mode & 07777) != 0)
+            return void(fuse_reply_err(req, errno));
+        if (to_set & (FUSE_SET_ATTR_UID | FUSE_SET_ATTR_GID)) {
+            uid_t uid = (to_set & FUSE_SET_ATTR_UID) ? attr->st_uid : static_cast<uid_t>(-1);
+            gid_t gid = (to_set & FUSE_SET_ATTR_GID) ? attr->st_gid : static_cast<gid_t>(-1);
+            if (::chown(path, uid, gid) != 0) return void(fuse_reply_err(req, errno));
+        }
+        if (to_set & (FUSE_SET_ATTR_ATIME | FUSE_SET_ATTR_MTIME | FUSE_SET_ATTR_ATIME_NOW | FUSE_SET_ATTR_MTIME_NOW)) {
+            timespec times[2] = {{0, UTIME_OMIT}, {0, UTIME_OMIT}};
+            if (to_set & FUSE_SET_ATTR_ATIME_NOW) times[0].tv_nsec = UTIME_NOW;
+            else if (to_set & FUSE_SET_ATTR_ATIME) times[0] = attr->st_atim;
+            if (to_set & FUSE_SET_ATTR_MTIME_NOW) times[1].tv_nsec = UTIME_NOW;
+            else if (to_set & FUSE_SET_ATTR_MTIME) times[1] = attr->st_mtim;
+            if (::utimensat(AT_FDCWD, path, times, 0) != 0) return void(fuse_reply_err(req, errno));
+        }
+        if (!(to_set & FUSE_SET_ATTR_SIZE)) {
+            struct stat fresh = fresh_attr(fs, *node, ino);
+            return void(fuse_reply_attr(req, &fresh, kAttrTimeout));
+        }
+        // truncate(2), ftruncate(2) and open(O_TRUNC): a handle of its own keeps the image open
+        // (or opens it, for truncate by name) while it is resized.
+        (void)fi;
+        const uint64_t new_size = static_cast<uint64_t>(attr->st_size);
+        auto slot = fs.images_.acquire(key.dev, key.ino, node->image->path);
+        fs.spawn(slot->strand, [&fs, req, ino, slot, tree, node, new_size]() -> Task<void> {
+            try {
+                co_await fs.ensure_open(slot, true);
+                if (!slot->cache || slot->corrupt) fail(EROFS, "the image cannot be written");
+                co_await resize(*slot, new_size);
+                struct stat fresh = fresh_attr(fs, *node, ino);
+                fs.release_slot(slot);
+                fuse_reply_attr(req, &fresh, kAttrTimeout);
+            } catch (const std::system_error& e) {
+                fs.release_slot(slot);
+                if (errno_of(e) == EROFS || errno_of(e) == ENOTSUP) fuse_reply_err(req, errno_of(e));
+                else reply_error(req, fs.images_, slot->path, e);
+            } catch (const std::exception& e) {
+                fs.images_.report(slot->path, e.what());
+                fs.release_slot(slot);
+                fuse_reply_err(req, EIO);
+            }
+        });
+    }
+
     static void release(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi) {
         Filesystem& fs = *fs_of(req);
         trace("release", ino);
         auto* of = reinterpret_cast<OpenFile*>(fi->fh);
         auto slot = of->slot;
-        // Drop the view on the image's strand, where its Image lives.
+        // Drop the view on the image's strand, where its Image lives; the last handle's release
+        // then writes back and closes the image there, in that order.
         asio::post(slot->strand, [of] { delete of; });
-        fs.images_.release(slot);
+        fs.release_slot(slot);
         fuse_reply_err(req, 0);
     }
 
@@ -286,6 +531,11 @@ const fuse_lowlevel_ops& Filesystem::operations() {
         o.open = Handlers::open;
         o.read = Handlers::read;
         o.release = Handlers::release;
+        o.write = Handlers::write;
+        o.flush = Handlers::flush;
+        o.fsync = Handlers::fsync;
+        o.fallocate = Handlers::fallocate;
+        o.setattr = Handlers::setattr;
         o.statfs = Handlers::statfs;
         return o;
     }();

@@ -1,12 +1,18 @@
 // Open images by host identity, shared by all FUSE handles, and the once-per-reason error log.
-#include <boost/asio/post.hpp>
 #include <chrono>
 
+#include "qcowfs/cache/data_cache.hpp"
 #include "qcowfs/fs/filesystem.hpp"
 #include "qcowfs/qcow2/image.hpp"
 #include "qcowfs/util/log.hpp"
 
 namespace qcowfs::fs {
+
+// Out of line: DataCache and View are complete here. The cache goes before the view it writes to.
+ImageSlot::~ImageSlot() {
+    cache.reset();
+    active.reset();
+}
 
 std::shared_ptr<ImageSlot> ImageRegistry::acquire(uint64_t dev, uint64_t ino, const std::string& path) {
     std::lock_guard lock(mutex_);
@@ -16,19 +22,40 @@ std::shared_ptr<ImageSlot> ImageRegistry::acquire(uint64_t dev, uint64_t ino, co
     return slot;
 }
 
-void ImageRegistry::release(const std::shared_ptr<ImageSlot>& slot) {
-    {
-        std::lock_guard lock(mutex_);
-        if (--slot->handles > 0) return;
-        for (auto it = slots_.begin(); it != slots_.end(); ++it) {
-            if (it->second == slot) {
-                slots_.erase(it);
-                break;
-            }
+bool ImageRegistry::release(const std::shared_ptr<ImageSlot>& slot) {
+    std::lock_guard lock(mutex_);
+    return --slot->handles == 0;
+}
+
+bool ImageRegistry::remove_if_unused(const std::shared_ptr<ImageSlot>& slot) {
+    std::lock_guard lock(mutex_);
+    if (slot->handles > 0) return false;
+    for (auto it = slots_.begin(); it != slots_.end(); ++it) {
+        if (it->second == slot) {
+            slots_.erase(it);
+            break;
         }
     }
-    // Close the image on its strand, after any coroutine still running there.
-    asio::post(slot->strand, [slot] { slot->image.reset(); });
+    return true;
+}
+
+size_t ImageRegistry::handles(const std::shared_ptr<ImageSlot>& slot) const {
+    std::lock_guard lock(mutex_);
+    return slot->handles;
+}
+
+std::shared_ptr<ImageSlot> ImageRegistry::find(uint64_t dev, uint64_t ino) const {
+    std::lock_guard lock(mutex_);
+    auto it = slots_.find({dev, ino});
+    return it == slots_.end() ? nullptr : it->second;
+}
+
+std::vector<std::shared_ptr<ImageSlot>> ImageRegistry::all() const {
+    std::lock_guard lock(mutex_);
+    std::vector<std::shared_ptr<ImageSlot>> out;
+    out.reserve(slots_.size());
+    for (const auto& [id, slot] : slots_) out.push_back(slot);
+    return out;
 }
 
 void ImageRegistry::report(const std::string& path, const std::string& reason) {

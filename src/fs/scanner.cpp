@@ -130,6 +130,10 @@ void parse_image(int fd, ImageInfo& info, std::span<const std::byte> probe) {
     }
     format::ImageMetadata meta = format::parse_metadata(cluster0, file_size);
     info.virtual_size = meta.header.size;
+    if (uint64_t unknown = meta.header.incompatible_features & ~format::kIncompatKnown)
+        info.read_only_reason = "unknown incompatible feature bits " + hex(unknown);
+    else if (meta.header.corrupt())
+        info.read_only_reason = "the image is marked corrupt";
     if (!meta.backing_file.empty()) info.backing_path = resolve_beside(info.path, meta.backing_file);
 
     if (meta.header.has_external_data_file()) {
@@ -189,6 +193,7 @@ std::optional<Probed> probe_file(const std::string& path, struct stat& st) {
         info->virtual_size = 0;
         info->snapshots.clear();
     }
+    if (!info->error.empty()) info->read_only_reason = info->error;
     bool cacheable = info->allocated_bytes == static_cast<uint64_t>(st.st_blocks) * 512 &&
                      info->error.rfind("external data file", 0) != 0;
     return Probed{std::move(info), cacheable};
@@ -237,7 +242,7 @@ struct stat image_attr(const ImageInfo& info, bool writes_supported) {
     const struct stat& host = info.host_stat;
     struct stat a {};
     mode_t perm = host.st_mode & kPermissionBits;
-    if (!writes_supported || !info.error.empty()) perm &= ~kWriteBits;
+    if (!writes_supported || !info.read_only_reason.empty()) perm &= ~kWriteBits;
     a.st_mode = S_IFREG | perm;
     a.st_nlink = 1;
     a.st_uid = host.st_uid;
@@ -416,6 +421,36 @@ private:
     std::set<std::pair<dev_t, ino_t>> visited_;
 };
 
+/// An image that backs another must not change under it: marks every image of `tree` that is the
+/// backing file (same device and inode) of another image in it read-only, on copies of their
+/// ImageInfo (the cached parse stays as it is: the next scan decides again).
+void mark_backing_files(Tree& tree) {
+    std::map<std::pair<uint64_t, uint64_t>, std::string> backing;  // (dev, ino) -> an overlay's path
+    tree.for_each([&](Node& n) {
+        if (n.key.kind != NodeKey::Kind::image || n.image->backing_path.empty()) return;
+        struct stat st {};
+        if (::stat(n.image->backing_path.c_str(), &st) == 0)
+            backing.try_emplace({st.st_dev, st.st_ino}, n.image->path);
+    });
+    if (backing.empty()) return;
+    std::map<std::pair<uint64_t, uint64_t>, std::shared_ptr<const ImageInfo>> marked;
+    tree.for_each([&](Node& n) {
+        if (n.key.kind == NodeKey::Kind::directory || !n.image->read_only_reason.empty()) return;
+        std::pair<uint64_t, uint64_t> id{n.key.dev, n.key.ino};
+        auto it = backing.find(id);
+        if (it == backing.end()) return;
+        auto& copy = marked[id];
+        if (!copy) {
+            auto info = std::make_shared<ImageInfo>(*n.image);
+            info->read_only_reason = "it is the backing file of ";
+            info->read_only_reason.append(it->second);
+            copy = std::move(info);
+        }
+        n.image = copy;
+        n.attr.st_mode &= ~kWriteBits;
+    });
+}
+
 }  // namespace
 
 Scanner::Scanner(std::string source_dir, ScanOptions options)
@@ -457,6 +492,7 @@ std::shared_ptr<const Tree> Scanner::scan() {
     walker.enter(root_st);
     NodeKey root = walker.add_directory(source_dir_, root_st, "", *root_names);
     tree->set_root(root);
+    mark_backing_files(*tree);
     cache_ = std::move(next_cache);  // files not seen in this scan are forgotten
     return tree;
 }

@@ -217,6 +217,118 @@ TEST_CASE("Scanner keeps write bits only when writes are supported and the image
     CHECK(child(*ro_tree, ro_tree->root(), "dir").attr.st_mode == (S_IFDIR | 0555));
 }
 
+TEST_CASE("Scanner marks corrupt, unknown-feature and broken images read-only, with the reason") {
+    REQUIRE_MESSAGE(have_qemu_img(), "qemu-img is needed to build test images");
+    TempDir d;
+    d.qemu_img("create -f qcow2 ok.qcow2 1M");
+    d.qemu_img("create -f qcow2 corrupt.qcow2 1M");
+    d.patch("corrupt.qcow2", 72 + 7, "\x02");  // incompatible feature bit 1: corrupt
+    d.qemu_img("create -f qcow2 future.qcow2 1M");
+    d.patch("future.qcow2", 72 + 7, "\x40");  // an incompatible feature bit nobody knows yet
+    d.write("broken.qcow2", std::string("QFI\xfb", 4) + std::string(4092, '\xff'));
+    for (const char* f : {"ok.qcow2", "corrupt.qcow2", "future.qcow2", "broken.qcow2"})
+        REQUIRE(::chmod((d / f).c_str(), 0664) == 0);
+
+    Scanner scanner(d.path(), ScanOptions{.exclude = "", .writes_supported = true});
+    auto tree = scanner.scan();
+    const Node& root = tree->root();
+
+    const Node& ok = child(*tree, root, "ok.raw");
+    CHECK(ok.image->read_only_reason.empty());
+    CHECK(ok.attr.st_mode == (S_IFREG | 0664));
+
+    // A corrupt image still reads (its size is known, no error), but is never written.
+    const Node& corrupt = child(*tree, root, "corrupt.raw");
+    CHECK(corrupt.image->error.empty());
+    CHECK(corrupt.image->virtual_size == kMiB);
+    CHECK(corrupt.image->read_only_reason == "the image is marked corrupt");
+    CHECK(corrupt.attr.st_mode == (S_IFREG | 0444));
+
+    for (const char* name : {"future.raw", "broken.raw"}) {
+        INFO(name);
+        const Node& n = child(*tree, root, name);
+        CHECK_FALSE(n.image->error.empty());
+        CHECK(n.image->read_only_reason == n.image->error);
+        CHECK(n.attr.st_mode == (S_IFREG | 0444));
+    }
+    CHECK(child(*tree, root, "future.raw").image->read_only_reason.find("0x40") != std::string::npos);
+}
+
+TEST_CASE("Scanner marks backing files of other images read-only, by host identity") {
+    REQUIRE_MESSAGE(have_qemu_img(), "qemu-img is needed to build test images");
+    TempDir d;
+    d.mkdir("sub");
+    d.qemu_img("create -f qcow2 base.qcow2 4M");
+    d.qemu_img("create -f qcow2 -b ../base.qcow2 -F qcow2 sub/mid.qcow2");  // relative, other directory
+    d.qemu_img("create -f qcow2 -b mid.qcow2 -F qcow2 sub/top.qcow2");
+    d.qemu_img("create -f qcow2 lone.qcow2 4M");
+    d.qemu_img("create -f qcow2 target.qcow2 4M");
+    d.symlink("target.qcow2", "alias.img");  // a name the scanner shows too, same file
+    d.qemu_img("create -f qcow2 -b alias.img -F qcow2 via_alias.qcow2");
+    for (const char* f : {"base.qcow2", "sub/mid.qcow2", "sub/top.qcow2", "lone.qcow2", "target.qcow2",
+                          "via_alias.qcow2"})
+        REQUIRE(::chmod((d / f).c_str(), 0644) == 0);
+
+    Scanner scanner(d.path(), ScanOptions{.exclude = "", .writes_supported = true});
+    auto tree = scanner.scan();
+    const Node& root = tree->root();
+    const Node& sub = child(*tree, root, "sub");
+
+    auto writable = [](const Node& n) { return (n.attr.st_mode & kWriteBits) != 0; };
+    const Node& base = child(*tree, root, "base.raw");
+    const Node& mid = child(*tree, sub, "mid.raw");
+    const Node& top = child(*tree, sub, "top.raw");
+    CHECK_FALSE(writable(base));
+    CHECK(base.image->read_only_reason == "it is the backing file of " + (d / "sub/mid.qcow2"));
+    CHECK_FALSE(writable(mid));  // backs top, and is itself an overlay
+    CHECK(mid.image->read_only_reason == "it is the backing file of " + (d / "sub/top.qcow2"));
+    CHECK(writable(top));
+    CHECK(top.image->read_only_reason.empty());
+    CHECK(writable(child(*tree, root, "lone.raw")));
+    CHECK(writable(child(*tree, root, "via_alias.raw")));
+    // The backing file is named through a symlink: the file behind it is what is protected,
+    // under both of its names.
+    CHECK_FALSE(writable(child(*tree, root, "target.raw")));
+    CHECK_FALSE(writable(child(*tree, root, "alias.img.raw")));
+    CHECK_FALSE(child(*tree, root, "target.raw").image->read_only_reason.empty());
+
+    // Decided again on every scan: once the overlay is gone, its backing file is writable again.
+    REQUIRE(::unlink((d / "sub/top.qcow2").c_str()) == 0);
+    auto again = scanner.scan();
+    const Node& mid2 = child(*again, child(*again, again->root(), "sub"), "mid.raw");
+    CHECK(writable(mid2));
+    CHECK(mid2.image->read_only_reason.empty());
+    CHECK_FALSE(writable(child(*again, again->root(), "base.raw")));
+    // The earlier tree is unchanged (the reason lives on a copy, not on the cached parse).
+    CHECK_FALSE(writable(mid));
+    CHECK_FALSE(mid.image->read_only_reason.empty());
+}
+
+TEST_CASE("Scanner without writes (-o ro) exposes no write bits at all") {
+    REQUIRE_MESSAGE(have_qemu_img(), "qemu-img is needed to build test images");
+    TempDir d;
+    d.mkdir("dir", 0777);
+    d.qemu_img("create -f qcow2 dir/vm.qcow2 1M");
+    d.qemu_img("create -f qcow2 vm.qcow2 1M");
+    d.qemu_img("snapshot -c snap vm.qcow2");
+    for (const char* f : {"vm.qcow2", "dir/vm.qcow2"}) REQUIRE(::chmod((d / f).c_str(), 0666) == 0);
+
+    Scanner rw(d.path(), ScanOptions{.exclude = "", .writes_supported = true});
+    auto rw_tree = rw.scan();
+    CHECK(child(*rw_tree, rw_tree->root(), "vm.raw").attr.st_mode == (S_IFREG | 0666));
+    CHECK(child(*rw_tree, child(*rw_tree, rw_tree->root(), "dir"), "vm.raw").attr.st_mode == (S_IFREG | 0666));
+
+    Scanner ro(d.path(), ScanOptions{.exclude = "", .writes_supported = false});
+    auto tree = ro.scan();
+    const Node& root = tree->root();
+    CHECK((root.attr.st_mode & kWriteBits) == 0);
+    const Node& dir = child(*tree, root, "dir");
+    CHECK(dir.attr.st_mode == (S_IFDIR | 0555));
+    CHECK(child(*tree, dir, "vm.raw").attr.st_mode == (S_IFREG | 0444));
+    CHECK(child(*tree, root, "vm.raw").attr.st_mode == (S_IFREG | 0444));
+    CHECK(child(*tree, root, "vm@snap.raw").attr.st_mode == (S_IFREG | 0444));
+}
+
 TEST_CASE("Scanner exposes internal snapshots as NAME@SNAP.raw") {
     REQUIRE_MESSAGE(have_qemu_img(), "qemu-img is needed to build test images");
     TempDir d;

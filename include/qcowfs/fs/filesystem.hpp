@@ -1,12 +1,14 @@
-// The FUSE front end: serves the directory view and image reads as one coroutine per request.
+// The FUSE front end: serves the directory view, image reads and writes as one coroutine per request.
 #pragma once
 
 #include <sys/stat.h>
 
 #include <atomic>
 #include <chrono>
+#include <boost/asio/co_spawn.hpp>
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/posix/stream_descriptor.hpp>
+#include <boost/asio/steady_timer.hpp>
 #include <boost/asio/strand.hpp>
 #include <condition_variable>
 #include <cstdint>
@@ -18,7 +20,10 @@
 #include <string>
 #include <thread>
 #include <unordered_map>
+#include <vector>
 
+#include "qcowfs/cache/data_cache.hpp"
+#include "qcowfs/cache/range_lock.hpp"
 #include "qcowfs/fs/tree.hpp"
 #include "qcowfs/util/async_mutex.hpp"
 #include "qcowfs/util/task.hpp"
@@ -28,6 +33,7 @@ struct fuse_lowlevel_ops;
 
 namespace qcowfs::qcow2 {
 class Image;
+class View;
 class BlockSource;
 }  // namespace qcowfs::qcow2
 
@@ -39,7 +45,9 @@ struct FsOptions {
     bool read_only = false;
     size_t l2_cache_bytes = 4u << 20;          // per open image
     size_t compressed_cache_bytes = 4u << 20;  // per open image
+    size_t write_cache_bytes = 64u << 20;      // per writable open image (DataCache limit)
     unsigned scan_interval_ms = 400;
+    unsigned writeback_interval_ms = 5000;  // periodic durable write-back of changed images
 };
 
 /// FUSE inode numbers for view nodes. Lock order: InodeTable::mutex_ is a leaf lock.
@@ -71,14 +79,33 @@ private:
 };
 
 /// One host image file opened for FUSE handles: its strand, and the Image once opened.
+///
+/// Lifecycle: ImageRegistry::acquire creates the slot (or finds it) and counts a handle; the first
+/// open request opens the Image under `lifecycle`. When the last handle goes, Filesystem closes
+/// the Image under `lifecycle` (write-back, Image::close) and only then removes the slot from the
+/// registry, so an open arriving meanwhile finds this slot, waits for the close and reopens: one
+/// file never has two Image objects.
 struct ImageSlot {
     using Strand = asio::strand<asio::io_context::executor_type>;
-    ImageSlot(asio::io_context& io, std::string p) : strand(asio::make_strand(io)), path(std::move(p)) {}
+    ImageSlot(asio::io_context& io, std::string p)
+        : strand(asio::make_strand(io)), path(std::move(p)), size_lock(strand) {}
+    ~ImageSlot();  // the cache before the view it writes to
     Strand strand;
     std::string path;
     // Strand only:
     std::shared_ptr<qcow2::Image> image;
-    AsyncMutex open_mutex;  // held while the image is being opened
+    std::shared_ptr<qcow2::View> active;        // writable images: the active disk `cache` writes to
+    std::unique_ptr<cache::DataCache> cache;    // writable images only; destroyed before `active`
+    AsyncMutex lifecycle;  // held while the image is opened, closed or periodically flushed
+    /// Writes, zeroing and allocation hold [0,1) shared; a resize holds it exclusive, so no write
+    /// checks the size against a disk that is shrinking under it.
+    cache::RangeLock size_lock;
+    uint64_t changes = 0;          // bumped by every change to the image since it was opened
+    uint64_t flushed_changes = 0;  // `changes` as of the start of the last successful flush
+    // Any thread:
+    std::atomic<uint64_t> live_size{kUnknownSize};  // Image::size() while open
+    std::atomic<bool> corrupt{false};               // on_corrupt fired: no more write opens
+    static constexpr uint64_t kUnknownSize = ~uint64_t{0};
     // Registry mutex only:
     size_t handles = 0;
 };
@@ -88,8 +115,19 @@ struct ImageSlot {
 class ImageRegistry {
 public:
     explicit ImageRegistry(asio::io_context& io) : io_(io) {}
+    /// The slot of (dev, ino), created if needed, with one more handle.
     std::shared_ptr<ImageSlot> acquire(uint64_t dev, uint64_t ino, const std::string& path);
-    void release(const std::shared_ptr<ImageSlot>& slot);
+    /// Drops a handle; true if it was the last one (the caller then closes the image and calls
+    /// remove_if_unused).
+    bool release(const std::shared_ptr<ImageSlot>& slot);
+    /// Removes `slot` from the registry if it still has no handles; true if removed.
+    bool remove_if_unused(const std::shared_ptr<ImageSlot>& slot);
+    /// The handle count of `slot` now.
+    size_t handles(const std::shared_ptr<ImageSlot>& slot) const;
+    /// The slot of (dev, ino) if one exists, else nullptr. Creates nothing.
+    std::shared_ptr<ImageSlot> find(uint64_t dev, uint64_t ino) const;
+    /// Every slot (for periodic write-back and shutdown).
+    std::vector<std::shared_ptr<ImageSlot>> all() const;
     /// Logs "PATH: reason" once per image; further errors of the same image within 10 minutes
     /// are counted, not logged.
     void report(const std::string& path, const std::string& reason);
@@ -97,7 +135,7 @@ public:
 
 private:
     asio::io_context& io_;
-    mutable std::mutex mutex_;  // guards slots_, reported_
+    mutable std::mutex mutex_;  // guards slots_, reported_, ImageSlot::handles
     std::map<std::pair<uint64_t, uint64_t>, std::shared_ptr<ImageSlot>> slots_;
     struct Reported {
         std::chrono::steady_clock::time_point when;
@@ -128,11 +166,29 @@ private:
     friend struct Handlers;
     Task<void> serve();
     Task<void> drain();
+    /// Waits on serve_strand_ until no tracked coroutine runs; false after `limit`.
+    Task<bool> wait_idle(std::chrono::seconds limit);
+    /// Every writeback_interval_ms: flush_slot() each open image with changes. On serve_strand_.
+    Task<void> writeback_loop();
+    /// Opens the slot's Image if it is not open (under its lifecycle mutex), writable when
+    /// `writable_wanted` and the host file allows it. On the slot's strand.
+    Task<void> ensure_open(std::shared_ptr<ImageSlot> slot, bool writable_wanted);
+    /// Drops a handle of `slot`; after the last one, closes its image on its strand.
+    void release_slot(const std::shared_ptr<ImageSlot>& slot);
+    /// Writes back the cache and closes the image (if it has no handles, or `force`); removes the
+    /// slot from the registry. Errors are logged. On the slot's strand.
+    Task<void> close_slot(std::shared_ptr<ImageSlot> slot, bool force);
+    /// Durable write-back (DataCache::flush) if the image has changed since the last one.
+    Task<void> flush_slot(std::shared_ptr<ImageSlot> slot);
+    /// Why `node` cannot be opened for writing, or "" if it can.
+    std::string write_refusal(const Node& node) const;
     void scanner_loop();
     std::shared_ptr<const Tree> tree() const;
-    /// Attributes to expose for `node` (read-only adjustments applied).
+    /// Attributes to expose for `node` (read-only adjustments applied; the live size of an open
+    /// image instead of the scanned one).
     struct stat attr_of(const Node& node) const;
-    /// Runs `body` as a tracked request coroutine on `executor`.
+    /// Runs `body` (an awaitable, or a function returning one) as a tracked coroutine on
+    /// `executor`: drain() waits for it.
     template <class Executor, class Body>
     void spawn(const Executor& executor, Body body);
 
@@ -147,6 +203,7 @@ private:
     std::function<void()> on_finished_;
     std::atomic<bool> stopping_{false};
     std::atomic<int64_t> inflight_{0};
+    std::unique_ptr<asio::steady_timer> writeback_timer_;  // serve_strand_ only
 
     mutable std::mutex tree_mutex_;  // guards tree_
     std::shared_ptr<const Tree> tree_;
@@ -156,5 +213,11 @@ private:
     bool scan_stop_ = false;
     std::thread scan_thread_;
 };
+
+template <class Ex, class Body>
+void Filesystem::spawn(const Ex& executor, Body body) {
+    ++inflight_;
+    asio::co_spawn(executor, std::move(body), [this](std::exception_ptr) { --inflight_; });
+}
 
 }  // namespace qcowfs::fs

@@ -40,6 +40,10 @@ struct ImageInfo {
     /// supported", "unknown incompatible feature bits 0x40", or the header parse error.
     std::string error;
     std::string backing_path;  // resolved host path of the backing file, "" if none
+    /// Empty when the image may be opened for writing; otherwise why not: the `error`, "the image
+    /// is marked corrupt", "unknown incompatible feature bits 0x40", "it is the backing file of
+    /// OTHER". Set by the scanner; open() for writing answers EROFS when it is non-empty.
+    std::string read_only_reason;
     std::vector<SnapshotInfo> snapshots;
 };
 
@@ -67,6 +71,11 @@ public:
 
     // Construction (used by Scanner and tests).
     void add(Node node);
+    /// Calls `fn` on every node, in key order, to adjust it while the tree is being built.
+    template <class Fn>
+    void for_each(Fn&& fn) {
+        for (auto& [key, node] : nodes_) fn(node);
+    }
     void set_root(NodeKey key) { root_ = std::move(key); }
 
 private:
@@ -77,7 +86,8 @@ private:
 struct ScanOptions {
     /// Host path excluded from the scan (the mount point, when it lies inside SOURCE_DIR).
     std::string exclude;
-    /// False until the write path exists: exposed files never carry write bits.
+    /// False for a read-only mount (-o ro): no exposed file or directory carries write bits.
+    /// True: images keep the host file's write bits unless ImageInfo::read_only_reason is set.
     bool writes_supported = false;
 };
 
@@ -89,7 +99,9 @@ struct ScanOptions {
 /// "a.qcow2" gives "a.qcow.raw"). Each internal snapshot appears as
 /// NAME@SNAP.raw (SNAP = snapshot name; its ID when the name is empty, contains '/' or clashes).
 /// Every subdirectory is mirrored. Attributes follow the host file: owner, group, times and
-/// permission bits (write bits removed unless writes are supported and the image is writable);
+/// permission bits (write bits removed unless writes are supported and the image is writable:
+/// no error, no corrupt bit, no unknown incompatible feature, and not the backing file of another
+/// image in the tree, compared by device and inode; snapshots never have write bits);
 /// st_size is the virtual size and st_blocks the image's allocated 512-byte blocks.
 /// Headers of files unchanged since the previous scan (same dev, ino, size, mtime, ctime) are not
 /// read again. Blocking: runs on the scanner thread, never on a thread that serves requests.
