@@ -83,7 +83,7 @@ Task<std::shared_ptr<Image>> Image::open(std::string path, OpenOptions options) 
 }
 
 Task<void> Image::open_impl(unsigned depth, std::vector<std::string> chain) {
-    file_ = options_.opener(path_, false);
+    file_ = options_.opener(path_, options_.writable);
     uint64_t file_size = file_->size();
 
     std::vector<std::byte> probe(std::min<uint64_t>(format::kHeaderProbeBytes, file_size));
@@ -100,7 +100,8 @@ Task<void> Image::open_impl(unsigned depth, std::vector<std::string> chain) {
     if (meta_.header.has_external_data_file()) {
         if (!meta_.extensions.data_file || meta_.extensions.data_file->empty())
             corrupt("the external data file bit is set but the image names no data file");
-        data_file_ = open_dependency(resolve_relative(path_, *meta_.extensions.data_file), "external data file");
+        data_file_ = open_dependency(resolve_relative(path_, *meta_.extensions.data_file), "external data file",
+                                     options_.writable);
     }
 
     l1_ = co_await read_l1(meta_.header.l1_table_offset, meta_.header.l1_size, "L1 table");
@@ -111,6 +112,7 @@ Task<void> Image::open_impl(unsigned depth, std::vector<std::string> chain) {
 
     chain.push_back(path_);
     if (!meta_.backing_file.empty()) co_await open_backing(depth, std::move(chain));
+    co_await init_writing();
 }
 
 Task<std::vector<uint64_t>> Image::read_l1(uint64_t offset, uint32_t entries, const char* what) {
@@ -163,7 +165,9 @@ Task<void> Image::open_backing(unsigned depth, std::vector<std::string> chain) {
     if (fmt == "raw") {
         backing_ = std::make_shared<RawSource>(open_dependency(path, "backing file"));
     } else if (fmt == "qcow2") {
-        auto backing = std::make_shared<Image>(Private{}, path, options_);
+        OpenOptions backing_options = options_;
+        backing_options.writable = false;  // backing files are never written
+        auto backing = std::make_shared<Image>(Private{}, path, std::move(backing_options));
         try {
             co_await backing->open_impl(depth + 1, std::move(chain));
         } catch (const std::system_error& e) {
@@ -176,10 +180,10 @@ Task<void> Image::open_backing(unsigned depth, std::vector<std::string> chain) {
     }
 }
 
-std::unique_ptr<io::File> Image::open_dependency(const std::string& path, const char* what) {
+std::unique_ptr<io::File> Image::open_dependency(const std::string& path, const char* what, bool writable) {
     // A file the image needs is missing: the image is what is broken, so its readers get EIO.
     try {
-        return options_.opener(path, false);
+        return options_.opener(path, writable);
     } catch (const std::system_error& e) {
         fail(errno_of(e) == ENOTSUP ? ENOTSUP : EIO, std::string(what) + " " + path + ": " + e.code().message());
     }

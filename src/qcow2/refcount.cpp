@@ -302,6 +302,13 @@ Task<void> Refcounts::grow_table(uint64_t min_entries, Range exclude) {
     co_await update_locked(old_first, old_clusters, -1);
 }
 
+bool Refcounts::is_refcount_metadata(uint64_t cluster_index) const {
+    uint64_t first = table_offset_ >> cluster_bits_;
+    if (cluster_index >= first && cluster_index < first + table_clusters_) return true;
+    uint64_t offset = cluster_index << cluster_bits_;
+    return std::find(table_.begin(), table_.end(), offset) != table_.end();
+}
+
 Task<void> Refcounts::flush() {
     auto guard = co_await mutex_.lock();
     co_await table_cache_->sync();

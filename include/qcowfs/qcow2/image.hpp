@@ -6,6 +6,7 @@
 #include <functional>
 #include <list>
 #include <map>
+#include <set>
 #include <memory>
 #include <span>
 #include <string>
@@ -13,10 +14,14 @@
 #include <vector>
 
 #include "qcowfs/cache/data_cache.hpp"
+#include "qcowfs/cache/range_lock.hpp"
 #include "qcowfs/cache/slice_cache.hpp"
+#include "qcowfs/format/entries.hpp"
 #include "qcowfs/format/header.hpp"
 #include "qcowfs/format/snapshot.hpp"
 #include "qcowfs/io/file.hpp"
+#include "qcowfs/qcow2/refcount.hpp"
+#include "qcowfs/util/async_mutex.hpp"
 #include "qcowfs/util/task.hpp"
 
 namespace qcowfs::qcow2 {
@@ -154,7 +159,7 @@ private:
     Task<void> read_snapshot_table();
     Task<void> open_backing(unsigned depth, std::vector<std::string> chain);
     /// Opens a file the image depends on (backing or data file); failures become EIO (ENOTSUP stays).
-    std::unique_ptr<io::File> open_dependency(const std::string& path, const char* what);
+    std::unique_ptr<io::File> open_dependency(const std::string& path, const char* what, bool writable = false);
 
     /// Reads guest range [offset, offset + buf.size()) mapped through `l1`; the range must lie
     /// inside the view's size.
@@ -165,6 +170,52 @@ private:
     Task<void> read_extent(const Extent& e, std::span<std::byte> dst);
     /// The decompressed cluster whose compressed data starts at `host` (cached).
     Task<std::shared_ptr<const std::vector<std::byte>>> decompressed(uint64_t host, uint64_t size);
+
+    // ---- Writing (image_write.cpp) ----------------------------------------------------------
+    struct ClusterWrite;
+    /// Sets up refcounts and the range lock after a writable open; records why not otherwise.
+    Task<void> init_writing();
+    /// Throws EROFS with read_only_reason_ unless the active disk can be written.
+    void check_writable() const;
+    /// First-write work, once: rebuild refcounts of a dirty image, mark bitmaps in use, clear
+    /// autoclear bits qcowfs does not keep, set the dirty bit of a lazy_refcounts image.
+    Task<void> prepare_write();
+    /// write() with the range lock held: one L2 table's worth at a time.
+    Task<void> write_locked(uint64_t offset, std::span<const std::byte> data);
+    Task<void> write_in_table(uint64_t offset, std::span<const std::byte> data);
+    /// Plans one guest cluster of a write (meta_mutex_ held): where its data goes, what is
+    /// copied from the old content, the new L2 entry, what to free once it is on disk.
+    Task<void> plan_cluster(ClusterWrite& w, uint64_t l2_offset);
+    /// The L2 table for L1 entry `l1_index`, allocated or copied out of a snapshot as needed so
+    /// that this image owns it alone (meta_mutex_ held). Returns its host offset.
+    Task<uint64_t> l2_for_write(uint64_t l1_index);
+    /// Makes whole clusters [first, first + count) of one L2 table read as zeros (meta_mutex_ held).
+    /// Returns the guest clusters that need zeros written as data (v2 images with a backing file).
+    Task<std::vector<uint64_t>> zero_in_table(uint64_t first, uint64_t count, bool discard);
+    /// write_zeroes() with the range lock held.
+    Task<void> zero_locked(uint64_t offset, uint64_t length, bool discard);
+    /// Reads entry `index` of the L2 table at `l2_offset` (raw, bitmap).
+    Task<std::pair<uint64_t, uint64_t>> load_l2_entry(uint64_t l2_offset, uint64_t index);
+    /// Decodes an L2 entry found while writing; inconsistent ones mark the image corrupt (EIO).
+    Task<format::L2Entry> decode_l2_checked(uint64_t raw, uint64_t bitmap, uint64_t guest);
+    /// Stores entry `index` of the L2 table at `l2_offset` in the cache (dirty).
+    Task<void> store_l2_entry(uint64_t l2_offset, uint64_t index, uint64_t raw, uint64_t bitmap);
+    /// Host cluster `host` about to be written in place or used as an L2 table: EIO (and the
+    /// corrupt bit) if it lies in other metadata, past the end of the file, or has refcount 0.
+    Task<void> check_host_cluster(uint64_t host, const std::string& what);
+    /// Sets the corrupt bit, stops writes, reports, and throws EIO with `reason`.
+    Task<void> mark_corrupt(std::string reason);
+    /// Releases clusters once the L1/L2 change that dropped them is on disk (rule 4).
+    void free_later(uint64_t first_cluster, uint64_t count);
+    /// Clusters a compressed entry's bytes touch, as (first cluster, count).
+    std::pair<uint64_t, uint64_t> compressed_clusters(const format::L2Entry& e) const;
+    /// Every metadata write in dependency order, then sync (meta_mutex_ held).
+    Task<void> flush_locked();
+    /// Rewrites the fixed header fields from meta_.header and syncs.
+    Task<void> write_header();
+    /// Resize helpers (meta_mutex_ held).
+    Task<void> grow_l1(uint64_t entries);
+    Task<void> release_beyond(uint64_t new_size);
 
     std::string path_;
     OpenOptions options_;
@@ -177,6 +228,19 @@ private:
     std::unique_ptr<cache::SliceCache> l2_cache_;
     std::shared_ptr<BlockSource> backing_;  // a RawSource, or the active View of the backing Image
     std::string read_only_reason_;
+
+    // Writing (strand only). Lock order: range_lock_ ranges, then flush_mutex_, then meta_mutex_,
+    // then Refcounts' own mutex; the SliceCache mutexes are leaves.
+    std::unique_ptr<Refcounts> refcounts_;        // null unless the image can be written
+    std::unique_ptr<cache::RangeLock> range_lock_;  // guest ranges: writes exclusive (whole clusters), reads shared
+    AsyncMutex meta_mutex_;   // held from planning to linking of L2 entries, and across flush_locked
+    AsyncMutex flush_mutex_;  // one flush() at a time
+    bool prepared_ = false;       // prepare_write() has run: metadata may be dirty
+    bool clear_dirty_bit_ = false;  // the dirty bit is ours (lazy refcounts): cleared on close
+    std::set<uint64_t> dirty_l1_;   // L1 entries changed in memory, not yet on disk
+    std::vector<std::pair<uint64_t, uint64_t>> pending_free_;  // (first cluster, count), rule 4
+    uint64_t file_end_ = 0;  // bytes of the image file, counting clusters allocated but not yet written
+    std::set<uint64_t> l2_tables_;  // host cluster indexes of active L2 tables (overlap checks)
     std::weak_ptr<View> active_view_;
 
     // Decompressed cluster cache: host offset -> cluster, LRU order in compressed_lru_.

@@ -87,6 +87,9 @@ public:
     /// writes the refcount table entries.
     cache::SliceCache& table_cache() { return *table_cache_; }
 
+    /// True if host cluster `cluster_index` holds the refcount table or a refcount block.
+    bool is_refcount_metadata(uint64_t cluster_index) const;
+
     uint64_t table_offset() const { return table_offset_; }
     uint32_t table_clusters() const { return table_clusters_; }
     uint64_t cluster_size() const { return uint64_t{1} << cluster_bits_; }

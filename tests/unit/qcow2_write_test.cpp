@@ -1,0 +1,240 @@
+// Image writes over images made by qemu-img: random writes, zeroing, resizes against a reference
+// raw file, then `qemu-img check` (clean, no leaks) and `qemu-img compare` as the oracle.
+#include <doctest/doctest.h>
+#include <stdlib.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <boost/asio/io_context.hpp>
+#include <boost/asio/strand.hpp>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "qcowfs/format/error.hpp"
+#include "qcowfs/format/header.hpp"
+#include "qcowfs/io/file.hpp"
+#include "qcowfs/qcow2/image.hpp"
+#include "test_errors.hpp"
+#include "test_image_builder.hpp"
+
+using namespace qcowfs;
+
+namespace {
+
+bool have_qemu_img() { return std::system("qemu-img --version >/dev/null 2>&1") == 0; }
+
+struct TempDir {
+    std::string path;
+    TempDir() {
+        char name[] = "/tmp/qcowfs-write-XXXXXX";
+        REQUIRE(::mkdtemp(name) != nullptr);
+        path = name;
+    }
+    ~TempDir() { std::filesystem::remove_all(path); }
+};
+
+/// Runs a shell command; returns its exit status and (in `out`) its output.
+int sh(const std::string& cmd, std::string* out = nullptr) {
+    std::string file = "/tmp/qcowfs-write-sh-" + std::to_string(::getpid()) + ".out";
+    std::string full = cmd;
+    full.append(" >").append(file).append(" 2>&1");
+    int status = std::system(full.c_str());
+    if (out) {
+        std::ifstream in(file);
+        out->assign(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+    }
+    std::filesystem::remove(file);
+    return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+}
+
+std::vector<std::byte> read_file(const std::string& path) {
+    std::ifstream in(path, std::ios::binary);
+    std::vector<char> data((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    std::vector<std::byte> out(data.size());
+    std::memcpy(out.data(), data.data(), data.size());
+    return out;
+}
+
+void write_file(const std::string& path, const std::vector<std::byte>& bytes) {
+    std::ofstream out(path, std::ios::binary | std::ios::trunc);
+    out.write(reinterpret_cast<const char*>(bytes.data()), static_cast<std::streamsize>(bytes.size()));
+}
+
+/// One image variant: how to make it, and what the writes may do to it.
+struct Variant {
+    std::string name;
+    std::string create;         // qemu-img create options (-o ...), size appended
+    uint64_t size = 8 << 20;
+    std::string prepare;        // qemu-io commands run on the image before the test ("" = none)
+    std::string backing_create; // if set: a backing image made with these options first
+    bool snapshot = false;      // take an internal snapshot after prepare (no shrink then)
+    uint64_t max_write = 300 * 1024;
+};
+
+struct Fixture {
+    TempDir dir;
+    asio::io_context io;
+    std::string img() const { return dir.path + "/img.qcow2"; }
+    std::string ref() const { return dir.path + "/ref.raw"; }
+
+    qcow2::OpenOptions options(bool writable = true) {
+        qcow2::OpenOptions o;
+        o.opener = [this](const std::string& path, bool w) { return io::open_file(io.get_executor(), path, w); };
+        o.writable = writable;
+        return o;
+    }
+    std::shared_ptr<qcow2::Image> open(bool writable = true) {
+        return test::run(io, qcow2::Image::open(img(), options(writable)));
+    }
+};
+
+void make_variant(Fixture& f, const Variant& v) {
+    std::string out;
+    // Relative names (backing file, data file) resolve in the image's directory.
+    auto sh = [&](const std::string& cmd, std::string* o) { return ::sh("cd " + f.dir.path + " && " + cmd, o); };
+    if (!v.backing_create.empty()) {
+        REQUIRE(sh("qemu-img create -f qcow2 " + v.backing_create + " " + f.dir.path + "/base.qcow2 " +
+                   std::to_string(v.size), &out) == 0);
+        REQUIRE(sh("qemu-io -c 'write -P 0x5a 0 " + std::to_string(v.size / 2) + "' -c 'write -P 0x3c " +
+                   std::to_string(v.size * 3 / 4) + " 100k' " + f.dir.path + "/base.qcow2", &out) == 0);
+        REQUIRE(sh("qemu-img create -f qcow2 -b base.qcow2 -F qcow2 " + v.create + " " + f.img(), &out) == 0);
+    } else {
+        REQUIRE(sh("qemu-img create -f qcow2 " + v.create + " " + f.img() + " " + std::to_string(v.size), &out) == 0);
+    }
+    if (!v.prepare.empty()) REQUIRE_MESSAGE(sh("qemu-io " + v.prepare + " " + f.img(), &out) == 0, out);
+    if (v.snapshot) {
+        REQUIRE(sh("qemu-img snapshot -c snap1 " + f.img(), &out) == 0);
+        REQUIRE(sh("qemu-img convert -O raw -l snap1 " + f.img() + " " + f.dir.path + "/snap.raw", &out) == 0);
+    }
+    REQUIRE(sh("qemu-img convert -O raw " + f.img() + " " + f.ref(), &out) == 0);
+}
+
+void expect_clean(Fixture& f, const Variant& v) {
+    std::string out;
+    auto sh = [&](const std::string& cmd, std::string* o) { return ::sh("cd " + f.dir.path + " && " + cmd, o); };
+    int rc = sh("qemu-img check " + f.img(), &out);
+    CHECK_MESSAGE(rc == 0, (v.name + ": qemu-img check: " + out));
+    rc = sh("qemu-img compare -f qcow2 -F raw " + f.img() + " " + f.ref(), &out);
+    CHECK_MESSAGE(rc == 0, (v.name + ": qemu-img compare: " + out));
+    if (v.snapshot) {
+        rc = sh("qemu-img convert -O raw -l snap1 " + f.img() + " " + f.dir.path + "/snap-after.raw", &out);
+        CHECK(rc == 0);
+        CHECK_MESSAGE(read_file(f.dir.path + "/snap.raw") == read_file(f.dir.path + "/snap-after.raw"),
+                      (v.name + ": the snapshot changed"));
+    }
+}
+
+/// Random writes, zero ranges and resizes through the Image, mirrored in `ref`.
+Task<void> random_ops(qcow2::Image& image, std::vector<std::byte>& ref, const Variant& v, uint32_t seed, int ops) {
+    std::mt19937_64 rng(seed);
+    auto view = image.active();
+    const uint64_t cs = image.header().cluster_size();
+    for (int i = 0; i < ops; ++i) {
+        uint64_t size = image.size();
+        int kind = static_cast<int>(rng() % 20);
+        uint64_t off = rng() % size;
+        if (rng() % 3 == 0) off = off / cs * cs + (rng() % 2 ? cs - 1 - rng() % 8 : 0);  // near boundaries
+        off = std::min(off, size - 1);
+        uint64_t len = 1 + rng() % (rng() % 4 == 0 ? v.max_write : 4096);
+        len = std::min(len, size - off);
+        if (kind < 13) {
+            std::vector<std::byte> data(len);
+            uint8_t pat = static_cast<uint8_t>(rng());
+            for (size_t k = 0; k < len; ++k) data[k] = std::byte(static_cast<uint8_t>(pat + k * 7 + (k >> 9)));
+            co_await image.write(off, data);
+            std::memcpy(ref.data() + off, data.data(), len);
+        } else if (kind < 17) {
+            bool discard = rng() % 2;
+            co_await image.write_zeroes(off, len, discard);
+            std::memset(ref.data() + off, 0, len);
+        } else if (kind < 18) {
+            co_await image.allocate(off, len);
+        } else if (kind < 19) {
+            co_await image.flush();
+        } else if (!v.snapshot) {
+            uint64_t new_size = std::max<uint64_t>(cs, (size / 2 + rng() % (size * 3 / 2)) / 512 * 512);
+            co_await image.resize(new_size);
+            ref.resize(new_size);
+        }
+        if (i % 10 == 9) {
+            // Read back a random range and the range just touched.
+            uint64_t s = image.size();
+            uint64_t ro = rng() % s, rl = std::min<uint64_t>(1 + rng() % 200000, s - ro);
+            std::vector<std::byte> got(rl);
+            co_await view->read(ro, got);
+            REQUIRE_MESSAGE(std::memcmp(got.data(), ref.data() + ro, rl) == 0,
+                            (v.name + ": read-back mismatch at " + std::to_string(ro) + " after op " + std::to_string(i)));
+        }
+    }
+}
+
+Variant V(std::string name, std::string create, uint64_t size, std::string prepare, std::string backing = "",
+          bool snapshot = false, uint64_t max_write = 300 * 1024) {
+    Variant v;
+    v.name = std::move(name);
+    v.create = std::move(create);
+    v.size = size;
+    v.prepare = std::move(prepare);
+    v.backing_create = std::move(backing);
+    v.snapshot = snapshot;
+    v.max_write = max_write;
+    return v;
+}
+
+std::vector<Variant> variants() {
+    return {
+        V("v3 64k", "-o cluster_size=64k", 8 << 20, "-c 'write -P 1 0 1M' -c 'write -z 2M 1M' -c 'write -c 4M 128k'"),
+        V("v2 4k", "-o compat=0.10,cluster_size=4k", 4 << 20, "-c 'write -P 2 100k 300k'"),
+        V("512 byte clusters refcount 1", "-o cluster_size=512,refcount_bits=1", 2 << 20, "-c 'write -P 3 0 64k'", "", false, 40000),
+        V("refcount 64, 4k", "-o cluster_size=4k,refcount_bits=64", 4 << 20, "-c 'write -P 4 0 512k'"),
+        V("refcount 2, 2M clusters", "-o cluster_size=2M,refcount_bits=2", 16 << 20, "-c 'write -P 5 1M 3M'", "", false, 3 << 20),
+        V("extended l2 64k", "-o cluster_size=64k,extended_l2=on", 8 << 20, "-c 'write -P 6 0 100k' -c 'write -z 1M 200k' -c 'write -c 3M 64k'"),
+        V("zstd compressed", "-o cluster_size=64k,compression_type=zstd", 8 << 20, "-c 'write -c -P 7 0 2M'"),
+        V("backing chain", "-o cluster_size=64k", 8 << 20, "-c 'write -P 8 1M 64k' -c 'write -z 3M 128k'", "-o cluster_size=4k"),
+        V("backing chain extended l2", "-o cluster_size=64k,extended_l2=on", 8 << 20, "-c 'write -P 9 1M 8k'", "-o cluster_size=64k"),
+        V("v2 with backing", "-o compat=0.10,cluster_size=4k", 4 << 20, "", "-o compat=0.10"),
+        V("internal snapshot", "-o cluster_size=4k", 4 << 20, "-c 'write -P 10 0 1M' -c 'write -c 2M 64k'", "", true),
+        V("snapshot extended l2", "-o cluster_size=64k,extended_l2=on", 8 << 20, "-c 'write -P 11 0 1M'", "", true),
+        V("lazy refcounts", "-o cluster_size=64k,lazy_refcounts=on", 8 << 20, "-c 'write -P 12 0 1M'"),
+        V("external data file", "-o cluster_size=64k,data_file=data.raw", 8 << 20, "-c 'write -P 13 0 1M'"),
+        V("external raw data file", "-o cluster_size=64k,data_file=data.raw,data_file_raw=on", 8 << 20, "-c 'write -P 14 0 1M'"),
+        V("preallocated metadata", "-o cluster_size=64k,preallocation=metadata", 8 << 20, ""),
+    };
+}
+
+}  // namespace
+
+TEST_CASE("random writes, zeroing and resizes match qemu-img for every variant") {
+    if (!have_qemu_img()) return;
+    for (const auto& v : variants()) {
+        for (uint32_t seed : {1u, 2u}) {
+            CAPTURE(v.name);
+            CAPTURE(seed);
+            Fixture f;
+            make_variant(f, v);
+            std::vector<std::byte> ref = read_file(f.ref());
+            {
+                auto image = f.open();
+                REQUIRE(image->read_only_reason().empty());
+                test::run(f.io, random_ops(*image, ref, v, seed, 120));
+                test::run(f.io, image->close());
+            }
+            write_file(f.ref(), ref);
+            expect_clean(f, v);
+        }
+    }
+}
+
+TEST_CASE("a read-only open refuses writes with EROFS") {
+    if (!have_qemu_img()) return;
+    Fixture f;
+    make_variant(f, V("plain", "-o cluster_size=64k", 1 << 20, ""));
+    auto image = f.open(false);
+    CHECK(image->read_only_reason() == "opened read-only");
+    std::vector<std::byte> data(10);
+    CHECK(test::thrown_errno([&] { test::run(f.io, image->write(0, data)); }) == EROFS);
+}
