@@ -23,6 +23,9 @@ namespace {
 
 constexpr uint64_t kZeroBitsAll = 0xffffffff00000000ULL;
 constexpr uint64_t kAllocBitsAll = 0x00000000ffffffffULL;
+/// Images with more host clusters than this (2 TiB of 128 KiB... 1 TiB of 64 KiB clusters) skip
+/// the refcount verification before the first write: it needs 8 bytes per cluster.
+constexpr uint64_t kMaxVerifiedClusters = uint64_t{16} << 20;
 
 bool has_host(const format::L2Entry& e) { return !e.compressed && (e.host_offset != 0 || e.copied); }
 
@@ -103,6 +106,20 @@ Task<void> Image::prepare_write() {
         fresh->on_table_moved = std::move(refcounts_->on_table_moved);
         refcounts_ = std::move(fresh);
         file_end_ = std::max(file_end_, file_->size());
+    } else if ((file_end_ >> geometry_.cluster_bits) <= kMaxVerifiedClusters) {
+        // The allocator trusts refcounts: a used cluster whose refcount is too low would be handed
+        // out again and overwritten. Find that before the first write, not after.
+        std::vector<uint64_t> references;
+        std::string bad;
+        try {
+            references = co_await count_references(*file_, meta_, snapshots_);
+        } catch (const std::system_error& e) {
+            bad = reason_of(e);
+        }
+        if (!bad.empty()) co_await mark_corrupt(bad);
+        if (auto under = co_await refcounts_->find_undercounted(std::move(references)))
+            co_await mark_corrupt("cluster at " + hex(under->first << geometry_.cluster_bits) +
+                                  " is in use but its refcount is " + std::to_string(under->second));
     }
     bool header_changed = false;
     if (meta_.extensions.bitmaps && (h.autoclear_features & format::kAutoclearBitmaps)) {

@@ -128,17 +128,14 @@ Task<uint64_t> end_of_old_structure(io::File& file, const format::Header& h) {
 
 }  // namespace
 
-Task<RebuildResult> rebuild_refcounts(io::File& file, const format::ImageMetadata& meta,
-                                      const std::vector<format::Snapshot>& snapshots,
-                                      std::function<Task<void>(uint64_t, uint32_t)> point_header_at) {
+Task<std::vector<uint64_t>> count_references(io::File& file, const format::ImageMetadata& meta,
+                                             const std::vector<format::Snapshot>& snapshots) {
     const format::Header& h = meta.header;
     const uint32_t bits = h.cluster_bits;
     const uint64_t cs = h.cluster_size();
     if (snapshots.size() != h.nb_snapshots)
         fail(EINVAL, std::to_string(snapshots.size()) + " snapshots given for an image with " +
                          std::to_string(h.nb_snapshots));
-
-    // 1. Count every reference.
     ReferenceCounts refs(file, bits);
     std::map<uint64_t, uint64_t> l2_tables;  // L2 table offset -> L1 entries pointing at it
     co_await count_l1(file, refs, l2_tables, h.l1_table_offset, h.l1_size, bits, "active L1 table");
@@ -155,7 +152,18 @@ Task<RebuildResult> rebuild_refcounts(io::File& file, const format::ImageMetadat
         if (x.type == format::kExtCrypto && x.data.size() >= 16)
             refs.add(format::load_be64(x.data.data()), format::load_be64(x.data.data() + 8), 1, "encryption header");
 
-    std::vector<uint64_t>& counts = refs.counts();
+    co_return std::move(refs.counts());
+}
+
+Task<RebuildResult> rebuild_refcounts(io::File& file, const format::ImageMetadata& meta,
+                                      const std::vector<format::Snapshot>& snapshots,
+                                      std::function<Task<void>(uint64_t, uint32_t)> point_header_at) {
+    const format::Header& h = meta.header;
+    const uint32_t bits = h.cluster_bits;
+    const uint64_t cs = h.cluster_size();
+
+    // 1. Count every reference.
+    std::vector<uint64_t> counts = co_await count_references(file, meta, snapshots);
     const uint64_t max = format::max_refcount(h.refcount_order);
     uint64_t last_used = 0;
     for (uint64_t c = 0; c < counts.size(); ++c) {

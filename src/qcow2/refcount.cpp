@@ -302,6 +302,34 @@ Task<void> Refcounts::grow_table(uint64_t min_entries, Range exclude) {
     co_await update_locked(old_first, old_clusters, -1);
 }
 
+Task<std::optional<std::pair<uint64_t, uint64_t>>> Refcounts::find_undercounted(std::vector<uint64_t> references) {
+    auto add = [&](uint64_t cluster) {
+        if (cluster >= references.size()) references.resize(cluster + 1, 0);
+        ++references[cluster];
+    };
+    for (uint64_t c = 0; c < table_clusters_; ++c) add((table_offset_ >> cluster_bits_) + c);
+    for (uint64_t block : table_)
+        if (block) add(block >> cluster_bits_);
+    const size_t slice_bytes = blocks_->slice_bytes();
+    for (uint64_t c = 0; c < references.size();) {
+        uint64_t i = c % slice_entries_;
+        uint64_t n = std::min<uint64_t>(slice_entries_ - i, references.size() - c);
+        if (std::all_of(references.begin() + c, references.begin() + c + n, [](uint64_t r) { return r == 0; })) {
+            c += n;
+            continue;
+        }
+        uint64_t block = block_offset(c / block_entries_);
+        std::shared_ptr<const cache::Slice> slice;
+        if (block) slice = co_await blocks_->get(block + (c % block_entries_) / slice_entries_ * slice_bytes);
+        for (uint64_t k = 0; k < n; ++k) {
+            uint64_t have = slice ? format::get_refcount(slice->bytes, refcount_order_, i + k) : 0;
+            if (have < references[c + k]) co_return std::make_pair(c + k, have);
+        }
+        c += n;
+    }
+    co_return std::nullopt;
+}
+
 bool Refcounts::is_refcount_metadata(uint64_t cluster_index) const {
     uint64_t first = table_offset_ >> cluster_bits_;
     if (cluster_index >= first && cluster_index < first + table_clusters_) return true;

@@ -238,3 +238,35 @@ TEST_CASE("a read-only open refuses writes with EROFS") {
     std::vector<std::byte> data(10);
     CHECK(test::thrown_errno([&] { test::run(f.io, image->write(0, data)); }) == EROFS);
 }
+
+TEST_CASE("a used cluster with refcount 0 stops the first write before anything is allocated") {
+    if (!have_qemu_img()) return;
+    Fixture f;
+    make_variant(f, V("plain", "-o cluster_size=64k", 4 << 20, "-c 'write -P 7 0 64k'"));
+    // Guest cluster 0's data cluster gets refcount 0 (16-bit refcounts, one refcount block).
+    std::vector<std::byte> bytes = read_file(f.img());
+    uint64_t l1 = format::load_be64(bytes.data() + 40);
+    uint64_t l2 = format::load_be64(bytes.data() + l1) & format::kL1OffsetMask;
+    uint64_t data = format::load_be64(bytes.data() + l2) & format::kL2OffsetMask;
+    uint64_t table = format::load_be64(bytes.data() + 48);
+    uint64_t block = format::load_be64(bytes.data() + table);
+    REQUIRE(data != 0);
+    format::store_be16(bytes.data() + block + 2 * (data >> 16), 0);
+    write_file(f.img(), bytes);
+    auto before = read_file(f.img());
+
+    std::string reason;
+    auto options = f.options();
+    options.on_corrupt = [&](const std::string& r) { reason = r; };
+    auto image = test::run(f.io, qcow2::Image::open(f.img(), options));
+    std::vector<std::byte> buf(4096, std::byte{1});
+    CHECK(test::thrown_errno([&] { test::run(f.io, image->write(1 << 20, buf)); }) == EIO);
+    CHECK(reason.find("refcount is 0") != std::string::npos);
+    CHECK(test::thrown_errno([&] { test::run(f.io, image->write(1 << 20, buf)); }) == EROFS);
+    test::run(f.io, image->close());
+    auto after = read_file(f.img());
+    // Only the corrupt bit changed (incompatible features, byte 79 bit 1).
+    REQUIRE(after.size() == before.size());
+    before[79] |= std::byte{2};
+    CHECK(after == before);
+}

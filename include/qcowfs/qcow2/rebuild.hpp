@@ -21,6 +21,12 @@ struct RebuildResult {
     uint64_t clusters_in_use = 0;  // clusters with a non-zero refcount, the new structure included
 };
 
+/// The number of references to every host cluster of `file` (index: cluster), counted as
+/// rebuild_refcounts() describes below; the refcount table and blocks are not counted. Throws
+/// as rebuild_refcounts() does for inconsistent metadata; writes nothing.
+Task<std::vector<uint64_t>> count_references(io::File& file, const format::ImageMetadata& meta,
+                                             const std::vector<format::Snapshot>& snapshots);
+
 /// Recomputes the refcount of every host cluster of `file` from everything that references it —
 /// cluster 0 (header, extensions, backing name), the active L1 table and every snapshot's L1
 /// table, each L2 table once per L1 entry pointing at it, data clusters once per L2 entry

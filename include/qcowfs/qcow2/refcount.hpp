@@ -5,6 +5,7 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <vector>
 
 #include "qcowfs/cache/slice_cache.hpp"
@@ -86,6 +87,12 @@ public:
     /// The cache an L2 cache must depend on: flushing it writes the refcount blocks, syncs, then
     /// writes the refcount table entries.
     cache::SliceCache& table_cache() { return *table_cache_; }
+
+    /// The first cluster whose refcount is below its number of references (`references[c]`,
+    /// plus one for the refcount table and each refcount block, which this object knows), as
+    /// (cluster, refcount); nullopt when every used cluster is counted at least as often as it
+    /// is used. Reads every refcount block.
+    Task<std::optional<std::pair<uint64_t, uint64_t>>> find_undercounted(std::vector<uint64_t> references);
 
     /// True if host cluster `cluster_index` holds the refcount table or a refcount block.
     bool is_refcount_metadata(uint64_t cluster_index) const;
