@@ -241,6 +241,7 @@ Task<void> Filesystem::close_slot(std::shared_ptr<ImageSlot> slot, bool force) {
                 line.append(": closing the image failed: ").append(reason_of(e));
                 log::error(line);
             }
+            images_.closed(*slot, slot->image->size());
             slot->cache.reset();
             slot->active.reset();
             slot->image.reset();

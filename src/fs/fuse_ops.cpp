@@ -60,15 +60,13 @@ void trace(const char* op, fuse_ino_t ino, const std::string& more = {}) {
 
 }  // namespace
 
-struct stat Filesystem::attr_of(const Node& node) const {
+struct stat Filesystem::attr_of(const Tree& tree, const Node& node) const {
     struct stat st = node.attr;
     if (options_.read_only) st.st_mode &= ~kWriteBits;
-    // The scanned size lags writes by a scan interval; an open image knows its size now.
+    // The scanned size lags a resize by up to a scan interval; qcowfs knows the size now.
     if (node.key.kind == NodeKey::Kind::image) {
-        if (auto slot = images_.find(node.key.dev, node.key.ino)) {
-            uint64_t size = slot->live_size;
-            if (size != ImageSlot::kUnknownSize) st.st_size = static_cast<off_t>(size);
-        }
+        if (auto size = images_.live_size(node.key.dev, node.key.ino, tree.scanned_at()))
+            st.st_size = static_cast<off_t>(*size);
     }
     return st;
 }
@@ -113,7 +111,7 @@ struct Filesystem::Handlers {
         const Node* node = tree->child(parent_key, name);
         if (!node) return void(fuse_reply_err(req, ENOENT));
         fuse_entry_param e{};
-        e.attr = fs.attr_of(*node);
+        e.attr = fs.attr_of(*tree, *node);
         e.ino = fs.inodes_->ref(node->key, e.attr);
         e.attr.st_ino = e.ino;
         e.attr_timeout = kAttrTimeout;
@@ -141,7 +139,7 @@ struct Filesystem::Handlers {
         if (!resolve(req, fs, ino, key, st)) return;
         auto tree = fs.tree();
         if (const Node* node = tree->find(key)) {
-            st = fs.attr_of(*node);
+            st = fs.attr_of(*tree, *node);
             fs.inodes_->update(key, st);
         } else if (ino == FUSE_ROOT_ID) {
             return void(fuse_reply_err(req, ENOENT));
@@ -314,12 +312,17 @@ struct Filesystem::Handlers {
         });
     }
 
-    /// Changes the disk's size: cached data is written back first (a refused shrink loses
-    /// nothing), changes past the new end are dropped, then the image is resized. On its strand.
-    static Task<void> resize(ImageSlot& slot, uint64_t new_size) {
+    /// Changes the disk's size to `new_size` rounded up to a multiple of 512 bytes (QEMU reads a
+    /// qcow2 size in whole sectors). Cached data is written back before a shrink (so a refused
+    /// shrink loses nothing) and changes past the new end are dropped; then the image is resized.
+    /// `grow_only`: leaves a disk that is already at least that big alone. On the image's strand.
+    static Task<void> resize(ImageSlot& slot, uint64_t new_size, bool grow_only = false) {
+        if (new_size > std::numeric_limits<uint64_t>::max() - 511) fail(EFBIG, "disk size too large");
+        new_size = (new_size + 511) / 512 * 512;
         auto exclusive = co_await slot.size_lock.lock(0, 1, cache::RangeLock::Mode::exclusive);
-        if (new_size == slot.image->size()) co_return;
-        if (new_size < slot.image->size()) {
+        const uint64_t old_size = slot.image->size();
+        if (new_size == old_size || (grow_only && new_size < old_size)) co_return;
+        if (new_size < old_size) {
             co_await slot.cache->write_back();
             slot.cache->truncate(new_size);
         }
@@ -333,12 +336,16 @@ struct Filesystem::Handlers {
         // libfuse owns `buf` only until this callback returns.
         std::vector<std::byte> data(reinterpret_cast<const std::byte*>(buf), reinterpret_cast<const std::byte*>(buf) + size);
         spawn_write(req, fi, [req, data = std::move(data), off](ImageSlot& slot) -> Task<void> {
-            auto shared = co_await slot.size_lock.lock(0, 1, cache::RangeLock::Mode::shared);
-            // A disk does not grow by writing past its end: like a block device, the part past the
-            // end is not written (a short write), and a write that starts there fails with ENOSPC.
-            const uint64_t offset = static_cast<uint64_t>(off), disk = slot.image->size();
+            if (off < 0) co_return void(fuse_reply_err(req, EINVAL));
             if (data.empty()) co_return void(fuse_reply_write(req, 0));
-            if (off < 0 || offset >= disk) co_return void(fuse_reply_err(req, off < 0 ? EINVAL : ENOSPC));
+            const uint64_t offset = static_cast<uint64_t>(off), end = offset + data.size();
+            // Like a regular file (and as cp onto NAME.raw needs), a write past the end grows the
+            // disk first: to the end of the write, rounded up to a whole sector.
+            if (end > slot.image->size()) co_await resize(slot, end, true);
+            auto shared = co_await slot.size_lock.lock(0, 1, cache::RangeLock::Mode::shared);
+            const uint64_t disk = slot.image->size();
+            // Only a shrink that came in between leaves the write (partly) past the end.
+            if (offset >= disk) co_return void(fuse_reply_err(req, ENOSPC));
             size_t n = static_cast<size_t>(std::min<uint64_t>(data.size(), disk - offset));
             ++slot.changes;
             co_await slot.cache->write(offset, std::span<const std::byte>(data).first(n));
@@ -393,7 +400,7 @@ struct Filesystem::Handlers {
         spawn_write(req, fi, [req, op, keep_size, off, length](ImageSlot& slot) -> Task<void> {
             const uint64_t begin = static_cast<uint64_t>(off), end = begin + static_cast<uint64_t>(length);
             // Without KEEP_SIZE a range past the end grows the disk first (never PUNCH_HOLE).
-            if (!keep_size && end > slot.image->size()) co_await resize(slot, end);
+            if (!keep_size && end > slot.image->size()) co_await resize(slot, end, true);
             auto shared = co_await slot.size_lock.lock(0, 1, cache::RangeLock::Mode::shared);
             const uint64_t disk = slot.image->size();
             if (begin < disk) {
@@ -415,8 +422,8 @@ struct Filesystem::Handlers {
 
     /// Attributes after a setattr: the node's, with owner, mode and times fresh from the host
     /// file, and the live size.
-    static struct stat fresh_attr(Filesystem& fs, const Node& node, fuse_ino_t ino) {
-        struct stat st = fs.attr_of(node);
+    static struct stat fresh_attr(Filesystem& fs, const Tree& tree, const Node& node, fuse_ino_t ino) {
+        struct stat st = fs.attr_of(tree, node);
         struct stat host {};
         if (::stat(node.image->path.c_str(), &host) == 0) {
             mode_t perm = host.st_mode & 0777;
@@ -469,7 +476,7 @@ struct Filesystem::Handlers {
             if (::utimensat(AT_FDCWD, path, times, 0) != 0) return void(fuse_reply_err(req, errno));
         }
         if (!(to_set & FUSE_SET_ATTR_SIZE)) {
-            struct stat fresh = fresh_attr(fs, *node, ino);
+            struct stat fresh = fresh_attr(fs, *tree, *node, ino);
             return void(fuse_reply_attr(req, &fresh, kAttrTimeout));
         }
         // truncate(2), ftruncate(2) and open(O_TRUNC): a handle of its own keeps the image open
@@ -482,7 +489,7 @@ struct Filesystem::Handlers {
                 co_await fs.ensure_open(slot, true);
                 if (!slot->cache || slot->corrupt) fail(EROFS, "the image cannot be written");
                 co_await resize(*slot, new_size);
-                struct stat fresh = fresh_attr(fs, *node, ino);
+                struct stat fresh = fresh_attr(fs, *tree, *node, ino);
                 fs.release_slot(slot);
                 fuse_reply_attr(req, &fresh, kAttrTimeout);
             } catch (const std::system_error& e) {

@@ -17,7 +17,7 @@ ImageSlot::~ImageSlot() {
 std::shared_ptr<ImageSlot> ImageRegistry::acquire(uint64_t dev, uint64_t ino, const std::string& path) {
     std::lock_guard lock(mutex_);
     auto& slot = slots_[{dev, ino}];
-    if (!slot) slot = std::make_shared<ImageSlot>(io_, path);
+    if (!slot) slot = std::make_shared<ImageSlot>(io_, dev, ino, path);
     ++slot->handles;
     return slot;
 }
@@ -37,6 +37,24 @@ bool ImageRegistry::remove_if_unused(const std::shared_ptr<ImageSlot>& slot) {
         }
     }
     return true;
+}
+
+void ImageRegistry::closed(const ImageSlot& slot, uint64_t size) {
+    auto now = std::chrono::steady_clock::now();
+    std::lock_guard lock(mutex_);
+    std::erase_if(closed_, [&](const auto& entry) { return now - entry.second.when > std::chrono::minutes(1); });
+    closed_[{slot.dev, slot.ino}] = Closed{now, size};
+}
+
+std::optional<uint64_t> ImageRegistry::live_size(uint64_t dev, uint64_t ino,
+                                                 std::chrono::steady_clock::time_point scanned) const {
+    std::lock_guard lock(mutex_);
+    if (auto it = slots_.find({dev, ino}); it != slots_.end()) {
+        uint64_t size = it->second->live_size;
+        if (size != ImageSlot::kUnknownSize) return size;
+    }
+    if (auto it = closed_.find({dev, ino}); it != closed_.end() && it->second.when >= scanned) return it->second.size;
+    return std::nullopt;
 }
 
 size_t ImageRegistry::handles(const std::shared_ptr<ImageSlot>& slot) const {

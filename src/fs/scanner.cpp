@@ -460,6 +460,7 @@ Scanner::Scanner(std::string source_dir, ScanOptions options)
 }
 
 std::shared_ptr<const Tree> Scanner::scan() {
+    const auto started = std::chrono::steady_clock::now();
     struct stat root_st {};
     if (::stat(source_dir_.c_str(), &root_st) != 0) fail(errno, "cannot read source directory " + source_dir_);
     if (!S_ISDIR(root_st.st_mode)) fail(ENOTDIR, "source " + source_dir_ + " is not a directory");
@@ -492,6 +493,7 @@ std::shared_ptr<const Tree> Scanner::scan() {
     walker.enter(root_st);
     NodeKey root = walker.add_directory(source_dir_, root_st, "", *root_names);
     tree->set_root(root);
+    tree->set_scanned_at(started);
     mark_backing_files(*tree);
     cache_ = std::move(next_cache);  // files not seen in this scan are forgotten
     return tree;

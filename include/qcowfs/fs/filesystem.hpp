@@ -16,6 +16,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <set>
 #include <string>
 #include <thread>
@@ -87,10 +88,11 @@ private:
 /// file never has two Image objects.
 struct ImageSlot {
     using Strand = asio::strand<asio::io_context::executor_type>;
-    ImageSlot(asio::io_context& io, std::string p)
-        : strand(asio::make_strand(io)), path(std::move(p)), size_lock(strand) {}
+    ImageSlot(asio::io_context& io, uint64_t d, uint64_t i, std::string p)
+        : strand(asio::make_strand(io)), dev(d), ino(i), path(std::move(p)), size_lock(strand) {}
     ~ImageSlot();  // the cache before the view it writes to
     Strand strand;
+    uint64_t dev, ino;  // host identity of the image file
     std::string path;
     // Strand only:
     std::shared_ptr<qcow2::Image> image;
@@ -128,6 +130,11 @@ public:
     std::shared_ptr<ImageSlot> find(uint64_t dev, uint64_t ino) const;
     /// Every slot (for periodic write-back and shutdown).
     std::vector<std::shared_ptr<ImageSlot>> all() const;
+    /// Records the size an image had when it was closed, for live_size() until a scan catches up.
+    void closed(const ImageSlot& slot, uint64_t size);
+    /// The current disk size of image (dev, ino) if qcowfs knows better than a tree scanned at
+    /// `scanned`: the open image's size, or its size at a close after that scan. Else nullopt.
+    std::optional<uint64_t> live_size(uint64_t dev, uint64_t ino, std::chrono::steady_clock::time_point scanned) const;
     /// Logs "PATH: reason" once per image; further errors of the same image within 10 minutes
     /// are counted, not logged.
     void report(const std::string& path, const std::string& reason);
@@ -137,6 +144,11 @@ private:
     asio::io_context& io_;
     mutable std::mutex mutex_;  // guards slots_, reported_, ImageSlot::handles
     std::map<std::pair<uint64_t, uint64_t>, std::shared_ptr<ImageSlot>> slots_;
+    struct Closed {
+        std::chrono::steady_clock::time_point when;
+        uint64_t size;
+    };
+    std::map<std::pair<uint64_t, uint64_t>, Closed> closed_;  // recent closes (pruned after a minute)
     struct Reported {
         std::chrono::steady_clock::time_point when;
         size_t suppressed = 0;
@@ -184,9 +196,9 @@ private:
     std::string write_refusal(const Node& node) const;
     void scanner_loop();
     std::shared_ptr<const Tree> tree() const;
-    /// Attributes to expose for `node` (read-only adjustments applied; the live size of an open
-    /// image instead of the scanned one).
-    struct stat attr_of(const Node& node) const;
+    /// Attributes to expose for `node` of `tree` (read-only adjustments applied; the live size of
+    /// an open or just closed image instead of the scanned one).
+    struct stat attr_of(const Tree& tree, const Node& node) const;
     /// Runs `body` (an awaitable, or a function returning one) as a tracked coroutine on
     /// `executor`: drain() waits for it.
     template <class Executor, class Body>

@@ -3,6 +3,7 @@
 
 #include <sys/stat.h>
 
+#include <chrono>
 #include <compare>
 #include <cstdint>
 #include <map>
@@ -68,6 +69,8 @@ public:
     const Node* child(const NodeKey& dir, std::string_view name) const;
     /// Number of nodes (for tests and logs).
     size_t size() const { return nodes_.size(); }
+    /// When the scan that made this tree started: it shows nothing that changed later.
+    std::chrono::steady_clock::time_point scanned_at() const { return scanned_at_; }
 
     // Construction (used by Scanner and tests).
     void add(Node node);
@@ -77,10 +80,12 @@ public:
         for (auto& [key, node] : nodes_) fn(node);
     }
     void set_root(NodeKey key) { root_ = std::move(key); }
+    void set_scanned_at(std::chrono::steady_clock::time_point t) { scanned_at_ = t; }
 
 private:
     NodeKey root_;
     std::map<NodeKey, Node> nodes_;
+    std::chrono::steady_clock::time_point scanned_at_{};
 };
 
 struct ScanOptions {
