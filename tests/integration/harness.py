@@ -805,10 +805,11 @@ def drop_page_cache(fd):
         pass
 
 
-def check_clean(img, cwd=None, timeout=300):
-    """`qemu-img check` (no repair). Returns (exit code, output): 0 means no errors and no
-    leaks (2: corruptions, 3: leaks only, 1: the check could not run)."""
-    p = run(["qemu-img", "check", img], check=False, cwd=cwd, timeout=timeout)
+def check_clean(img, cwd=None, timeout=300, force_share=False):
+    """`qemu-img check` (no repair; -U with force_share). Returns (exit code, output): 0 means
+    no errors and no leaks (2: corruptions, 3: leaks only, 1: the check could not run)."""
+    p = run(["qemu-img", "check"] + (["-U"] if force_share else []) + [img], check=False,
+            cwd=cwd, timeout=timeout)
     return p.returncode, (p.out + p.err).strip()
 
 
@@ -820,11 +821,12 @@ def clip_text(text, head=700, tail=1100):
                                                   text[-tail:])
 
 
-def qemu_compare(img, ref, fmt="qcow2", ref_fmt="raw", cwd=None, timeout=300):
+def qemu_compare(img, ref, fmt="qcow2", ref_fmt="raw", cwd=None, timeout=300,
+                 force_share=False):
     """`qemu-img compare -f fmt -F ref_fmt img ref`: returns (exit code, output); 0 means
     identical guest contents (qemu-img treats a size difference as zeros: compare sizes too)."""
-    p = run(["qemu-img", "compare", "-f", fmt, "-F", ref_fmt, img, ref], check=False, cwd=cwd,
-            timeout=timeout)
+    p = run(["qemu-img", "compare"] + (["-U"] if force_share else []) +
+            ["-f", fmt, "-F", ref_fmt, img, ref], check=False, cwd=cwd, timeout=timeout)
     return p.returncode, (p.out + p.err).strip()
 
 
@@ -927,6 +929,21 @@ class DualFile:
                 os.close(fd)
             except OSError:
                 pass
+
+    def reopen(self, between=None):
+        """Closes the mounted file (its last handle: the image is closed) and opens it again;
+        `between()` runs while it is closed."""
+        self.history.append("close and reopen")
+        try:
+            os.close(self.fv)
+        except OSError as e:
+            raise OpError("close", "%s (%s)" % (errname(e.errno), e.strerror or e))
+        if between:
+            between()
+        try:
+            self.fv = os.open(self.view, os.O_RDWR)
+        except OSError as e:
+            raise OpError("reopen", "%s (%s)" % (errname(e.errno), e.strerror or e))
 
     def size(self):
         return os.fstat(self.fr).st_size
@@ -1081,3 +1098,47 @@ def manifest_diff(expected, got, limit=6):
     if len(differ) > limit:
         probs.append("... %d entries differ in all" % len(differ))
     return probs
+
+
+def snapshot_table(img):
+    """The internal snapshot table: [{id, name, l1_offset, l1_size, disk_size}] (disk_size None
+    when the entry has no such extra data, as in old v2 images)."""
+    n = read_field(img, "nb_snapshots")
+    off = read_field(img, "snapshots_offset")
+    res = []
+    with open(img, "rb") as f:
+        for _ in range(n):
+            f.seek(off)
+            h = f.read(40)
+            (l1_off, l1_size, id_len, name_len, _ds, _dn, _vmc, _vms,
+             extra_len) = struct.unpack(">QIHHIIQII", h)
+            extra = f.read(extra_len)
+            disk_size = struct.unpack(">Q", extra[8:16])[0] if extra_len >= 16 else None
+            sid = f.read(id_len).decode("utf-8", "replace")
+            name = f.read(name_len).decode("utf-8", "replace")
+            res.append({"id": sid, "name": name, "l1_offset": l1_off, "l1_size": l1_size,
+                        "disk_size": disk_size})
+            off += (40 + extra_len + id_len + name_len + 7) // 8 * 8
+    return res
+
+
+def snapshot_content_diff(out, saved):
+    """None if `out` (qemu-img convert -l of a snapshot, which QEMU sizes like the current disk)
+    holds the snapshot's saved content: the saved bytes, then zeros if the disk is larger now."""
+    ss, so = os.path.getsize(saved), os.path.getsize(out)
+    if so < ss:
+        return "converted snapshot has %d bytes, fewer than its %d" % (so, ss)
+    with open(out, "rb") as fo, open(saved, "rb") as fs:
+        pos = 0
+        while pos < so:
+            a = fo.read(1 * MiB)
+            b = fs.read(1 * MiB)
+            b = b + bytes(len(a) - len(b))
+            if a != b:
+                d = _first_diff(a, b)
+                return "first difference at offset %d (0x%x): %r vs saved %r" % (
+                    pos + d, pos + d, a[d:d + 8], b[d:d + 8])
+            pos += len(a)
+            if not a:
+                break
+    return None

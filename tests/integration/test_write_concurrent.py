@@ -209,12 +209,14 @@ def hammer(m, t):
         f.seek(t.base)
         old = f.read(512 * t.nsectors)
     reads = [0]
+    direct_readers = []
 
     def reader(i):
         rnd = random.Random(SEED + i)
         try:
             fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
             direct = True
+            direct_readers.append(i)
         except OSError:
             fd = os.open(path, os.O_RDONLY)
             direct = False
@@ -265,8 +267,9 @@ def hammer(m, t):
         th.join(timeout=60)
     if any(th.is_alive() for th in threads + readers):
         problems.append("a writer or reader thread hangs")
-    print("  %s: %d writers (%d threads with O_DIRECT), %d reads, %.1fs" % (
-        t.name, NW, sum(directs), reads[0], time.monotonic() - t0), flush=True)
+    print("  %s: %d writers (%d threads with O_DIRECT), %d reads (%d readers with O_DIRECT), "
+          "%.1fs" % (t.name, NW, sum(directs), reads[0], len(direct_readers),
+                     time.monotonic() - t0), flush=True)
     return problems
 
 
@@ -324,7 +327,7 @@ for t in targets:
         for s, ref in t.snaps.items():
             out = os.path.join(work, "after-%s@%s" % (t.name, s))
             H.to_raw(t.img, out, snapshot=s)
-            d = H.first_diff_files(out, ref)
+            d = H.snapshot_content_diff(out, ref)
             T.check("%s: snapshot %s unchanged" % (t.name, s), d is None, d)
         for p, h in t.protected_hash.items():
             T.check("%s: backing file %s unchanged" % (t.name, os.path.basename(p)),
@@ -465,7 +468,7 @@ for n in ("dd", "cp", "cpsparse", "cpsnap"):
                 "exit %d: %s" % (rc, out[-500:]))
 with T.step("cpsnap: snapshot and backing file after unmount"):
     out = H.to_raw(cimg("cpsnap.qcow2"), os.path.join(CP, "after-keep.raw"), snapshot="keep")
-    d = H.first_diff_files(out, snap_keep)
+    d = H.snapshot_content_diff(out, snap_keep)
     T.check("cpsnap: snapshot 'keep' unchanged", d is None, d)
     T.check("cpbase.qcow2 (backing file) unchanged", H.sha256_file(cimg("cpbase.qcow2")) == base_hash)
 

@@ -24,7 +24,7 @@ KiB, MiB = H.KiB, H.MiB
 T = H.TestRun("write_variants", deadline=840)
 
 SEED = int(os.environ.get("QCOWFS_TEST_SEED") or random.SystemRandom().randrange(1, 1 << 31))
-NOPS = int(os.environ.get("QCOWFS_WRITE_OPS") or 40)
+NOPS = int(os.environ.get("QCOWFS_WRITE_OPS") or 90)
 ONLY = [v for v in os.environ.get("QCOWFS_VARIANTS", "").split(",") if v]
 print("seed %d (repeat with QCOWFS_TEST_SEED=%d), %d operations per variant" % (SEED, SEED, NOPS),
       flush=True)
@@ -117,6 +117,7 @@ def variant(name, **kw):
                 H.to_raw(v.img, out, snapshot=s, cwd=v.src)
                 v.snap_refs[s] = out
             v.protected_hash = H.hash_files(v.protected)
+            v.snap_table = H.snapshot_table(v.img)
             variants.append(v)
         return fn
     return deco
@@ -381,8 +382,32 @@ def run_ops(v, m, rnd):
         return False
     counts = {}
     problems = []
+    reopen_at = rnd.randrange(NOPS // 3, 2 * NOPS // 3 + 1)
+
+    def while_closed():
+        # The last handle is closed: once the daemon has handled the (asynchronous) release,
+        # the image on disk must be complete and clean while still mounted.
+        last = {}
+
+        def clean():
+            last["check"] = H.check_clean(v.img, force_share=True)
+            last["bits"] = H.header_bits(v.img)
+            return last["check"][0] == 0 and last["bits"] == (False, False)
+        ok, secs = H.wait_for(clean, timeout=5, interval=0.2)
+        rc, out = last.get("check", (None, ""))
+        T.check("%s: image clean within 5 s of the last close, while mounted (qemu-img check "
+                "-U exit 0, dirty/corrupt bits clear)" % v.name, ok,
+                "after %.1fs: exit %s, (dirty, corrupt) = %s: %s" % (
+                    secs, rc, last.get("bits"), H.clip_text(out)))
+        rc, out = H.qemu_compare(v.img, v.ref, cwd=v.src, force_share=True)
+        T.check("%s: after the last close, qemu-img compare with the reference: identical" %
+                v.name, rc == 0, "exit %d: %s" % (rc, out[-400:]))
+
     try:
         for i in range(NOPS):
+            if i == reopen_at:
+                f.reopen(while_closed)
+                counts["close+reopen"] = 1
             size = f.size()
             r = rnd.random()
             if r < 0.5:
@@ -515,8 +540,15 @@ def after_unmount(v, ops_ok):
             continue
         out = os.path.join(v.dir, "snap-after-%s.raw" % s)
         H.to_raw(v.img, out, snapshot=s, cwd=v.src)
-        d = H.first_diff_files(out, ref)
+        d = H.snapshot_content_diff(out, ref)
         T.check("%s: snapshot %s holds its old content" % (v.name, s), d is None, d)
+    if v.snap_table:
+        now = [dict((k, e[k]) for k in ("id", "name", "l1_size", "disk_size"))
+               for e in H.snapshot_table(v.img)]
+        was = [dict((k, e[k]) for k in ("id", "name", "l1_size", "disk_size"))
+               for e in v.snap_table]
+        T.check("%s: snapshot table entries (id, name, L1 size, disk size) unchanged" % v.name,
+                now == was, "now %s, was %s" % (now, was))
     for p, h in v.protected_hash.items():
         T.check("%s: %s unchanged" % (v.name, os.path.basename(p)), H.sha256_file(p) == h,
                 "sha256 changed")
