@@ -178,13 +178,12 @@ Task<void> Filesystem::ensure_open(std::shared_ptr<ImageSlot> slot, bool writabl
     };
     options.l2_cache_bytes = options_.l2_cache_bytes;
     options.compressed_cache_bytes = options_.compressed_cache_bytes;
-    options.on_corrupt = [weak = std::weak_ptr<ImageSlot>(slot)](const std::string& reason) {
+    options.on_corrupt = [this, weak = std::weak_ptr<ImageSlot>(slot)](const std::string& reason) {
         auto s = weak.lock();
         if (!s) return;
         s->corrupt = true;
-        std::string line = s->path;
-        line.append(": marked corrupt: ").append(reason);
-        log::error(line);
+        // Through report(): the failing request and the close that follow add no more lines.
+        images_.report(s->path, "marked corrupt: " + reason);
     };
     std::shared_ptr<qcow2::Image> image;
     if (writable_wanted && !slot->corrupt) {
@@ -226,20 +225,15 @@ Task<void> Filesystem::close_slot(std::shared_ptr<ImageSlot> slot, bool force) {
                 try {
                     co_await slot->cache->write_back();
                 } catch (const std::system_error& e) {
-                    std::string line = slot->path;
-                    line.append(": writing back cached data at close failed, ")
-                        .append(std::to_string(slot->cache->dirty_bytes()))
-                        .append(" bytes lost: ")
-                        .append(reason_of(e));
-                    log::error(line);
+                    std::string reason = "writing back cached data at close failed, ";
+                    reason.append(std::to_string(slot->cache->dirty_bytes())).append(" bytes lost: ").append(reason_of(e));
+                    images_.report(slot->path, reason);
                 }
             }
             try {
                 co_await slot->image->close();
             } catch (const std::system_error& e) {
-                std::string line = slot->path;
-                line.append(": closing the image failed: ").append(reason_of(e));
-                log::error(line);
+                images_.report(slot->path, "closing the image failed: " + reason_of(e));
             }
             images_.closed(*slot, slot->image->size());
             slot->cache.reset();

@@ -185,7 +185,10 @@ std::unique_ptr<io::File> Image::open_dependency(const std::string& path, const 
     try {
         return options_.opener(path, writable);
     } catch (const std::system_error& e) {
-        fail(errno_of(e) == ENOTSUP ? ENOTSUP : EIO, std::string(what) + " " + path + ": " + e.code().message());
+        int code = errno_of(e);
+        // A writable open that is refused is the caller's to handle (it may open read-only).
+        bool refused = writable && (code == EACCES || code == EROFS || code == EPERM);
+        fail(code == ENOTSUP || refused ? code : EIO, std::string(what) + " " + path + ": " + e.code().message());
     }
 }
 

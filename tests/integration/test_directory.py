@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """The directory view: names, subdirectories, attributes, snapshot names, images appearing and
-disappearing while mounted, open files surviving renames, du/ls, no writing."""
+disappearing while mounted, open files surviving renames, du/ls, no namespace changes."""
 
 import errno
 import os
@@ -145,16 +145,16 @@ try:
             T.check("attrs: st_size = virtual size 5 MiB", st.st_size == 5 * MiB, st.st_size)
             T.check("attrs: uid/gid follow the image (1234/5678)",
                     (st.st_uid, st.st_gid) == (1234, 5678), (st.st_uid, st.st_gid))
-            T.check("attrs: mode 0664 -> 0444", stat.S_IMODE(st.st_mode) == 0o444, oct(st.st_mode))
+            T.check("attrs: mode 0664 follows the image", stat.S_IMODE(st.st_mode) == 0o664, oct(st.st_mode))
             T.check("attrs: mtime follows the image", int(st.st_mtime) == int(hs.st_mtime),
                     "%s vs %s" % (st.st_mtime, hs.st_mtime))
             T.check("attrs: mtime nanoseconds follow the image",
                     st.st_mtime_ns == hs.st_mtime_ns, "%d vs %d" % (st.st_mtime_ns, hs.st_mtime_ns))
             T.check("attrs: st_blocks = image's st_blocks", st.st_blocks == hs.st_blocks,
                     "%d vs %d" % (st.st_blocks, hs.st_blocks))
-            for name, want in (("mode600", 0o400), ("mode755", 0o555), ("vm1", 0o444)):
+            for name, want in (("mode600", 0o600), ("mode755", 0o755), ("vm1", 0o644)):
                 mode = stat.S_IMODE(os.stat(M(name + ".raw")).st_mode)
-                T.check("%s: mode %o (no write bits)" % (name, want), mode == want, oct(mode))
+                T.check("%s: mode %o (the image's, write bits included)" % (name, want), mode == want, oct(mode))
             st = os.stat(M("sparse.raw"))
             hs = os.stat(S("sparse.qcow2"))
             T.check("sparse: st_size 100G", st.st_size == 100 * 1024 ** 3, st.st_size)
@@ -192,25 +192,13 @@ try:
             T.check("du --apparent-size = virtual size", du_a == str(100 * 1024 ** 3), du_a)
             H.run(["du", "-sk", m.mnt])
 
-        # ---- no writing -----------------------------------------------------------------
-        with T.step("no writing"):
-            for flags, fname in ((os.O_WRONLY, "O_WRONLY"), (os.O_RDWR, "O_RDWR"),
-                                 (os.O_WRONLY | os.O_TRUNC, "O_TRUNC"),
-                                 (os.O_WRONLY | os.O_APPEND, "O_APPEND")):
-                try:
-                    fd = os.open(M("vm1.raw"), flags)
-                    os.close(fd)
-                    T.check("open(%s) fails" % fname, False, "open succeeded")
-                except OSError as e:
-                    T.check("open(%s) fails with EROFS/EACCES" % fname,
-                            e.errno in (errno.EROFS, errno.EACCES), H.errname(e.errno))
+        # ---- the namespace is fixed (writing the disks is test_write_*'s business) -------
+        with T.step("no namespace changes"):
             for what, fn in (
                     ("create a file", lambda: os.close(os.open(M("new.raw"), os.O_CREAT | os.O_WRONLY, 0o644))),
                     ("mkdir", lambda: os.mkdir(M("newdir"))),
                     ("unlink", lambda: os.unlink(M("vm1.raw"))),
-                    ("rename", lambda: os.rename(M("vm1.raw"), M("vm2.raw"))),
-                    ("truncate", lambda: os.truncate(M("vm1.raw"), 0)),
-                    ("chmod", lambda: os.chmod(M("vm1.raw"), 0o666))):
+                    ("rename", lambda: os.rename(M("vm1.raw"), M("vm2.raw")))):
                 try:
                     fn()
                     T.check("%s fails" % what, False, "succeeded")
