@@ -12,8 +12,10 @@ Then whole-file copies onto exposed files: `dd conv=notrunc` (odd block size, at
 an image with a backing file (holes must read as zeros, not as the backing file), and `cp` onto an
 image with an internal snapshot, which must fail and change nothing."""
 
+import copy
 import os
 import random
+import shutil
 import subprocess
 import sys
 import threading
@@ -294,44 +296,64 @@ def region_diff(path, t):
     return bad, desc
 
 
-try:
-    with H.Mount(SRC) as m:
-        for t in targets:
-            with T.step("%s: concurrent writers" % t.name):
-                probs = hammer(m, t)
-                T.check("%s: %d writers and 2 readers, no errors" % (t.name, NW), not probs,
-                        "; ".join(probs[:4]))
-                bad, desc = region_diff(m.path(t.view), t)
-                T.check("%s: all %d sectors hold their writer's last pattern (read through the "
-                        "mount)" % (t.name, t.nsectors), not bad,
-                        "%d sectors wrong: %s" % (len(bad), "; ".join(desc)))
-                T.check_compare("%s: whole disk equals the expected content" % t.name,
-                                m.path(t.view), t.expect, nreads=20, cluster_size=t.cs)
-                for s, ref in t.snaps.items():
-                    T.check_compare("%s: snapshot view %s@%s.raw unchanged" % (t.name, t.name, s),
-                                    m.path("%s@%s.raw" % (t.name, s)), ref, nreads=10)
-        T.check("qcowfs still running after the concurrent writes", m.alive())
-except H.MountError as e:
-    T.check("mount/unmount", False, str(e))
+def run_round(src, targets, args, label):
+    """Mounts `src` (with `args`), hammers every target, unmounts and checks the images."""
+    try:
+        with H.Mount(src, args=args) as m:
+            for t in targets:
+                with T.step("%s%s: concurrent writers" % (t.name, label)):
+                    probs = hammer(m, t)
+                    T.check("%s%s: %d writers and 2 readers, no errors" % (t.name, label, NW),
+                            not probs, "; ".join(probs[:4]))
+                    bad, desc = region_diff(m.path(t.view), t)
+                    T.check("%s%s: all %d sectors hold their writer's last pattern (read through "
+                            "the mount)" % (t.name, label, t.nsectors), not bad,
+                            "%d sectors wrong: %s" % (len(bad), "; ".join(desc)))
+                    T.check_compare("%s%s: whole disk equals the expected content" % (
+                        t.name, label), m.path(t.view), t.expect, nreads=20, cluster_size=t.cs)
+                    for s, ref in t.snaps.items():
+                        T.check_compare("%s%s: snapshot view %s@%s.raw unchanged" % (
+                            t.name, label, t.name, s), m.path("%s@%s.raw" % (t.name, s)), ref,
+                            nreads=10)
+            T.check("qcowfs%s still running after the concurrent writes" % label, m.alive())
+    except H.MountError as e:
+        T.check("mount/unmount%s" % label, False, str(e))
 
+    for t in targets:
+        with T.step("%s%s: after unmount" % (t.name, label)):
+            rc, out = H.check_clean(t.img)
+            T.check("%s%s: qemu-img check exit 0" % (t.name, label), rc == 0,
+                    "exit %d: %s" % (rc, H.clip_text(out)))
+            dirty, corrupt = H.header_bits(t.img)
+            T.check("%s%s: dirty and corrupt bits clear" % (t.name, label),
+                    not dirty and not corrupt, "dirty=%s corrupt=%s" % (dirty, corrupt))
+            rc, out = H.qemu_compare(t.img, t.expect)
+            T.check("%s%s: qemu-img compare with the expected content: identical" % (
+                t.name, label), rc == 0, "exit %d: %s" % (rc, out[-500:]))
+            for s, ref in t.snaps.items():
+                out = os.path.join(work, "after-%s%s@%s" % (t.name, label, s))
+                H.to_raw(t.img, out, snapshot=s)
+                d = H.snapshot_content_diff(out, ref)
+                T.check("%s%s: snapshot %s unchanged" % (t.name, label, s), d is None, d)
+            for p, h in t.protected_hash.items():
+                T.check("%s%s: backing file %s unchanged" % (t.name, label, os.path.basename(p)),
+                        H.sha256_file(p) == h)
+
+
+# The same images twice: through the data write-back cache (default), and without it
+# (-o write_cache=0: every write goes to the qcow2 write path at once, concurrently).
+SRC_NC = os.path.join(work, "src-nocache")
+shutil.copytree(SRC, SRC_NC)
+targets_nc = []
 for t in targets:
-    with T.step("%s: after unmount" % t.name):
-        rc, out = H.check_clean(t.img)
-        T.check("%s: qemu-img check exit 0" % t.name, rc == 0, "exit %d: %s" % (rc, H.clip_text(out)))
-        dirty, corrupt = H.header_bits(t.img)
-        T.check("%s: dirty and corrupt bits clear" % t.name, not dirty and not corrupt,
-                "dirty=%s corrupt=%s" % (dirty, corrupt))
-        rc, out = H.qemu_compare(t.img, t.expect)
-        T.check("%s: qemu-img compare with the expected content: identical" % t.name, rc == 0,
-                "exit %d: %s" % (rc, out[-500:]))
-        for s, ref in t.snaps.items():
-            out = os.path.join(work, "after-%s@%s" % (t.name, s))
-            H.to_raw(t.img, out, snapshot=s)
-            d = H.snapshot_content_diff(out, ref)
-            T.check("%s: snapshot %s unchanged" % (t.name, s), d is None, d)
-        for p, h in t.protected_hash.items():
-            T.check("%s: backing file %s unchanged" % (t.name, os.path.basename(p)),
-                    H.sha256_file(p) == h)
+    c = copy.copy(t)
+    c.img = os.path.join(SRC_NC, os.path.basename(t.img))
+    c.protected = [os.path.join(SRC_NC, os.path.basename(p)) for p in t.protected]
+    c.protected_hash = dict((os.path.join(SRC_NC, os.path.basename(p)), h)
+                            for p, h in t.protected_hash.items())
+    targets_nc.append(c)
+run_round(SRC, targets, [], "")
+run_round(SRC_NC, targets_nc, ["-o", "write_cache=0"], " (write_cache=0)")
 
 
 # ---- dd and cp onto exposed files ----------------------------------------------------------------
