@@ -989,9 +989,30 @@ class DualFile:
         self._ref_zero(off, ln)
 
     def allocate(self, off, ln):
-        """fallocate mode 0 inside the file: allocates, content and size unchanged."""
+        """fallocate mode 0: allocates; content unchanged; a range past the end grows the file
+        (with zeros)."""
         self._do("fallocate(0, off=%d, len=%d)" % (off, ln),
                  lambda: fallocate(self.fv, 0, off, ln), off, off + ln)
+        if off + ln > self.size():
+            os.ftruncate(self.fr, off + ln)
+
+    def mmap_write(self, off, data):
+        """Writes `data` at `off` through a shared writable mapping of the mounted file (the
+        kernel's page write-back path), then msync; the reference gets a pwrite."""
+        import mmap
+
+        def do():
+            start = off // mmap.ALLOCATIONGRANULARITY * mmap.ALLOCATIONGRANULARITY
+            mm = mmap.mmap(self.fv, off + len(data) - start, mmap.MAP_SHARED,
+                           mmap.PROT_READ | mmap.PROT_WRITE, offset=start)
+            try:
+                mm[off - start:off - start + len(data)] = data
+                mm.flush()
+            finally:
+                mm.close()
+        self._do("mmap write(off=%d, len=%d) + msync" % (off, len(data)), do, off,
+                 off + len(data))
+        pwrite_full(self.fr, data, off)
 
     def truncate(self, size, by_path=False):
         old = self.size()

@@ -418,6 +418,12 @@ def run_ops(v, m, rnd):
                 p = f.verify(max(0, off - 700), ln + 1400)  # the write and around it
                 if p:
                     problems.append("after %s: %s" % (f.history[-1], p))
+            elif r < 0.54:
+                # through a shared writable mapping (the kernel writes the pages back)
+                ln = min(rand_len(rnd), 512 * KiB)
+                off, ln = rand_range(rnd, v, size, ln)
+                f.mmap_write(off, rand_data(rnd, ln))
+                op = "mmap write"
             elif r < 0.6:
                 off, ln = rand_range(rnd, v, size, rand_len(rnd))
                 f.punch(off, ln)
@@ -430,6 +436,18 @@ def run_ops(v, m, rnd):
                 off, ln = rand_range(rnd, v, size, rand_len(rnd))
                 f.allocate(off, ln)
                 op = "allocate"
+            elif r < 0.75 and v.grow:
+                # fallocate across the end without KEEP_SIZE: grows the disk (the end on a
+                # sector boundary: qcow2 sizes are whole sectors)
+                end = min(size + rand_len(rnd) % (2 * MiB) + 1, orig * 3 // 2)
+                end = max((end + 511) // 512 * 512, size + 512)
+                off = max(0, size - rnd.randrange(0, 3 * v.cs))
+                if rnd.random() < 0.5:
+                    f.allocate(off, end - off)
+                    op = "fallocate past the end"
+                else:
+                    f.zero_range(off, end - off, keep_size=False)
+                    op = "zero_range past the end"
             elif r < 0.77 and v.grow:
                 # write across the end: the file grows (to a sector multiple: qcow2 sizes are)
                 ln = rand_len(rnd) % (2 * MiB) + 1
