@@ -90,9 +90,10 @@ struct Filesystem::Handlers {
 
     static void init(void*, fuse_conn_info* conn) {
         conn->want |= FUSE_CAP_ASYNC_READ;
-        // O_TRUNC must arrive as a setattr of size 0 (a resize), not as an open flag; and no
-        // write-back page cache: every write reaches the image's DataCache.
-        conn->want &= ~(FUSE_CAP_ATOMIC_O_TRUNC | FUSE_CAP_WRITEBACK_CACHE);
+        // O_TRUNC arrives as an open flag, so open() can refuse it with EROFS whatever the access
+        // mode; no write-back page cache: every write reaches the image's DataCache.
+        if (conn->capable & FUSE_CAP_ATOMIC_O_TRUNC) conn->want |= FUSE_CAP_ATOMIC_O_TRUNC;
+        conn->want &= ~FUSE_CAP_WRITEBACK_CACHE;
         conn->max_write = 1u << 20;  // also raises max_pages, so reads of up to 1 MiB arrive whole
         conn->max_readahead = 1u << 20;
         // Readahead and asynchronous direct I/O are "background" requests, 12 at most by
@@ -211,7 +212,8 @@ struct Filesystem::Handlers {
         auto tree = fs.tree();
         const Node* node = tree->find(key);
         if (!node || !node->image) return void(fuse_reply_err(req, ENOENT));
-        // O_TRUNC does not arrive here (no FUSE_CAP_ATOMIC_O_TRUNC): the kernel sends setattr.
+        // O_TRUNC arrives here (FUSE_CAP_ATOMIC_O_TRUNC), with any access mode: the truncation is a
+        // write, refused like one, and done below once the image is open.
         const bool for_writing = (fi->flags & O_ACCMODE) != O_RDONLY || (fi->flags & O_TRUNC);
         if (for_writing) {
             std::string why = fs.write_refusal(*node);
@@ -239,6 +241,7 @@ struct Filesystem::Handlers {
                     fuse_reply_err(req, EROFS);
                     co_return;
                 }
+                if ((info.flags & O_TRUNC) && snapshot_id.empty()) co_await resize(*slot, 0);
                 auto of = std::make_unique<OpenFile>();
                 of->slot = slot;
                 of->active = snapshot_id.empty();
