@@ -2,8 +2,9 @@
 """Concurrent writes through the mount: 8 threads and 4 processes each write their own
 interleaved 512-byte sectors of the same clusters at once (sector i belongs to writer i % 12),
 in two rounds (the second overwrites half of each writer's sectors), over an image with a backing
-file, one with an internal snapshot and compressed clusters, and one with 4 KiB clusters and zero
-clusters across an L2-table boundary, while other threads read. Afterwards every sector holds its
+file, one with an internal snapshot and compressed clusters, one with 4 KiB clusters and zero
+clusters across an L2-table boundary, one with extended L2 over a backing file, and one with
+512-byte clusters, while other threads read; once through the data cache, once without it. Afterwards every sector holds its
 writer's last pattern, `qemu-img check` is clean and `qemu-img compare` with the expected content
 is identical; the snapshot and the backing file are unchanged.
 
@@ -156,7 +157,29 @@ def build_small():
     return t
 
 
-for fn in (build_backed, build_snap, build_small):
+def build_extl2():
+    # extended L2 over a backing file: 2 KiB subclusters, so four writers share each one and
+    # every first write to a subcluster copies the rest of it from the backing file
+    base = img("xbase.qcow2")
+    H.qemu_img("convert", "-f", "raw", "-O", "qcow2", varied(os.path.join(work, "x.bin"),
+               8 * MiB, 7), base)
+    t = Target("extl2", 3 * MiB - 4096, 4096, 64 * KiB)
+    H.create(t.img, 8 * MiB, "extended_l2=on,cluster_size=64k", backing="xbase.qcow2", cwd=SRC)
+    H.qemu_io(t.img, "write -P 0x91 3M 6k", "write -z 3200k 10k", "write -P 0x92 4M 64k")
+    t.protected = [base]
+    return t
+
+
+def build_tiny():
+    # 512-byte clusters: every sector is a cluster, an L2 table maps 32 KiB, so the writers
+    # allocate clusters, L2 tables and refcount blocks all at once
+    t = Target("tiny", 96 * KiB - 1024, 2048, 512)
+    H.create(t.img, 4 * MiB, "cluster_size=512")
+    H.qemu_io(t.img, "write -P 0xa1 100k 64k")
+    return t
+
+
+for fn in (build_backed, build_snap, build_small, build_extl2, build_tiny):
     with T.step("build %s" % fn.__name__[6:]):
         t = fn()
         H.to_raw(t.img, t.ref, cwd=SRC)

@@ -428,9 +428,9 @@ def run_ops(v, m, rnd):
             last["check"] = H.check_clean(v.img, force_share=True)
             last["bits"] = H.header_bits(v.img)
             return last["check"][0] == 0 and last["bits"] == (False, False)
-        ok, secs = H.wait_for(clean, timeout=5, interval=0.2)
+        ok, secs = H.wait_for(clean, timeout=15, interval=0.2)
         rc, out = last.get("check", (None, ""))
-        T.check("%s: image clean within 5 s of the last close, while mounted (qemu-img check "
+        T.check("%s: image clean within 15 s of the last close, while mounted (qemu-img check "
                 "-U exit 0, dirty/corrupt bits clear)" % v.name, ok,
                 "after %.1fs: exit %s, (dirty, corrupt) = %s: %s" % (
                     secs, rc, last.get("bits"), H.clip_text(out)))
