@@ -19,57 +19,22 @@
 #include "qcowfs/io/file.hpp"
 #include "qcowfs/qcow2/bitmaps.hpp"
 #include "test_errors.hpp"
+#include "test_host_files.hpp"
 #include "test_image_builder.hpp"
 
 using namespace qcowfs;
+using test::have_qemu;
+using test::read_file;
+using test::sh;
+using test::TempDir;
+using test::write_file;
 
 namespace {
 
-bool have_qemu() { return std::system("qemu-img --version >/dev/null 2>&1 && qemu-io --version >/dev/null 2>&1") == 0; }
 
-struct TempDir {
-    std::string path;
-    TempDir() {
-        char name[] = "/tmp/qcowfs-bitmaps-XXXXXX";
-        REQUIRE(::mkdtemp(name) != nullptr);
-        path = name;
-    }
-    ~TempDir() { std::filesystem::remove_all(path); }
-    std::string operator/(const std::string& name) const {
-        std::string p = path;
-        p.append("/").append(name);
-        return p;
-    }
-};
 
-/// Runs a shell command; its output goes to `out` if given, else is discarded. Returns the exit status.
-int sh(const std::string& cmd, std::string* out = nullptr) {
-    std::string full = cmd;
-    full.append(" 2>&1");
-    FILE* p = ::popen(full.c_str(), "r");
-    REQUIRE(p != nullptr);
-    char buf[4096];
-    size_t n;
-    std::string text;
-    while ((n = std::fread(buf, 1, sizeof buf, p)) > 0) text.append(buf, n);
-    int status = ::pclose(p);
-    if (out) *out = text;
-    return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-}
 
-std::vector<std::byte> read_file(const std::string& path) {
-    std::ifstream in(path, std::ios::binary);
-    std::vector<char> data((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-    std::vector<std::byte> out(data.size());
-    std::memcpy(out.data(), data.data(), data.size());
-    return out;
-}
 
-void write_file(const std::string& path, const std::vector<std::byte>& bytes) {
-    std::ofstream out(path, std::ios::binary | std::ios::trunc);
-    out.write(reinterpret_cast<const char*>(bytes.data()), static_cast<std::streamsize>(bytes.size()));
-    REQUIRE(out.good());
-}
 
 size_t count_of(const std::string& text, const std::string& word) {
     size_t n = 0;

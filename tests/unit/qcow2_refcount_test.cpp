@@ -27,31 +27,20 @@
 #include "qcowfs/io/file.hpp"
 #include "qcowfs/qcow2/refcount.hpp"
 #include "test_errors.hpp"
+#include "test_host_files.hpp"
 #include "test_image_builder.hpp"
 
 using namespace qcowfs;
+using test::have_qemu;
+using test::read_file;
+using test::sh;
+using test::TempDir;
+using test::write_file;
 
 namespace {
 
-bool have_qemu_img() { return std::system("qemu-img --version >/dev/null 2>&1") == 0; }
 
-struct TempDir {
-    std::string path;
-    TempDir() {
-        char name[] = "/tmp/qcowfs-refcount-XXXXXX";
-        REQUIRE(::mkdtemp(name) != nullptr);
-        path = name;
-    }
-    ~TempDir() { std::filesystem::remove_all(path); }
-};
 
-std::vector<std::byte> read_file(const std::string& path) {
-    std::ifstream in(path, std::ios::binary);
-    std::vector<char> data((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-    std::vector<std::byte> out(data.size());
-    std::memcpy(out.data(), data.data(), data.size());
-    return out;
-}
 
 /// A fresh qcow2 image from qemu-img.
 std::vector<std::byte> make_image(const TempDir& dir, uint64_t cluster_size, unsigned refcount_bits,
@@ -236,7 +225,7 @@ uint64_t div_ceil(uint64_t a, uint64_t b) { return a / b + (a % b != 0); }
 }  // namespace
 
 TEST_CASE("allocate, free and reuse for every refcount width and cluster size; qemu-img check agrees") {
-    if (!have_qemu_img()) {
+    if (!have_qemu()) {
         MESSAGE("qemu-img not found: skipped");
         return;
     }
@@ -324,7 +313,7 @@ TEST_CASE("allocate, free and reuse for every refcount width and cluster size; q
 }
 
 TEST_CASE("refcount overflow and underflow are EIO and change nothing, for every width") {
-    if (!have_qemu_img()) return;
+    if (!have_qemu()) return;
     TempDir dir;
     for (unsigned order = 0; order <= 6; ++order) {
         CAPTURE(order);
@@ -381,7 +370,7 @@ TEST_CASE("refcount overflow and underflow are EIO and change nothing, for every
 }
 
 TEST_CASE("load rejects a corrupt refcount table") {
-    if (!have_qemu_img()) return;
+    if (!have_qemu()) return;
     TempDir dir;
     auto image = make_image(dir, 4096, 16, "1M");
     asio::io_context io;
@@ -410,7 +399,7 @@ TEST_CASE("load rejects a corrupt refcount table") {
 }
 
 TEST_CASE("an increase far beyond the table grows it; one spanning whole blocks places them outside") {
-    if (!have_qemu_img()) return;
+    if (!have_qemu()) return;
     TempDir dir;
     SUBCASE("far cluster, 512-byte clusters, 64-bit refcounts") {
         io::MemFile file("img", make_image(dir, 512, 64, "1M"));
@@ -449,7 +438,7 @@ TEST_CASE("an increase far beyond the table grows it; one spanning whole blocks 
 }
 
 TEST_CASE("a table that must grow without a header updater fails before writing") {
-    if (!have_qemu_img()) return;
+    if (!have_qemu()) return;
     TempDir dir;
     io::MemFile file("img", make_image(dir, 512, 64, "1M"));
     asio::io_context io;
@@ -461,7 +450,7 @@ TEST_CASE("a table that must grow without a header updater fails before writing"
 }
 
 TEST_CASE("concurrent allocations on one strand never share a cluster") {
-    if (!have_qemu_img()) return;
+    if (!have_qemu()) return;
     TempDir dir;
     io::MemFile mem("img", make_image(dir, 512, 16, "1M"));
     FaultFile file(mem);
@@ -484,7 +473,7 @@ TEST_CASE("concurrent allocations on one strand never share a cluster") {
 }
 
 TEST_CASE("a power cut at any write or flush leaves at most leaks, never corruption") {
-    if (!have_qemu_img()) return;
+    if (!have_qemu()) return;
     TempDir dir;
     const auto image = make_image(dir, 512, 64, "1M");  // 4096 clusters described by the first table
 

@@ -19,50 +19,22 @@
 #include "qcowfs/io/file.hpp"
 #include "qcowfs/qcow2/image.hpp"
 #include "test_errors.hpp"
+#include "test_host_files.hpp"
 #include "test_image_builder.hpp"
 
 using namespace qcowfs;
+using test::have_qemu;
+using test::read_file;
+using test::sh;
+using test::TempDir;
+using test::write_file;
 
 namespace {
 
-bool have_qemu_img() { return std::system("qemu-img --version >/dev/null 2>&1") == 0; }
 
-struct TempDir {
-    std::string path;
-    TempDir() {
-        char name[] = "/tmp/qcowfs-write-XXXXXX";
-        REQUIRE(::mkdtemp(name) != nullptr);
-        path = name;
-    }
-    ~TempDir() { std::filesystem::remove_all(path); }
-};
 
-/// Runs a shell command; returns its exit status and (in `out`) its output.
-int sh(const std::string& cmd, std::string* out = nullptr) {
-    std::string file = "/tmp/qcowfs-write-sh-" + std::to_string(::getpid()) + ".out";
-    std::string full = cmd;
-    full.append(" >").append(file).append(" 2>&1");
-    int status = std::system(full.c_str());
-    if (out) {
-        std::ifstream in(file);
-        out->assign(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
-    }
-    std::filesystem::remove(file);
-    return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-}
 
-std::vector<std::byte> read_file(const std::string& path) {
-    std::ifstream in(path, std::ios::binary);
-    std::vector<char> data((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-    std::vector<std::byte> out(data.size());
-    std::memcpy(out.data(), data.data(), data.size());
-    return out;
-}
 
-void write_file(const std::string& path, const std::vector<std::byte>& bytes) {
-    std::ofstream out(path, std::ios::binary | std::ios::trunc);
-    out.write(reinterpret_cast<const char*>(bytes.data()), static_cast<std::streamsize>(bytes.size()));
-}
 
 /// One image variant: how to make it, and what the writes may do to it.
 struct Variant {
@@ -95,7 +67,7 @@ struct Fixture {
 void make_variant(Fixture& f, const Variant& v) {
     std::string out;
     // Relative names (backing file, data file) resolve in the image's directory.
-    auto sh = [&](const std::string& cmd, std::string* o) { return ::sh("cd " + f.dir.path + " && " + cmd, o); };
+    auto sh = [&](const std::string& cmd, std::string* o) { return test::sh("cd " + f.dir.path + " && " + cmd, o); };
     if (!v.backing_create.empty()) {
         REQUIRE(sh("qemu-img create -f qcow2 " + v.backing_create + " " + f.dir.path + "/base.qcow2 " +
                    std::to_string(v.size), &out) == 0);
@@ -115,7 +87,7 @@ void make_variant(Fixture& f, const Variant& v) {
 
 void expect_clean(Fixture& f, const Variant& v) {
     std::string out;
-    auto sh = [&](const std::string& cmd, std::string* o) { return ::sh("cd " + f.dir.path + " && " + cmd, o); };
+    auto sh = [&](const std::string& cmd, std::string* o) { return test::sh("cd " + f.dir.path + " && " + cmd, o); };
     int rc = sh("qemu-img check " + f.img(), &out);
     CHECK_MESSAGE(rc == 0, (v.name + ": qemu-img check: " + out));
     rc = sh("qemu-img compare -f qcow2 -F raw " + f.img() + " " + f.ref(), &out);
@@ -209,7 +181,7 @@ std::vector<Variant> variants() {
 }  // namespace
 
 TEST_CASE("random writes, zeroing and resizes match qemu-img for every variant") {
-    if (!have_qemu_img()) return;
+    if (!have_qemu()) return;
     for (const auto& v : variants()) {
         for (uint32_t seed : {1u, 2u}) {
             CAPTURE(v.name);
@@ -230,7 +202,7 @@ TEST_CASE("random writes, zeroing and resizes match qemu-img for every variant")
 }
 
 TEST_CASE("a read-only open refuses writes with EROFS") {
-    if (!have_qemu_img()) return;
+    if (!have_qemu()) return;
     Fixture f;
     make_variant(f, V("plain", "-o cluster_size=64k", 1 << 20, ""));
     auto image = f.open(false);
@@ -240,7 +212,7 @@ TEST_CASE("a read-only open refuses writes with EROFS") {
 }
 
 TEST_CASE("a used cluster with refcount 0 stops the first write before anything is allocated") {
-    if (!have_qemu_img()) return;
+    if (!have_qemu()) return;
     Fixture f;
     make_variant(f, V("plain", "-o cluster_size=64k", 4 << 20, "-c 'write -P 7 0 64k'"));
     // Guest cluster 0's data cluster gets refcount 0 (16-bit refcounts, one refcount block).

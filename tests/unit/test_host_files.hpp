@@ -1,0 +1,71 @@
+// Test helpers for tests that use real files and qemu-img: temporary directories, shell commands,
+// whole-file reads and writes.
+#pragma once
+
+#include <doctest/doctest.h>
+#include <stdlib.h>
+#include <sys/wait.h>
+
+#include <cstdio>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <string>
+#include <vector>
+
+namespace qcowfs::test {
+
+/// True if qemu-img and qemu-io can be run (tests that need them return early otherwise).
+inline bool have_qemu() {
+    return std::system("qemu-img --version >/dev/null 2>&1 && qemu-io --version >/dev/null 2>&1") == 0;
+}
+
+/// A fresh directory under /tmp, removed with everything in it at the end of the scope.
+struct TempDir {
+    std::string path;
+    explicit TempDir(const std::string& tag = "test") {
+        std::string name = "/tmp/qcowfs-" + tag + "-XXXXXX";
+        REQUIRE(::mkdtemp(name.data()) != nullptr);
+        path = name;
+    }
+    ~TempDir() { std::filesystem::remove_all(path); }
+    TempDir(const TempDir&) = delete;
+    TempDir& operator=(const TempDir&) = delete;
+    std::string operator/(const std::string& name) const {
+        std::string p = path;
+        p.append("/").append(name);
+        return p;
+    }
+};
+
+/// Runs a shell command; its output (stdout and stderr) goes to `out` if given, else is
+/// discarded. Returns the exit status (-1 if it did not exit normally).
+inline int sh(const std::string& cmd, std::string* out = nullptr) {
+    std::string full = cmd;
+    full.append(" 2>&1");
+    FILE* p = ::popen(full.c_str(), "r");
+    REQUIRE(p != nullptr);
+    char buf[4096];
+    size_t n;
+    std::string text;
+    while ((n = std::fread(buf, 1, sizeof buf, p)) > 0) text.append(buf, n);
+    int status = ::pclose(p);
+    if (out) *out = text;
+    return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+}
+
+inline std::vector<std::byte> read_file(const std::string& path) {
+    std::ifstream in(path, std::ios::binary);
+    std::vector<char> data((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    std::vector<std::byte> out(data.size());
+    std::memcpy(out.data(), data.data(), data.size());
+    return out;
+}
+
+inline void write_file(const std::string& path, const std::vector<std::byte>& bytes) {
+    std::ofstream out(path, std::ios::binary | std::ios::trunc);
+    out.write(reinterpret_cast<const char*>(bytes.data()), static_cast<std::streamsize>(bytes.size()));
+    REQUIRE(out.good());
+}
+
+}  // namespace qcowfs::test
