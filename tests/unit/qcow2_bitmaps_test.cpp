@@ -23,11 +23,7 @@
 #include "test_image_builder.hpp"
 
 using namespace qcowfs;
-using test::have_qemu;
-using test::read_file;
-using test::sh;
-using test::TempDir;
-using test::write_file;
+using namespace qcowfs::test::host;
 
 namespace {
 

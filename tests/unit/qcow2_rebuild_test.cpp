@@ -24,11 +24,7 @@
 #include "test_image_builder.hpp"
 
 using namespace qcowfs;
-using test::have_qemu;
-using test::read_file;
-using test::sh;
-using test::TempDir;
-using test::write_file;
+using namespace qcowfs::test::host;
 
 namespace {
 
@@ -426,39 +422,10 @@ TEST_CASE("a power cut at any write or flush of a rebuild leaves the old dirty i
     const CheckResult stale = check(path);
     REQUIRE(stale.exit_code == 2);
 
-    /// Counts writes and flushes; after `ops_left` of them, the rest fail as after a power cut.
-    class CutFile final : public io::File {
-    public:
-        explicit CutFile(io::File& inner) : inner_(inner) {}
-        Task<size_t> read_at(uint64_t offset, std::span<std::byte> buf) override {
-            co_return co_await inner_.read_at(offset, buf);
-        }
-        Task<void> write_at(uint64_t offset, std::span<const std::byte> buf) override {
-            step();
-            co_await inner_.write_at(offset, buf);
-        }
-        Task<void> flush() override {
-            step();
-            co_await inner_.flush();
-        }
-        uint64_t size() override { return inner_.size(); }
-        const std::string& name() const override { return inner_.name(); }
-        long ops_left = -1;
-        long ops = 0;
-
-    private:
-        void step() {
-            ++ops;
-            if (ops_left == 0) fail(EIO, "simulated power cut");
-            if (ops_left > 0) --ops_left;
-        }
-        io::File& inner_;
-    };
-
     long total = 0;
     {
         io::MemFile mem("img", image);
-        CutFile file(mem);
+        test::PowerCutFile file(mem);
         asio::io_context io;
         rebuild(file, io);
         total = file.ops;
@@ -488,7 +455,7 @@ TEST_CASE("a power cut at any write or flush of a rebuild leaves the old dirty i
     for (long cut = 0; cut <= total; ++cut) {
         CAPTURE(cut);
         io::MemFile mem("img", image);
-        CutFile file(mem);
+        test::PowerCutFile file(mem);
         file.ops_left = cut;
         asio::io_context io;
         CHECK(test::thrown_errno([&] { rebuild(file, io); }) == (cut < total ? EIO : 0));

@@ -31,11 +31,7 @@
 #include "test_image_builder.hpp"
 
 using namespace qcowfs;
-using test::have_qemu;
-using test::read_file;
-using test::sh;
-using test::TempDir;
-using test::write_file;
+using namespace qcowfs::test::host;
 
 namespace {
 
@@ -155,39 +151,6 @@ private:
     std::string name_ = "sparse";
     std::map<uint64_t, std::vector<std::byte>> pages_, durable_;
     uint64_t size_ = 0, durable_size_ = 0;
-};
-
-/// Wraps a file: yields before each operation (so coroutines interleave) and, once armed, lets
-/// only `ops_left` more writes or flushes through; later ones fail, as if the power went.
-class FaultFile final : public io::File {
-public:
-    explicit FaultFile(io::File& inner) : inner_(inner) {}
-    Task<size_t> read_at(uint64_t offset, std::span<std::byte> buf) override {
-        if (yield_) co_await asio::post(co_await asio::this_coro::executor, asio::use_awaitable);
-        co_return co_await inner_.read_at(offset, buf);
-    }
-    Task<void> write_at(uint64_t offset, std::span<const std::byte> buf) override {
-        step();
-        co_await inner_.write_at(offset, buf);
-    }
-    Task<void> flush() override {
-        step();
-        co_await inner_.flush();
-    }
-    uint64_t size() override { return inner_.size(); }
-    const std::string& name() const override { return inner_.name(); }
-
-    bool yield_ = false;
-    long ops_left = -1;  // -1: unlimited
-    long ops = 0;        // writes and flushes seen
-
-private:
-    void step() {
-        ++ops;
-        if (ops_left == 0) fail(EIO, "simulated power cut");
-        if (ops_left > 0) --ops_left;
-    }
-    io::File& inner_;
 };
 
 format::Header header_of(io::File& file, asio::io_context& io) {
@@ -453,7 +416,7 @@ TEST_CASE("concurrent allocations on one strand never share a cluster") {
     if (!have_qemu()) return;
     TempDir dir;
     io::MemFile mem("img", make_image(dir, 512, 16, "1M"));
-    FaultFile file(mem);
+    test::PowerCutFile file(mem);
     file.yield_ = true;  // every read waits, so the allocations interleave
     asio::io_context io;
     qcow2::Refcounts rc(file, header_of(file, io), 4096);
@@ -496,7 +459,7 @@ TEST_CASE("a power cut at any write or flush leaves at most leaks, never corrupt
     long total = 0;
     {
         io::MemFile mem("img", image);
-        FaultFile file(mem);
+        test::PowerCutFile file(mem);
         asio::io_context io;
         qcow2::Refcounts rc(file, header_of(file, io), 64 * 1024);
         int moves = 0;
@@ -513,7 +476,7 @@ TEST_CASE("a power cut at any write or flush leaves at most leaks, never corrupt
     for (long cut = 0; cut < total; ++cut) {
         CAPTURE(cut);
         io::MemFile mem("img", image);
-        FaultFile file(mem);
+        test::PowerCutFile file(mem);
         asio::io_context io;
         qcow2::Refcounts rc(file, header_of(file, io), 64 * 1024);
         update_header_on_move(rc, file);

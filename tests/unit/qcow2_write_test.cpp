@@ -23,11 +23,7 @@
 #include "test_image_builder.hpp"
 
 using namespace qcowfs;
-using test::have_qemu;
-using test::read_file;
-using test::sh;
-using test::TempDir;
-using test::write_file;
+using namespace qcowfs::test::host;
 
 namespace {
 
@@ -67,7 +63,7 @@ struct Fixture {
 void make_variant(Fixture& f, const Variant& v) {
     std::string out;
     // Relative names (backing file, data file) resolve in the image's directory.
-    auto sh = [&](const std::string& cmd, std::string* o) { return test::sh("cd " + f.dir.path + " && " + cmd, o); };
+    auto sh = [&](const std::string& cmd, std::string* o) { return test::host::sh("cd " + f.dir.path + " && " + cmd, o); };
     if (!v.backing_create.empty()) {
         REQUIRE(sh("qemu-img create -f qcow2 " + v.backing_create + " " + f.dir.path + "/base.qcow2 " +
                    std::to_string(v.size), &out) == 0);
@@ -87,7 +83,7 @@ void make_variant(Fixture& f, const Variant& v) {
 
 void expect_clean(Fixture& f, const Variant& v) {
     std::string out;
-    auto sh = [&](const std::string& cmd, std::string* o) { return test::sh("cd " + f.dir.path + " && " + cmd, o); };
+    auto sh = [&](const std::string& cmd, std::string* o) { return test::host::sh("cd " + f.dir.path + " && " + cmd, o); };
     int rc = sh("qemu-img check " + f.img(), &out);
     CHECK_MESSAGE(rc == 0, (v.name + ": qemu-img check: " + out));
     rc = sh("qemu-img compare -f qcow2 -F raw " + f.img() + " " + f.ref(), &out);

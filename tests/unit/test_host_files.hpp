@@ -13,7 +13,16 @@
 #include <string>
 #include <vector>
 
+#include <boost/asio/post.hpp>
+#include <boost/asio/this_coro.hpp>
+#include <boost/asio/use_awaitable.hpp>
+
+#include "qcowfs/format/error.hpp"
+#include "qcowfs/io/file.hpp"
+
 namespace qcowfs::test {
+
+namespace host {
 
 /// True if qemu-img and qemu-io can be run (tests that need them return early otherwise).
 inline bool have_qemu() {
@@ -67,5 +76,40 @@ inline void write_file(const std::string& path, const std::vector<std::byte>& by
     out.write(reinterpret_cast<const char*>(bytes.data()), static_cast<std::streamsize>(bytes.size()));
     REQUIRE(out.good());
 }
+
+}  // namespace host
+
+/// Wraps a file: yields before each operation (so coroutines interleave) and, once armed, lets
+/// only `ops_left` more writes or flushes through; later ones fail, as if the power went.
+class PowerCutFile final : public io::File {
+public:
+    explicit PowerCutFile(io::File& inner) : inner_(inner) {}
+    Task<size_t> read_at(uint64_t offset, std::span<std::byte> buf) override {
+        if (yield_) co_await asio::post(co_await asio::this_coro::executor, asio::use_awaitable);
+        co_return co_await inner_.read_at(offset, buf);
+    }
+    Task<void> write_at(uint64_t offset, std::span<const std::byte> buf) override {
+        step();
+        co_await inner_.write_at(offset, buf);
+    }
+    Task<void> flush() override {
+        step();
+        co_await inner_.flush();
+    }
+    uint64_t size() override { return inner_.size(); }
+    const std::string& name() const override { return inner_.name(); }
+
+    bool yield_ = false;
+    long ops_left = -1;  // -1: unlimited
+    long ops = 0;        // writes and flushes seen
+
+private:
+    void step() {
+        ++ops;
+        if (ops_left == 0) fail(EIO, "simulated power cut");
+        if (ops_left > 0) --ops_left;
+    }
+    io::File& inner_;
+};
 
 }  // namespace qcowfs::test
