@@ -660,5 +660,91 @@ for v in variants:
     finally:
         print("   (%s: %.1fs)" % (v.name, time.monotonic() - t0), flush=True)
 
+# ---- space: punched ranges are released, zeroed ranges become zero clusters ---------------------
+
+
+def qemu_map(img, cwd=None):
+    import json
+    return json.loads(H.run(["qemu-img", "map", "--output=json", img], cwd=cwd).out)
+
+
+def map_problems(img, start, end, want_zero, cwd=None):
+    """Ranges of [start, end) that qemu-img map shows with data (or, for want_zero, not as
+    zero clusters of the image itself)."""
+    bad = []
+    for e in qemu_map(img, cwd):
+        a, b = max(e["start"], start), min(e["start"] + e["length"], end)
+        if a >= b:
+            continue
+        if e.get("data") or (want_zero and not (e.get("zero") and e.get("depth", 0) == 0)):
+            bad.append("%d-%d %s" % (a, b, dict((k, e.get(k)) for k in ("data", "zero", "depth"))))
+    return bad
+
+
+def allocated_clusters(img):
+    import json
+    p = H.run(["qemu-img", "check", "--output=json", img], check=False)
+    j = json.loads(p.out)
+    # qemu-img leaves the field out when it is 0
+    return j.get("allocated-clusters", 0) if "total-clusters" in j else None
+
+
+if not ONLY or "space" in ONLY:
+    with T.step("space: punch releases, ZERO_RANGE makes zero clusters"):
+        sp = os.path.join(work, "space")
+        ssrc = os.path.join(sp, "src")
+        os.makedirs(ssrc)
+        plain = os.path.join(ssrc, "plain.qcow2")
+        H.create(plain, 16 * MiB, "cluster_size=64k")
+        base = os.path.join(ssrc, "sbase.qcow2")
+        H.create(base, 16 * MiB)
+        H.qemu_io(base, "write -P 0x5b 0 16M")
+        over = os.path.join(ssrc, "over.qcow2")
+        H.create(over, 16 * MiB, backing="sbase.qcow2", cwd=ssrc)
+        with H.Mount(ssrc) as m:
+            fd = os.open(m.path("plain.raw"), os.O_RDWR)
+            try:
+                H.pwrite_full(fd, random.Random(SEED).randbytes(8 * MiB), 0)
+                os.fsync(fd)
+                H.fallocate(fd, H.FALLOC_FL_PUNCH_HOLE | H.FALLOC_FL_KEEP_SIZE, 1 * MiB, 2 * MiB)
+                H.fallocate(fd, H.FALLOC_FL_ZERO_RANGE | H.FALLOC_FL_KEEP_SIZE, 4 * MiB, 2 * MiB)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            fd = os.open(m.path("over.raw"), os.O_RDWR)
+            try:
+                H.fallocate(fd, H.FALLOC_FL_PUNCH_HOLE | H.FALLOC_FL_KEEP_SIZE, 1 * MiB, 2 * MiB)
+                H.fallocate(fd, H.FALLOC_FL_ZERO_RANGE | H.FALLOC_FL_KEEP_SIZE, 4 * MiB, 2 * MiB)
+                os.fsync(fd)
+                got = H.pread_full(fd, 6 * MiB, 0)
+            finally:
+                os.close(fd)
+            T.check("space: over a backing file, punched and zeroed ranges read as zeros",
+                    got[1 * MiB:3 * MiB] == bytes(2 * MiB) and got[4 * MiB:6 * MiB] ==
+                    bytes(2 * MiB) and got[:1 * MiB] == b"\x5b" * MiB,
+                    "first bytes of each range: %r %r %r" % (got[:4], got[1 * MiB:1 * MiB + 4],
+                                                            got[4 * MiB:4 * MiB + 4]))
+        for img in (plain, over):
+            rc, out = H.check_clean(img)
+            T.check("space: %s: qemu-img check exit 0" % os.path.basename(img), rc == 0,
+                    "exit %d: %s" % (rc, H.clip_text(out)))
+        bad = map_problems(plain, 1 * MiB, 3 * MiB, False)
+        T.check("space: plain: the punched 2 MiB hold no data (qemu-img map)", not bad,
+                "; ".join(bad[:4]))
+        bad = map_problems(plain, 4 * MiB, 6 * MiB, True)
+        T.check("space: plain: the zeroed 2 MiB are zero clusters (qemu-img map)", not bad,
+                "; ".join(bad[:4]))
+        n = allocated_clusters(plain)
+        T.check("space: plain: at most 96 of 128 written clusters still allocated after "
+                "punching 32 (got %s)" % n, n is not None and n <= 96, "allocated-clusters %s" % n)
+        for a, b, what in ((1 * MiB, 3 * MiB, "punched"), (4 * MiB, 6 * MiB, "zeroed")):
+            bad = map_problems(over, a, b, True, cwd=ssrc)
+            T.check("space: overlay: the %s 2 MiB are zero clusters of the overlay, no data, "
+                    "backing hidden (qemu-img map)" % what, not bad, "; ".join(bad[:4]))
+        n = allocated_clusters(over)
+        T.check("space: overlay: no data clusters allocated for zeroing (got %s)" % n, n == 0,
+                "allocated-clusters %s" % n)
+
+
 print("seed was %d" % SEED, flush=True)
 T.finish()
