@@ -379,6 +379,105 @@ run_round(SRC, targets, [], "")
 run_round(SRC_NC, targets_nc, ["-o", "write_cache=0"], " (write_cache=0)")
 
 
+# ---- parallel random operations on disjoint ranges -----------------------------------------------
+# Six threads, each with its own handle, apply random writes, punches, zero ranges and
+# allocations to its own byte range (the boundaries fall inside clusters, so neighbours share
+# clusters, L2 tables and refcount blocks), mirrored to a reference: freeing and allocating
+# clusters race with each other.
+
+PR = os.path.join(work, "par")
+PRSRC = os.path.join(PR, "src")
+os.makedirs(PRSRC)
+par = []  # (name, image, ref, cluster size, protected hashes)
+with T.step("build images for parallel operations"):
+    H.qemu_img("convert", "-f", "raw", "-O", "qcow2", "-o", "cluster_size=4k",
+               varied(os.path.join(PR, "p.bin"), 24 * MiB, 21), os.path.join(PRSRC, "p4k.qcow2"))
+    H.qemu_img("convert", "-f", "raw", "-O", "qcow2",
+               varied(os.path.join(PR, "q.bin"), 24 * MiB, 22), os.path.join(PRSRC, "pbase.qcow2"))
+    H.create(os.path.join(PRSRC, "pover.qcow2"), 24 * MiB, backing="pbase.qcow2", cwd=PRSRC)
+    H.qemu_io(os.path.join(PRSRC, "pover.qcow2"), "write -P 0x31 3M 5M", "write -z 12M 1M")
+    for n, cs in (("p4k", 4 * KiB), ("pover", 64 * KiB)):
+        im = os.path.join(PRSRC, n + ".qcow2")
+        ref = H.to_raw(im, os.path.join(PR, n + ".ref"), cwd=PRSRC)
+        par.append((n, im, ref, cs))
+    pbase_hash = H.sha256_file(os.path.join(PRSRC, "pbase.qcow2"))
+
+NPAR = 6
+
+
+def par_worker(view, ref, lo, hi, seed, out):
+    rnd = random.Random(seed)
+    f = H.DualFile(view, ref)
+    try:
+        for _ in range(120):
+            ln = min(rnd.choice((rnd.randrange(1, 5000), rnd.randrange(1, 300000))), hi - lo)
+            off = rnd.randrange(lo, hi - ln + 1)
+            r = rnd.random()
+            if r < 0.55:
+                f.pwrite(off, rnd.randbytes(ln))
+            elif r < 0.7:
+                f.punch(off, ln)
+            elif r < 0.85:
+                f.zero_range(off, ln)
+            elif r < 0.92:
+                f.allocate(off, ln)
+            else:
+                f.fsync()
+        out.append(None)
+    except H.OpError as e:
+        out.append("%s (after: %s)" % (e, "; ".join(f.history[-5:-1])))
+    except OSError as e:
+        out.append("%s" % e)
+    finally:
+        f.close()
+
+
+for label, args in (("", []), (" (write_cache=0)", ["-o", "write_cache=0"])):
+    # the second round starts from the result of the first (and its reference)
+    try:
+        with H.Mount(PRSRC, args=args) as m:
+            for n, im, ref, cs in par:
+                with T.step("%s%s: parallel operations" % (n, label)):
+                    size = os.path.getsize(ref)
+                    rnd = random.Random(SEED + len(label))
+                    cuts = sorted(rnd.randrange(1, size) for _ in range(NPAR - 1))
+                    bounds = [0] + cuts + [size]
+                    out = []
+                    ths = [threading.Thread(target=par_worker, args=(
+                        m.path(n + ".raw"), ref, bounds[i], bounds[i + 1], SEED * 10 + i, out))
+                        for i in range(NPAR) if bounds[i + 1] > bounds[i]]
+                    t0 = time.monotonic()
+                    for th in ths:
+                        th.start()
+                    for th in ths:
+                        th.join(timeout=240)
+                    errs = [e for e in out if e]
+                    T.check("%s%s: %d threads x 120 random operations on disjoint ranges, no "
+                            "errors (%.1fs)" % (n, label, len(ths), time.monotonic() - t0),
+                            not errs and len(out) == len(ths), "; ".join(errs[:3]))
+                    fd = os.open(m.path(n + ".raw"), os.O_RDONLY)
+                    os.fsync(fd)
+                    H.drop_page_cache(fd)
+                    os.close(fd)
+                    d = H.first_diff_files(m.path(n + ".raw"), ref)
+                    T.check("%s%s: the disk equals the reference (read through the mount)" % (
+                        n, label), d is None, "%s; differing ranges: %s; ranges per thread: %s" % (
+                            d, ", ".join(H.diff_ranges(m.path(n + ".raw"), ref)), bounds))
+    except H.MountError as e:
+        T.check("parallel operations%s: mount/unmount" % label, False, str(e))
+    for n, im, ref, cs in par:
+        with T.step("%s%s: after unmount" % (n, label)):
+            rc, out = H.check_clean(im)
+            T.check("%s%s: qemu-img check exit 0" % (n, label), rc == 0,
+                    "exit %d: %s" % (rc, H.clip_text(out)))
+            rc, out = H.qemu_compare(im, ref, cwd=PRSRC)
+            T.check("%s%s: qemu-img compare with the reference: identical" % (n, label),
+                    rc == 0, "exit %d: %s" % (rc, out[-400:]))
+with T.step("pbase.qcow2 unchanged"):
+    T.check("pbase.qcow2 (backing file) unchanged",
+            H.sha256_file(os.path.join(PRSRC, "pbase.qcow2")) == pbase_hash)
+
+
 # ---- dd and cp onto exposed files ----------------------------------------------------------------
 
 CP = os.path.join(work, "cp")
