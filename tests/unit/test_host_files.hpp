@@ -80,7 +80,7 @@ inline void write_file(const std::string& path, const std::vector<std::byte>& by
 }  // namespace host
 
 /// Wraps a file: yields before each operation (so coroutines interleave) and, once armed, lets
-/// only `ops_left` more writes or flushes through; later ones fail, as if the power went.
+/// only `ops_left` more writes, flushes, discards, allocates or truncates through; later ones fail, as if the power went.
 class PowerCutFile final : public io::File {
 public:
     explicit PowerCutFile(io::File& inner) : inner_(inner) {}
@@ -95,6 +95,18 @@ public:
     Task<void> flush() override {
         step();
         co_await inner_.flush();
+    }
+    Task<void> discard(uint64_t offset, uint64_t length) override {
+        step();
+        co_await inner_.discard(offset, length);
+    }
+    Task<void> allocate(uint64_t offset, uint64_t length) override {
+        step();
+        co_await inner_.allocate(offset, length);
+    }
+    Task<void> truncate(uint64_t size) override {
+        step();
+        co_await inner_.truncate(size);
     }
     uint64_t size() override { return inner_.size(); }
     const std::string& name() const override { return inner_.name(); }
