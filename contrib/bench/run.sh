@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Read benchmark of qcowfs against qemu-storage-daemon's FUSE export; see contrib/bench/README.md.
+# Read and write benchmark of qcowfs against qemu-storage-daemon's FUSE export; see contrib/bench/README.md.
 # Not part of the test suite. Needs root: it installs packages, drops the page cache and mounts FUSE.
-#   sudo bash contrib/bench/run.sh [--quick] [--size 1G] [--reps 3] [--json FILE] ...
+#   sudo bash contrib/bench/run.sh [--quick] [--reads-only|--writes-only] [--size 1G] [--reps 3] [--json FILE] ...
 # QCOWFS_BIN=/path/to/qcowfs selects the binary (default: build/qcowfs, built here if missing).
 set -euo pipefail
 
