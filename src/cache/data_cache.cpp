@@ -2,6 +2,7 @@
 #include "qcowfs/cache/data_cache.hpp"
 
 #include <algorithm>
+#include <boost/asio/co_spawn.hpp>
 #include <boost/asio/this_coro.hpp>
 #include <cstring>
 #include <iterator>
@@ -14,6 +15,7 @@
 
 #include "qcowfs/cache/range_lock.hpp"
 #include "qcowfs/format/error.hpp"
+#include "qcowfs/util/async_event.hpp"
 #include "qcowfs/util/async_mutex.hpp"
 
 namespace qcowfs::cache {
@@ -22,6 +24,8 @@ namespace {
 // Largest single target write built from adjacent dirty data, and the size up to which a data
 // extent grows by appending the write that follows it.
 constexpr uint64_t kMaxWriteBytes = 1 << 20;
+// Runs of one write-back in flight at once.
+constexpr size_t kParallelRuns = 16;
 // What one cached extent costs besides its buffer (map node, bookkeeping). Counted against the
 // limit, so that many small zero ranges cannot grow the map without bound.
 constexpr size_t kExtentOverhead = 64;
@@ -219,31 +223,56 @@ struct DataCache::State {
         return calls;
     }
 
-    /// Writes back the cached changes in [from, to) run by run in offset order, each run under an
-    /// exclusive range lock from its snapshot until what it wrote is removed. With `until_half`,
-    /// stops once memory() is at most half the limit. The caller holds writeback_. Throws the
-    /// target's error; the run that failed stays cached (the runs before it are gone).
+    /// Writes one run back: under an exclusive range lock from its snapshot until what it wrote
+    /// is removed. Throws the target's error; what failed stays cached.
+    Task<void> write_run(uint64_t begin, uint64_t end) {
+        auto guard =
+            co_await ranges(co_await asio::this_coro::executor).lock(begin, end - begin, RangeLock::Mode::exclusive);
+        // Requests queued ahead of us may have changed the range while we waited: take what is
+        // there now. From here on only truncate() can change it.
+        std::vector<Call> calls = snapshot(begin, end);
+        for (Call& c : calls) {
+            if (c.zero)
+                co_await target_.write_zeroes(c.offset, c.length, c.discard);
+            else
+                co_await target_.write(c.offset, c.data);
+            carve(c.offset, c.offset + c.length);
+        }
+    }
+
+    /// Writes back the cached changes in [from, to), in offset order, up to kParallelRuns runs
+    /// at a time (runs are disjoint, so their order does not matter; the target overlaps their
+    /// I/O). With `until_half`, stops once memory() is at most half the limit. The caller holds
+    /// writeback_. Throws the first target error once the runs in flight have ended; a run
+    /// that failed stays cached.
     Task<void> write_range(uint64_t from, uint64_t to, bool until_half) {
-        auto& ranges_lock = ranges(co_await asio::this_coro::executor);
+        const Executor ex = co_await asio::this_coro::executor;
         uint64_t cursor = from;
         for (;;) {
             if (until_half && memory() <= limit_ / 2) co_return;
-            auto run = next_run(cursor, to);
-            if (!run) co_return;
-            uint64_t begin = run->first, end = run->second;
-            auto guard = co_await ranges_lock.lock(begin, end - begin, RangeLock::Mode::exclusive);
-            // Requests queued ahead of us may have changed the range while we waited: take what is
-            // there now. From here on only truncate() can change it.
-            std::vector<Call> calls = snapshot(begin, end);
-            for (Call& c : calls) {
-                if (c.zero)
-                    co_await target_.write_zeroes(c.offset, c.length, c.discard);
-                else
-                    co_await target_.write(c.offset, c.data);
-                carve(c.offset, c.offset + c.length);
+            std::vector<std::pair<uint64_t, uint64_t>> batch;
+            while (batch.size() < kParallelRuns) {
+                auto run = next_run(cursor, to);
+                if (!run) break;
+                batch.push_back(*run);
+                cursor = run->second;
             }
-            cursor = end;
-            sweep_ = end;
+            if (batch.empty()) co_return;
+            sweep_ = cursor;
+            if (batch.size() == 1) {
+                co_await write_run(batch[0].first, batch[0].second);
+                continue;
+            }
+            size_t pending = batch.size();
+            std::exception_ptr error;
+            auto done = std::make_shared<AsyncEvent>(ex);
+            for (auto [begin, end] : batch)
+                asio::co_spawn(ex, write_run(begin, end), [&pending, &error, done](std::exception_ptr e) {
+                    if (e && !error) error = e;
+                    if (--pending == 0) done->set();
+                });
+            co_await done->wait();
+            if (error) std::rethrow_exception(error);
         }
     }
 

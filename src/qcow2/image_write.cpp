@@ -45,8 +45,8 @@ struct Image::ClusterWrite {
     bool needs_new = false;      // data goes to a newly allocated cluster
     uint64_t host = 0;           // destination host cluster offset
     uint64_t window_from = 0, window_to = 0;  // bytes written to the host cluster (old + new)
-    uint64_t new_raw = 0, new_bitmap = 0;
-    bool set_alloc_bits = false;  // extended L2: bitmap computed at plan time (new_bitmap)
+    uint64_t old_raw = 0, old_bitmap = 0;  // the entry as planned over (unchanged: not rewritten)
+    uint64_t new_bitmap = 0;
     uint64_t free_first = 0, free_count = 0;  // clusters released once the new entry is on disk
 };
 
@@ -318,6 +318,8 @@ Task<void> Image::plan_cluster(ClusterWrite& w, uint64_t l2_offset) {
     const uint64_t cs = g.cluster_size();
     const uint32_t cb = g.cluster_bits;
     auto [raw, bitmap] = co_await load_l2_entry(l2_offset, w.l2_index);
+    w.old_raw = raw;
+    w.old_bitmap = bitmap;
     format::L2Entry e = co_await decode_l2_checked(raw, bitmap, w.guest_cluster << cb);
     const std::string what = "data cluster of guest offset " + hex(w.guest_cluster << cb);
 
@@ -415,6 +417,16 @@ Task<void> Image::write_in_table(uint64_t offset, std::span<const std::byte> dat
                 ++j;
             uint64_t host_start = plan[i].host + plan[i].window_from;
             uint64_t host_end = plan[j - 1].host + plan[j - 1].window_to;
+            bool covered = std::all_of(plan.begin() + i, plan.begin() + j, [](const ClusterWrite& w) {
+                return w.window_from == w.from && w.window_to == w.to;
+            });
+            if (covered) {
+                // Nothing old to keep around the data: it goes to the host as it came.
+                uint64_t guest = (plan[i].guest_cluster << cb) + plan[i].from;
+                co_await f.write_at(host_start, data.subspan(guest - offset, host_end - host_start));
+                i = j;
+                continue;
+            }
             std::vector<std::byte> buf(host_end - host_start);
             for (size_t k = i; k < j; ++k) {
                 const ClusterWrite& w = plan[k];
@@ -449,7 +461,9 @@ Task<void> Image::write_in_table(uint64_t offset, std::span<const std::byte> dat
     auto meta = co_await meta_mutex_.lock();
     for (auto& w : plan) {
         uint64_t raw = format::encode_l2_standard(w.host, true, false);
-        co_await store_l2_entry(l2_offset, w.l2_index, raw, w.new_bitmap);
+        // An overwrite in place changes nothing: its slice stays clean, the next flush skips it.
+        if (raw != w.old_raw || w.new_bitmap != w.old_bitmap)
+            co_await store_l2_entry(l2_offset, w.l2_index, raw, w.new_bitmap);
         free_later(w.free_first, w.free_count);
     }
 }
@@ -713,14 +727,20 @@ Task<void> Image::flush_locked() {
     // Rule 1: data before the L2 entries pointing at it. Data in the image file is synced by the
     // refcount flush below (it always syncs); an external data file is synced here.
     if (data_file_) co_await data_file_->flush();
-    // Rule 2: refcount increases (new clusters) on disk before any table that uses them.
-    co_await refcounts_->flush();
+    // Rule 2: refcount increases (new clusters) on disk before any table that uses them. With
+    // no metadata change at all (overwrites in place) one sync of the data is the whole flush.
+    if (refcounts_->dirty())
+        co_await refcounts_->flush();
+    else
+        co_await file_->flush();
     // Rule 3: L2 tables (new ones, and changed entries) on disk before L1 entries point at them.
     auto frees = std::move(pending_free_);
     pending_free_.clear();
     try {
-        co_await l2_cache_->flush();
-        co_await file_->flush();
+        if (l2_cache_->dirty_slices()) {
+            co_await l2_cache_->flush();
+            co_await file_->flush();
+        }
         if (!dirty_l1_.empty()) {
             // Changed L1 entries, a run of adjacent ones per write.
             std::vector<uint64_t> dirty(dirty_l1_.begin(), dirty_l1_.end());

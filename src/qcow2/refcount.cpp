@@ -63,6 +63,7 @@ Task<void> Refcounts::load() {
         table[i] = offset;
     }
     table_ = std::move(table);
+    block_index_.clear();
     hint_ = 1;
 }
 
@@ -228,6 +229,7 @@ Task<void> Refcounts::create_block(uint64_t table_index, uint64_t cluster_index)
     uint64_t offset = cluster_index << cluster_bits_;
     for (uint64_t s = 0; s < cluster_size(); s += blocks_->slice_bytes()) co_await blocks_->create(offset + s);
     table_[table_index] = offset;
+    block_index_.clear();
     if (self) co_await set_refcount(cluster_index, 1);  // a dirty slice just created: no I/O
     co_await store_table_entry(table_index);
 }
@@ -297,6 +299,7 @@ Task<void> Refcounts::grow_table(uint64_t min_entries, Range exclude) {
     uint64_t old_first = table_offset_ >> cluster_bits_;
     uint64_t old_clusters = table_clusters_;
     table_ = std::move(table);
+    block_index_.clear();
     table_offset_ = new_offset;
     table_clusters_ = static_cast<uint32_t>(tc);
     co_await update_locked(old_first, old_clusters, -1);
@@ -333,8 +336,14 @@ Task<std::optional<std::pair<uint64_t, uint64_t>>> Refcounts::find_undercounted(
 bool Refcounts::is_refcount_metadata(uint64_t cluster_index) const {
     uint64_t first = table_offset_ >> cluster_bits_;
     if (cluster_index >= first && cluster_index < first + table_clusters_) return true;
-    uint64_t offset = cluster_index << cluster_bits_;
-    return std::find(table_.begin(), table_.end(), offset) != table_.end();
+    if (block_index_.empty()) {
+        // Rebuilt after the table changed (rare); a write checks every cluster it touches.
+        block_index_.push_back(0);  // never empty once built
+        for (uint64_t b : table_)
+            if (b) block_index_.push_back(b >> cluster_bits_);
+        std::sort(block_index_.begin(), block_index_.end());
+    }
+    return cluster_index != 0 && std::binary_search(block_index_.begin(), block_index_.end(), cluster_index);
 }
 
 Task<void> Refcounts::flush() {

@@ -388,26 +388,24 @@ TEST_CASE("data cache: a failed write-back keeps the data dirty and a later flus
     write_cache(io, c, 128 * KiB, b);
     apply(model, 128 * KiB, b);
 
-    // The first target write fails: nothing is forgotten and the target is not flushed.
+    // The first target call fails (runs go out in parallel, so others may succeed): the failed
+    // data stays cached, reads still see everything, and the target is not flushed.
+    auto flushed = [&] { return joined(target.log).find("flush") != std::string::npos; };
     target.log.clear();
     target.fail_next = 1;
     std::string what;
     CHECK(test::thrown_errno([&] { flush_cache(io, c); }, &what) == EIO);
     CHECK(what.find("injected") != std::string::npos);
-    CHECK(target.log.empty());
-    CHECK(c.dirty_bytes() == 8 * KiB);
+    CHECK_FALSE(flushed());
+    CHECK(c.dirty_bytes() >= 4 * KiB);
     CHECK(read_cache(io, c, 0, 256 * KiB) == slice(model, 0, 256 * KiB));
 
-    // Only the second call fails: the first run is written and forgotten, the rest stays.
-    target.log.clear();
-    target.fail_next = 1;
-    target.skip = 1;
-    CHECK(test::thrown_errno([&] { flush_cache(io, c); }) == EIO);
-    CHECK(joined(target.log) == "write 0+4096");
-    CHECK(c.dirty_bytes() == 4 * KiB);
-    CHECK(read_cache(io, c, 0, 256 * KiB) == slice(model, 0, 256 * KiB));
+    // A later flush writes what is left.
+    flush_cache(io, c);
+    CHECK(c.dirty_bytes() == 0);
 
-    write_cache(io, c, 4 * KiB, a);  // fits under the limit: no write-back
+    write_cache(io, c, 0, a);  // fits under the limit: no write-back
+    write_cache(io, c, 4 * KiB, a);
     apply(model, 4 * KiB, a);
     CHECK(c.dirty_bytes() == 8 * KiB);
 

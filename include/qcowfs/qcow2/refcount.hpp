@@ -94,6 +94,9 @@ public:
     /// is used. Reads every refcount block.
     Task<std::optional<std::pair<uint64_t, uint64_t>>> find_undercounted(std::vector<uint64_t> references);
 
+    /// True if a refcount change is not yet on disk.
+    bool dirty() const { return blocks_->dirty_slices() || table_cache_->dirty_slices(); }
+
     /// True if host cluster `cluster_index` holds the refcount table or a refcount block.
     bool is_refcount_metadata(uint64_t cluster_index) const;
 
@@ -131,6 +134,7 @@ private:
     uint64_t table_offset_;
     uint32_t table_clusters_;
     std::vector<uint64_t> table_;  // block offsets (reserved bits stripped); covers whole clusters
+    mutable std::vector<uint64_t> block_index_;  // sorted block cluster indexes; empty: rebuild
     std::unique_ptr<cache::SliceCache> blocks_;       // refcount block slices
     std::unique_ptr<cache::SliceCache> table_cache_;  // refcount table slices, written after blocks_
     uint64_t hint_ = 1;  // no free cluster lies below this one (clusters only, not exact)
