@@ -116,8 +116,8 @@ else
     failures=$((failures + 1))
 fi
 
-# ---- a file system inside an image, through a read-only loop device --------------------------
-say "mounting the ext4 inside fs.raw read-only (losetup -r + mount -o ro)"
+# ---- a file system inside an image, written through a loop device ---------------------------
+say "mounting the ext4 inside fs.raw read-write (losetup + mount), writing a file into it"
 loopdev=""
 cleanup_loop() {
     if is_mounted "$loopmnt"; then umount "$loopmnt" || true; fi
@@ -125,10 +125,23 @@ cleanup_loop() {
     loopdev=""
 }
 trap cleanup_loop EXIT
-if loopdev=$(losetup -r -f --show "$mnt/fs.raw" 2>/dev/null); then
-    if mount -o ro "$loopdev" "$loopmnt" 2>/dev/null; then
+if loopdev=$(losetup -f --show "$mnt/fs.raw" 2>/dev/null); then
+    if mount "$loopdev" "$loopmnt" 2>/dev/null; then
         ls -l "$loopmnt"
         echo "hello.txt: $(cat "$loopmnt/hello.txt")"
+        echo "written by the demo through qcowfs on $(date)" > "$loopmnt/written.txt"
+        cleanup_loop   # umount + detach: the last handle closes, qcowfs writes fs.qcow2 back clean
+        # The kernel releases the file asynchronously: give qcowfs a moment to close the image.
+        for _ in 1 2 3 4 5 6 7 8 9 10; do
+            qemu-img check -U -q "$images/fs.qcow2" >/dev/null 2>&1 && break
+            sleep 0.5
+        done
+        if qemu-img check -U "$images/fs.qcow2"; then
+            echo "OK        qemu-img check finds fs.qcow2 clean after the write"
+        else
+            echo "FAILED    qemu-img check of fs.qcow2"
+            failures=$((failures + 1))
+        fi
     else
         echo "(mount of $loopdev not possible here; skipped)"
     fi
