@@ -597,7 +597,7 @@ Task<void> Image::allocate(uint64_t offset, uint64_t length) {
         bool allocated_already = false;
         if (l1_index < l1_.size() && (l1_[l1_index] & format::kL1OffsetMask)) {
             auto [raw, bitmap] = co_await load_l2_entry(l1_[l1_index] & format::kL1OffsetMask, c % geometry_.l2_entries());
-            format::L2Entry e = format::decode_l2(raw, bitmap, geometry_, meta_.header.version, data_file_ != nullptr);
+            format::L2Entry e = co_await decode_l2_checked(raw, bitmap, at);
             allocated_already = e.compressed || (has_host(e) && (!geometry_.extended_l2 || (bitmap & kAllocBitsAll) == kAllocBitsAll));
         }
         if (allocated_already) continue;
@@ -611,7 +611,7 @@ Task<void> Image::allocate(uint64_t offset, uint64_t length) {
     }
 }
 
-Task<void> Image::grow_l1(uint64_t entries) {
+Task<void> Image::grow_l1(uint64_t entries, uint64_t new_size) {
     // Rule 3 for the table itself: every L2 table the in-memory L1 points at must be on disk
     // before a new L1 copy that points at them is made current.
     co_await flush_locked();
@@ -633,6 +633,10 @@ Task<void> Image::grow_l1(uint64_t entries) {
     meta_.header.l1_size = static_cast<uint32_t>(entries);
     l1_.resize(entries, 0);
     dirty_l1_.clear();  // all of them are in the new table
+    // One header write points at the new table and sets the size it was grown for (not earlier:
+    // a refcount table move above rewrites the header too, and must not show the new size
+    // with the old L1 table).
+    meta_.header.size = new_size;
     co_await write_header();
     // The header no longer points at the old table: nothing references it.
     if (old_clusters) co_await refcounts_->update(old >> cb, old_clusters, -1);
@@ -660,7 +664,7 @@ Task<void> Image::release_beyond(uint64_t new_size) {
             if (e.copied) {
                 for (uint64_t i = 0; i < table_clusters; ++i) {
                     auto [raw, bitmap] = co_await load_l2_entry(l2, i);
-                    format::L2Entry le = format::decode_l2(raw, bitmap, g, meta_.header.version, data_file_ != nullptr);
+                    format::L2Entry le = co_await decode_l2_checked(raw, bitmap, (l1_index * table_clusters + i) << cb);
                     if (data_file_) continue;
                     if (has_host(le)) free_later(le.host_offset >> cb, 1);
                     else if (le.compressed) {
@@ -710,9 +714,12 @@ Task<void> Image::resize(uint64_t new_size) {
         auto flush_guard = co_await flush_mutex_.lock();
         auto meta = co_await meta_mutex_.lock();
         uint64_t entries = geometry_.l1_entries_for(new_size);
-        if (entries > l1_.size()) co_await grow_l1(std::max<uint64_t>(entries, l1_.size() + l1_.size() / 4));
-        meta_.header.size = new_size;
-        co_await write_header();
+        if (entries > l1_.size()) {
+            co_await grow_l1(std::max<uint64_t>(entries, l1_.size() + l1_.size() / 4), new_size);
+        } else {
+            meta_.header.size = new_size;
+            co_await write_header();
+        }
     }
     // The new part must read as zeros: the rest of the old last cluster may hold bytes from
     // before an earlier shrink, and a longer backing file would show through.
@@ -723,7 +730,6 @@ Task<void> Image::resize(uint64_t new_size) {
 // ---- flush -----------------------------------------------------------------------------------
 
 Task<void> Image::flush_locked() {
-    const uint64_t cs = geometry_.cluster_size();
     // Rule 1: data before the L2 entries pointing at it. Data in the image file is synced by the
     // refcount flush below (it always syncs); an external data file is synced here.
     if (data_file_) co_await data_file_->flush();
@@ -759,7 +765,6 @@ Task<void> Image::flush_locked() {
         pending_free_.insert(pending_free_.begin(), frees.begin(), frees.end());
         throw;
     }
-    (void)cs;
     // Rule 4: nothing on disk points at these clusters any more; their refcounts may drop (and
     // reach the disk with the next flush).
     for (auto [first, count] : frees) co_await refcounts_->update(first, count, -1);

@@ -214,7 +214,7 @@ private:
     /// Rewrites the fixed header fields from meta_.header and syncs.
     Task<void> write_header();
     /// Resize helpers (meta_mutex_ held).
-    Task<void> grow_l1(uint64_t entries);
+    Task<void> grow_l1(uint64_t entries, uint64_t new_size);
     Task<void> release_beyond(uint64_t new_size);
 
     std::string path_;
