@@ -3,6 +3,7 @@
 #include <fuse_lowlevel.h>
 #include <sys/resource.h>
 #include <sys/stat.h>
+#include <sys/sysmacros.h>
 #include <unistd.h>
 
 #include <boost/asio/io_context.hpp>
@@ -43,6 +44,10 @@ constexpr const char* kUsage =
     "  -f                 stay in the foreground (default: daemonize once mounted)\n"
     "  -d                 log every request (implies nothing else; combine with -f to see it)\n"
     "  -o ro              mount everything read-only\n"
+    "  -o allow_dir=DIR   backing and data files may also lie in DIR (repeatable; by default\n"
+    "                     only files inside SOURCE_DIR are used; allow_dir=/ allows any)\n"
+    "  -o force_share     read images without taking or checking QEMU's image locks (like\n"
+    "                     qemu-img -U); implies -o ro\n"
     "  -o threads=N       worker threads (default: number of CPUs, at least 2)\n"
     "  -o l2_cache=SIZE   L2 table cache per open image (default 4M; K, M, G suffixes)\n"
     "  -o compressed_cache=SIZE  decompressed clusters kept per open image (default 4M)\n"
@@ -68,6 +73,8 @@ struct Options {
     size_t write_cache = 64u << 20;
     size_t readahead = 1u << 20;
     std::string log_file;
+    std::vector<std::string> allow_dirs;
+    bool force_share = false;
     std::vector<std::string> fuse_options;
 };
 
@@ -111,6 +118,13 @@ void parse_o(Options& o, const std::string& list) {
             o.write_cache = parse_size(key, value);
         } else if (key == "log") {
             o.log_file = value;
+        } else if (key == "allow_dir") {
+            if (value.empty()) die("allow_dir needs a directory");
+            o.allow_dirs.push_back(value);
+        } else if (opt == "force_share") {
+            o.force_share = true;
+            if (!o.read_only) o.fuse_options.push_back("ro");
+            o.read_only = true;
         } else {
             o.fuse_options.push_back(opt);
         }
@@ -247,6 +261,7 @@ int main(int argc, char** argv) {
     Options o = parse_args(argc, argv);
     o.source = absolute_dir(o.source, "source directory");
     o.mountpoint = absolute_dir(o.mountpoint, "mount point");
+    for (auto& d : o.allow_dirs) d = absolute_dir(d, "allow_dir");
     if (is_mount_point(o.mountpoint)) die("mount point " + o.mountpoint + " is busy: something is already mounted there");
     if (::access("/dev/fuse", R_OK | W_OK) != 0) die(std::string("cannot open /dev/fuse: ") + std::strerror(errno));
 
@@ -266,6 +281,8 @@ int main(int argc, char** argv) {
     fs_options.l2_cache_bytes = o.l2_cache;
     fs_options.compressed_cache_bytes = o.compressed_cache;
     fs_options.write_cache_bytes = o.write_cache;
+    fs_options.allow_dirs = o.allow_dirs;
+    fs_options.force_share = o.force_share;
 
     asio::io_context io;
     fs::Filesystem filesystem(io, fs_options);
@@ -297,9 +314,15 @@ int main(int argc, char** argv) {
         if (::chdir("/") != 0) { /* nothing depends on the working directory */ }
         detach_stdio();
     }
+    if (std::string dev = mount_device(o.mountpoint); !dev.empty()) {
+        unsigned major = 0, minor = 0;
+        if (std::sscanf(dev.c_str(), "%u:%u", &major, &minor) == 2) filesystem.set_mount_device(makedev(major, minor));
+    }
     set_readahead(o.mountpoint, o.readahead);
     raise_fd_limit();
     log::info("serving " + o.source + " on " + o.mountpoint);
+    if (o.force_share)
+        log::info("force_share: images are read without taking or checking QEMU's image locks; the mount is read-only");
 
     asio::signal_set signals(io, SIGINT, SIGTERM, SIGHUP);
     signals.async_wait([&](const boost::system::error_code& ec, int sig) {

@@ -27,9 +27,14 @@ namespace qcowfs::fs {
 Filesystem::Filesystem(asio::io_context& io, FsOptions options)
     : io_(io),
       options_(std::move(options)),
-      scanner_(options_.source_dir, ScanOptions{options_.mountpoint, !options_.read_only}),
+      scanner_(options_.source_dir, ScanOptions{&policy_, options_.mountpoint, !options_.read_only}),
       images_(io),
-      serve_strand_(asio::make_strand(io)) {}
+      serve_strand_(asio::make_strand(io)) {
+    policy_.allowed_dirs.push_back(options_.source_dir);
+    for (const auto& d : options_.allow_dirs) policy_.allowed_dirs.push_back(d);
+    policy_.own_mount = options_.mountpoint;
+    policy_.locking = !options_.force_share;
+}
 
 Filesystem::~Filesystem() {
     {
@@ -173,8 +178,30 @@ Task<void> Filesystem::ensure_open(std::shared_ptr<ImageSlot> slot, bool writabl
     auto guard = co_await slot->lifecycle.lock();
     if (slot->image) co_return;
     qcow2::OpenOptions options;
-    options.opener = [&io = io_](const std::string& path, bool writable) {
-        return io::open_file(io.get_executor(), path, writable);
+    // Every file goes through the host policy; each one opened is recorded for the access checks
+    // of later requests. The image is the file the scan saw; any other path is a file it depends
+    // on: its data file when opened for writing (only the top image's is), else a backing file or
+    // a read-only data file, which get the same rules.
+    auto files = std::make_shared<std::vector<io::HostFile>>();
+    options.opener = [this, slot, files](const std::string& path, bool writable) {
+        io::HostOpen request;
+        request.path = path;
+        request.writable = writable;
+        if (path == slot->path) {
+            request.role = io::FileRole::image;
+            request.follow_final = slot->follow_final;
+            request.expect = io::FileIdentity{slot->dev, slot->ino};
+        } else {
+            request.role = writable ? io::FileRole::data_file : io::FileRole::backing;
+        }
+        io::FileIdentity identity;
+        auto file = io::open_host_file(io_.get_executor(), policy_, request, &identity);
+        io::HostFile record{path, request.role, request.follow_final, identity};
+        bool known = std::any_of(files->begin(), files->end(), [&](const io::HostFile& f) {
+            return f.path == record.path && f.identity == record.identity;
+        });
+        if (!known) files->push_back(std::move(record));
+        return file;
     };
     options.l2_cache_bytes = options_.l2_cache_bytes;
     options.compressed_cache_bytes = options_.compressed_cache_bytes;
@@ -208,6 +235,20 @@ Task<void> Filesystem::ensure_open(std::shared_ptr<ImageSlot> slot, bool writabl
     slot->changes = slot->flushed_changes = 0;
     slot->live_size = image->size();
     slot->image = std::move(image);
+    slot->files = std::move(*files);
+}
+
+Task<void> Filesystem::open_for(std::shared_ptr<ImageSlot> slot, bool writable_wanted, const io::Credentials& user,
+                                bool for_writing) {
+    co_await ensure_open(slot, writable_wanted);
+    // Whoever opened the image first, this user gets only what the host would give them.
+    io::check_user_access(policy_, user, slot->files, for_writing);
+    if (for_writing && slot->cache && !slot->corrupt) slot->image->lock_for_writing();
+}
+
+io::HostFile Filesystem::host_file_of(const Node& node) {
+    return io::HostFile{node.image->path, io::FileRole::image, node.image->path_is_symlink,
+                        io::FileIdentity{node.key.dev, node.key.ino}};
 }
 
 void Filesystem::release_slot(const std::shared_ptr<ImageSlot>& slot) {

@@ -10,6 +10,7 @@
 #include <boost/asio/detached.hpp>
 #include <cstring>
 #include <limits>
+#include <optional>
 #include <vector>
 
 #include "qcowfs/cache/data_cache.hpp"
@@ -34,10 +35,14 @@ struct OpenFile {
     bool writable = false;  // opened for writing (then slot->cache exists)
 };
 
-/// Replies to `req` with the error `e` carries, after logging it once per image.
+/// Replies to `req` with the error `e` carries, after logging it (rate-limited per image and
+/// reason). An image replaced or removed since the scan (ESTALE, ENOENT: a rename raced the open)
+/// is not an error of the image: ENOENT, nothing logged.
 void reply_error(fuse_req_t req, ImageRegistry& images, const std::string& path, const std::system_error& e) {
+    int code = errno_of(e);
+    if (code == ESTALE || code == ENOENT) return void(fuse_reply_err(req, ENOENT));
     images.report(path, reason_of(e));
-    fuse_reply_err(req, errno_of(e));
+    fuse_reply_err(req, code);
 }
 
 /// State behind fuse_file_info::fh for an open directory: its entries when opened.
@@ -51,6 +56,26 @@ struct OpenDir {
 };
 
 Filesystem* fs_of(fuse_req_t req) { return static_cast<Filesystem*>(fuse_req_userdata(req)); }
+
+/// The user behind `req`: uid, gid and supplementary groups (read by libfuse from /proc; only the
+/// primary group when the process is gone).
+io::Credentials credentials_of(fuse_req_t req) {
+    const fuse_ctx* ctx = fuse_req_ctx(req);
+    io::Credentials user{ctx->uid, ctx->gid, {}};
+    if (!io::needs_access_check(user)) return user;
+    std::vector<gid_t> groups(64);
+    for (;;) {
+        int n = fuse_req_getgroups(req, static_cast<int>(groups.size()), groups.data());
+        if (n < 0) break;
+        if (static_cast<size_t>(n) <= groups.size()) {
+            groups.resize(static_cast<size_t>(n));
+            user.groups = std::move(groups);
+            break;
+        }
+        groups.resize(static_cast<size_t>(n));
+    }
+    return user;
+}
 
 /// Logs a request when -d is on.
 void trace(const char* op, fuse_ino_t ino, const std::string& more = {}) {
@@ -225,12 +250,14 @@ struct Filesystem::Handlers {
         // Open the Image writable whenever the image may be written, whatever this handle wants:
         // it is shared by every handle, and a later one may write.
         const bool writable_image = !fs.options_.read_only && node->image->read_only_reason.empty();
-        auto slot = fs.images_.acquire(key.dev, key.ino, node->image->path);
+        auto slot = fs.images_.acquire(key.dev, key.ino, node->image->path, node->image->path_is_symlink);
         fuse_file_info info = *fi;  // *fi does not outlive this call
         std::string snapshot_id = key.snapshot_id;
-        fs.spawn(slot->strand, [&fs, req, slot, info, snapshot_id, for_writing, writable_image]() mutable -> Task<void> {
+        io::Credentials user = credentials_of(req);
+        fs.spawn(slot->strand, [&fs, req, slot, info, snapshot_id, for_writing, writable_image,
+                                user]() mutable -> Task<void> {
             try {
-                co_await fs.ensure_open(slot, writable_image);
+                co_await fs.open_for(slot, writable_image, user, for_writing);
                 if (for_writing && (!slot->cache || slot->corrupt)) {
                     // Opened read-only after all (no write permission on the host file, or the
                     // image itself refuses writes): EROFS is an answer, not an image error.
@@ -424,11 +451,11 @@ struct Filesystem::Handlers {
     }
 
     /// Attributes after a setattr: the node's, with owner, mode and times fresh from the host
-    /// file, and the live size.
+    /// file (if it is still the scanned one), and the live size.
     static struct stat fresh_attr(Filesystem& fs, const Tree& tree, const Node& node, fuse_ino_t ino) {
         struct stat st = fs.attr_of(tree, node);
-        struct stat host {};
-        if (::stat(node.image->path.c_str(), &host) == 0) {
+        if (auto fresh = io::stat_host_file(fs.policy_, host_file_of(node))) {
+            const struct stat& host = *fresh;
             mode_t perm = host.st_mode & 0777;
             if (fs.options_.read_only || !node.image->read_only_reason.empty()) perm &= ~kWriteBits;
             st.st_mode = (st.st_mode & S_IFMT) | perm;
@@ -461,22 +488,27 @@ struct Filesystem::Handlers {
                 return void(fuse_reply_err(req, EROFS));
             }
         }
-        // Owner, mode and times belong to the host image file.
-        const char* path = node->image->path.c_str();
-        if ((to_set & FUSE_SET_ATTR_MODE) && ::chmod(path, attr->st_mode & 07777) != 0)
-            return void(fuse_reply_err(req, errno));
-        if (to_set & (FUSE_SET_ATTR_UID | FUSE_SET_ATTR_GID)) {
-            uid_t uid = (to_set & FUSE_SET_ATTR_UID) ? attr->st_uid : static_cast<uid_t>(-1);
-            gid_t gid = (to_set & FUSE_SET_ATTR_GID) ? attr->st_gid : static_cast<gid_t>(-1);
-            if (::chown(path, uid, gid) != 0) return void(fuse_reply_err(req, errno));
-        }
-        if (to_set & (FUSE_SET_ATTR_ATIME | FUSE_SET_ATTR_MTIME | FUSE_SET_ATTR_ATIME_NOW | FUSE_SET_ATTR_MTIME_NOW)) {
-            timespec times[2] = {{0, UTIME_OMIT}, {0, UTIME_OMIT}};
-            if (to_set & FUSE_SET_ATTR_ATIME_NOW) times[0].tv_nsec = UTIME_NOW;
-            else if (to_set & FUSE_SET_ATTR_ATIME) times[0] = attr->st_atim;
-            if (to_set & FUSE_SET_ATTR_MTIME_NOW) times[1].tv_nsec = UTIME_NOW;
-            else if (to_set & FUSE_SET_ATTR_MTIME) times[1] = attr->st_mtim;
-            if (::utimensat(AT_FDCWD, path, times, 0) != 0) return void(fuse_reply_err(req, errno));
+        // Owner, mode and times belong to the host image file: changed on the scanned file itself
+        // (never on whatever its path names now), with the requesting user's rights.
+        const io::Credentials user = credentials_of(req);
+        std::optional<mode_t> mode;
+        if (to_set & FUSE_SET_ATTR_MODE) mode = attr->st_mode & 07777;
+        uid_t uid = (to_set & FUSE_SET_ATTR_UID) ? attr->st_uid : static_cast<uid_t>(-1);
+        gid_t gid = (to_set & FUSE_SET_ATTR_GID) ? attr->st_gid : static_cast<gid_t>(-1);
+        timespec times[2] = {{0, UTIME_OMIT}, {0, UTIME_OMIT}};
+        const bool set_times =
+            to_set & (FUSE_SET_ATTR_ATIME | FUSE_SET_ATTR_MTIME | FUSE_SET_ATTR_ATIME_NOW | FUSE_SET_ATTR_MTIME_NOW);
+        if (to_set & FUSE_SET_ATTR_ATIME_NOW) times[0].tv_nsec = UTIME_NOW;
+        else if (to_set & FUSE_SET_ATTR_ATIME) times[0] = attr->st_atim;
+        if (to_set & FUSE_SET_ATTR_MTIME_NOW) times[1].tv_nsec = UTIME_NOW;
+        else if (to_set & FUSE_SET_ATTR_MTIME) times[1] = attr->st_mtim;
+        if (mode || uid != static_cast<uid_t>(-1) || gid != static_cast<gid_t>(-1) || set_times) {
+            try {
+                io::change_attributes(fs.policy_, user, host_file_of(*node), mode, uid, gid, set_times ? times : nullptr);
+            } catch (const std::system_error& e) {
+                trace("setattr", ino, ": " + std::string(e.what()));
+                return void(fuse_reply_err(req, errno_of(e) == ESTALE ? ENOENT : errno_of(e)));
+            }
         }
         if (!(to_set & FUSE_SET_ATTR_SIZE)) {
             struct stat fresh = fresh_attr(fs, *tree, *node, ino);
@@ -486,10 +518,10 @@ struct Filesystem::Handlers {
         // (or opens it, for truncate by name) while it is resized.
         (void)fi;
         const uint64_t new_size = static_cast<uint64_t>(attr->st_size);
-        auto slot = fs.images_.acquire(key.dev, key.ino, node->image->path);
-        fs.spawn(slot->strand, [&fs, req, ino, slot, tree, node, new_size]() -> Task<void> {
+        auto slot = fs.images_.acquire(key.dev, key.ino, node->image->path, node->image->path_is_symlink);
+        fs.spawn(slot->strand, [&fs, req, ino, slot, tree, node, new_size, user]() -> Task<void> {
             try {
-                co_await fs.ensure_open(slot, true);
+                co_await fs.open_for(slot, true, user, true);
                 if (!slot->cache || slot->corrupt) fail(EROFS, "the image cannot be written");
                 co_await resize(*slot, new_size);
                 struct stat fresh = fresh_attr(fs, *tree, *node, ino);

@@ -14,10 +14,11 @@ ImageSlot::~ImageSlot() {
     active.reset();
 }
 
-std::shared_ptr<ImageSlot> ImageRegistry::acquire(uint64_t dev, uint64_t ino, const std::string& path) {
+std::shared_ptr<ImageSlot> ImageRegistry::acquire(uint64_t dev, uint64_t ino, const std::string& path,
+                                                  bool follow_final) {
     std::lock_guard lock(mutex_);
     auto& slot = slots_[{dev, ino}];
-    if (!slot) slot = std::make_shared<ImageSlot>(io_, dev, ino, path);
+    if (!slot) slot = std::make_shared<ImageSlot>(io_, dev, ino, path, follow_final);
     ++slot->handles;
     return slot;
 }

@@ -160,12 +160,20 @@ struct Probed {
     bool cacheable = true;  // false when the result depends on another file (external data file)
 };
 
-/// Opens and examines one regular file. nullopt: unreadable, skip it (and retry next scan).
-/// `st` is refreshed from the open file.
-std::optional<Probed> probe_file(const std::string& path, struct stat& st) {
-    // O_NONBLOCK: should the file have been replaced by a FIFO since stat, open must not hang.
-    int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK | O_NOCTTY);
-    if (fd < 0) return std::nullopt;
+/// Examines one regular file, open as `fd` (or opened here as the daemon when `fd` < 0, refusing
+/// a symlink that was not there at the directory walk). nullopt: unreadable, skip it (and retry
+/// next scan). `st` is refreshed from the open file.
+std::optional<Probed> probe_file(const io::HostPolicy& policy, const std::string& path, struct stat& st, int fd) {
+    if (fd < 0) {
+        try {
+            fd = io::open_regular(policy, path, false, nullptr);
+        } catch (const std::system_error&) {
+            return std::nullopt;
+        }
+    } else {
+        fd = ::fcntl(fd, F_DUPFD_CLOEXEC, 0);
+        if (fd < 0) return std::nullopt;
+    }
     FdCloser closer(fd);
     if (::fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) return std::nullopt;
 
@@ -180,6 +188,8 @@ std::optional<Probed> probe_file(const std::string& path, struct stat& st) {
 
     auto info = std::make_shared<ImageInfo>();
     info->path = path;
+    struct stat link_st {};
+    info->path_is_symlink = ::lstat(path.c_str(), &link_st) == 0 && S_ISLNK(link_st.st_mode);
     info->host_stat = st;
     info->allocated_bytes = static_cast<uint64_t>(st.st_blocks) * 512;
     try {
@@ -286,12 +296,14 @@ std::vector<std::string> snapshot_labels(const std::vector<SnapshotInfo>& snaps)
 /// One scan's walk over the host tree. Image probing (and its cache) is supplied by Scanner.
 class Walker {
 public:
-    using ImageLookup =
-        std::function<std::optional<std::shared_ptr<const ImageInfo>>(const std::string& path, struct stat& st)>;
+    /// Finds the image info of a regular file: `fd` is the file opened with its symlink owner's
+    /// rights, or -1 (open it as the daemon if it must be read).
+    using ImageLookup = std::function<std::optional<std::shared_ptr<const ImageInfo>>(const std::string& path,
+                                                                                       struct stat& st, int fd)>;
 
     /// `options.exclude` must already be normalized like the paths the walk builds.
     Walker(Tree& tree, const ScanOptions& options, ImageLookup lookup)
-        : tree_(tree), options_(options), lookup_(std::move(lookup)) {}
+        : tree_(tree), options_(options), policy_(options.policy ? *options.policy : kNoPolicy), lookup_(std::move(lookup)) {}
 
     /// Marks a directory as entered; false if it was already (a bind mount loop).
     bool enter(const struct stat& st) { return visited_.emplace(st.st_dev, st.st_ino).second; }
@@ -372,16 +384,30 @@ private:
             item.path = join_path(dir_path, name);
             if (!options_.exclude.empty() && item.path == options_.exclude) continue;  // never stat the mount point
             if (::lstat(item.path.c_str(), &item.st) != 0) continue;
+            int link_fd = -1;
             if (S_ISLNK(item.st.st_mode)) {
-                // Symlinks count only when they lead to a regular file.
-                if (::stat(item.path.c_str(), &item.st) != 0 || !S_ISREG(item.st.st_mode)) continue;
+                // Symlinks count only when they lead to a regular file that the symlink's owner
+                // may read: followed with the owner's rights, never onto the own mount.
+                std::optional<io::Credentials> owner;
+                if (item.st.st_uid != ::geteuid() && item.st.st_uid != 0)
+                    owner = io::credentials_of_user(item.st.st_uid, item.st.st_gid);
+                try {
+                    link_fd = io::open_regular(policy_, item.path, true, owner ? &*owner : nullptr);
+                } catch (const std::system_error&) {
+                    continue;
+                }
+                if (::fstat(link_fd, &item.st) != 0) {
+                    ::close(link_fd);
+                    continue;
+                }
             }
+            FdCloser link_closer(link_fd);
             if (S_ISDIR(item.st.st_mode)) {
                 auto sub = read_dir_names(item.path);
                 if (!sub || !enter(item.st)) continue;
                 item.sub_names = std::move(*sub);
             } else if (S_ISREG(item.st.st_mode)) {
-                auto image = lookup_(item.path, item.st);
+                auto image = lookup_(item.path, item.st, link_fd);
                 if (!image || *image == nullptr) continue;
                 item.image = std::move(*image);
             } else {
@@ -415,8 +441,10 @@ private:
         }
     }
 
+    static inline const io::HostPolicy kNoPolicy{};
     Tree& tree_;
     const ScanOptions& options_;
+    const io::HostPolicy& policy_;
     ImageLookup lookup_;
     std::set<std::pair<dev_t, ino_t>> visited_;
 };
@@ -468,8 +496,10 @@ std::shared_ptr<const Tree> Scanner::scan() {
     if (!root_names) fail(errno, "cannot read source directory " + source_dir_);
 
     std::map<std::pair<uint64_t, uint64_t>, Cached> next_cache;
-    auto lookup = [&](const std::string& path,
-                      struct stat& st) -> std::optional<std::shared_ptr<const ImageInfo>> {
+    static const io::HostPolicy kNoPolicy{};
+    const io::HostPolicy& policy = options_.policy ? *options_.policy : kNoPolicy;
+    auto lookup = [&](const std::string& path, struct stat& st,
+                      int fd) -> std::optional<std::shared_ptr<const ImageInfo>> {
         std::pair<uint64_t, uint64_t> id{st.st_dev, st.st_ino};
         // Another name (symlink, hard link) of a file already examined in this scan.
         if (auto it = next_cache.find(id); it != next_cache.end() && same_version(it->second.st, st))
@@ -480,7 +510,7 @@ std::shared_ptr<const Tree> Scanner::scan() {
             next_cache.insert_or_assign(id, it->second);
             return it->second.info;
         }
-        std::optional<Probed> probed = probe_file(path, st);
+        std::optional<Probed> probed = probe_file(policy, path, st, fd);
         if (!probed) return std::nullopt;
         if (probed->cacheable)
             next_cache.insert_or_assign(std::pair<uint64_t, uint64_t>{st.st_dev, st.st_ino},

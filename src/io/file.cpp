@@ -14,9 +14,74 @@
 #include <cstring>
 
 #include "qcowfs/format/error.hpp"
+#include "qcowfs/util/log.hpp"
 
 namespace qcowfs::io {
 namespace {
+
+// ---- QEMU's image locking protocol -----------------------------------------------------------
+// QEMU (block/file-posix.c) takes OFD locks, which belong to an open file description, so dup()s
+// share them and they go away when the last descriptor of the open closes. One byte per
+// permission: 100 + bit is read-locked while the permission is held, 200 + bit while it is not
+// shared. A conflict is another description's lock on the byte that our own lock tests.
+constexpr off_t kLockPermBase = 100;
+constexpr off_t kLockSharedBase = 200;
+constexpr int kPermCount = 4;  // consistent read, write, write unchanged, resize (QEMU 7.2: BLK_PERM_ALL)
+constexpr const char* kPermNames[kPermCount] = {"consistent read", "write", "write unchanged", "resize"};
+constexpr unsigned kPermRead = 1u << 0, kPermWrite = 1u << 1, kPermResize = 1u << 3;
+
+unsigned held_perms(LockMode m) {
+    switch (m) {
+        case LockMode::none: return 0;
+        case LockMode::read: return kPermRead;
+        case LockMode::write: return kPermRead | kPermWrite | kPermResize;
+    }
+    return 0;
+}
+unsigned unshared_perms(LockMode m) { return m == LockMode::none ? 0 : kPermWrite | kPermResize; }
+
+/// Read-locks (or unlocks) one byte. Returns 0 or the errno.
+int lock_byte(int fd, off_t byte, bool lock) {
+    struct flock fl {};
+    fl.l_type = lock ? F_RDLCK : F_UNLCK;
+    fl.l_whence = SEEK_SET;
+    fl.l_start = byte;
+    fl.l_len = 1;
+    return ::fcntl(fd, F_OFD_SETLK, &fl) == 0 ? 0 : errno;
+}
+
+/// True when another open file description holds a lock on `byte`.
+bool byte_taken(int fd, off_t byte) {
+    struct flock fl {};
+    fl.l_type = F_WRLCK;
+    fl.l_whence = SEEK_SET;
+    fl.l_start = byte;
+    fl.l_len = 1;
+    if (::fcntl(fd, F_OFD_GETLK, &fl) != 0) return false;
+    return fl.l_type != F_UNLCK;
+}
+
+/// Sets exactly the lock bytes of `mode`. Returns 0 or the errno of the first refusal.
+int apply_lock_bytes(int fd, LockMode mode) {
+    unsigned held = held_perms(mode), unshared = unshared_perms(mode);
+    for (int i = 0; i < kPermCount; ++i) {
+        if (int e = lock_byte(fd, kLockPermBase + i, held & (1u << i))) return e;
+        if (int e = lock_byte(fd, kLockSharedBase + i, unshared & (1u << i))) return e;
+    }
+    return 0;
+}
+
+/// QEMU's words for the first conflict of `mode` with other users' locks, or "" if none.
+std::string lock_conflict(int fd, LockMode mode) {
+    unsigned held = held_perms(mode), unshared = unshared_perms(mode);
+    for (int i = 0; i < kPermCount; ++i) {
+        if ((held & (1u << i)) && byte_taken(fd, kLockSharedBase + i))
+            return std::string("Failed to get \"") + kPermNames[i] + "\" lock";
+        if ((unshared & (1u << i)) && byte_taken(fd, kLockPermBase + i))
+            return std::string("Failed to get shared \"") + kPermNames[i] + "\" lock";
+    }
+    return {};
+}
 
 /// Threads for the system calls io_uring is not asked to do (fdatasync, fallocate, ftruncate), so
 /// they never block a thread that serves requests.
@@ -121,6 +186,32 @@ public:
 
     const std::string& name() const override { return path_; }
 
+    void set_lock(LockMode mode) override {
+        if (!locking_ || mode == lock_mode_) {
+            lock_mode_ = mode;
+            return;
+        }
+        if (int e = apply_lock_bytes(fd_, mode)) {
+            if (e == EINVAL || e == ENOTSUP || e == ENOLCK || e == EOPNOTSUPP) {
+                // As QEMU's locking=auto: a host file system without OFD locks is used unlocked.
+                log::info(path_ + ": the host file system refuses OFD locks (" + std::strerror(e) +
+                          "); using it without QEMU image locks");
+                locking_ = false;
+                lock_mode_ = mode;
+                return;
+            }
+            apply_lock_bytes(fd_, lock_mode_);
+            fail(e, "cannot lock " + path_);
+        }
+        if (std::string conflict = lock_conflict(fd_, mode); !conflict.empty()) {
+            apply_lock_bytes(fd_, lock_mode_);  // back to what was held
+            fail(EBUSY, conflict + ": another process (QEMU?) is using the image");
+        }
+        lock_mode_ = mode;
+    }
+
+    void enable_locking(bool on) { locking_ = on; }
+
 private:
     struct Channel {
         explicit Channel(const Executor& ex) : file(ex) {}
@@ -180,6 +271,7 @@ private:
     }
 
     Executor executor_;
+    bool locking_ = false;  // set_lock() takes QEMU lock bytes on fd_
     int fd_;  // owned by channels_[0]
     std::string path_;
     std::mutex mutex_;  // guards channels_ and their busy counts
@@ -192,6 +284,12 @@ std::unique_ptr<File> open_file(const Executor& executor, const std::string& pat
     int fd = ::open(path.c_str(), (writable ? O_RDWR : O_RDONLY) | O_CLOEXEC);
     if (fd < 0) fail(errno, "cannot open " + path);
     return std::make_unique<UringFile>(executor, fd, path);
+}
+
+std::unique_ptr<File> adopt_file(const Executor& executor, int fd, std::string name, bool locking) {
+    auto file = std::make_unique<UringFile>(executor, fd, std::move(name));
+    file->enable_locking(locking);
+    return file;
 }
 
 Task<void> File::discard(uint64_t, uint64_t) { fail(EOPNOTSUPP, "discard is not supported by " + name()); }

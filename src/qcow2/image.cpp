@@ -14,6 +14,17 @@ namespace {
 
 void zero(std::span<std::byte> s) { std::memset(s.data(), 0, s.size()); }
 
+/// The errno an image's readers get when a file it depends on (backing or data file) cannot be
+/// opened: a missing or broken file makes the image broken (EIO); refusals keep their meaning —
+/// ENOTSUP (unsupported), EACCES (not allowed: outside the allowed directories, not a regular
+/// file, the user may not read it), EBUSY (locked by QEMU), ESTALE (replaced meanwhile); and a
+/// writable open that the host refuses is the caller's to handle (it may open read-only).
+int dependency_errno(int code, bool writable) {
+    if (code == ENOTSUP || code == EACCES || code == EBUSY || code == ESTALE) return code;
+    if (writable && (code == EROFS || code == EPERM)) return code;
+    return EIO;
+}
+
 }  // namespace
 
 std::string resolve_relative(const std::string& image_path, const std::string& name) {
@@ -171,8 +182,7 @@ Task<void> Image::open_backing(unsigned depth, std::vector<std::string> chain) {
         try {
             co_await backing->open_impl(depth + 1, std::move(chain));
         } catch (const std::system_error& e) {
-            int code = errno_of(e) == ENOTSUP ? ENOTSUP : EIO;
-            fail(code, "backing file " + path + ": " + reason_of(e));
+            fail(dependency_errno(errno_of(e), false), "backing file " + path + ": " + reason_of(e));
         }
         backing_ = backing->active();  // the view keeps the backing Image alive
     } else {
@@ -181,14 +191,11 @@ Task<void> Image::open_backing(unsigned depth, std::vector<std::string> chain) {
 }
 
 std::unique_ptr<io::File> Image::open_dependency(const std::string& path, const char* what, bool writable) {
-    // A file the image needs is missing: the image is what is broken, so its readers get EIO.
     try {
         return options_.opener(path, writable);
     } catch (const std::system_error& e) {
-        int code = errno_of(e);
-        // A writable open that is refused is the caller's to handle (it may open read-only).
-        bool refused = writable && (code == EACCES || code == EROFS || code == EPERM);
-        fail(code == ENOTSUP || refused ? code : EIO, std::string(what) + " " + path + ": " + e.code().message());
+        fail(dependency_errno(errno_of(e), writable), std::string(what) + " " + path + ": " + reason_of(e) + " (" +
+                                                          e.code().message() + ")");
     }
 }
 

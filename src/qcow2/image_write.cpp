@@ -88,8 +88,24 @@ void Image::check_writable() const {
     if (!read_only_reason_.empty()) fail(EROFS, read_only_reason_);
 }
 
+void Image::lock_for_writing() {
+    check_writable();
+    if (write_locked_) return;
+    file_->set_lock(io::LockMode::write);
+    if (data_file_) {
+        try {
+            data_file_->set_lock(io::LockMode::write);
+        } catch (...) {
+            file_->set_lock(io::LockMode::read);
+            throw;
+        }
+    }
+    write_locked_ = true;
+}
+
 Task<void> Image::prepare_write() {
     if (prepared_) co_return;
+    lock_for_writing();  // nothing is written without QEMU's write locks
     auto& h = meta_.header;
     if (h.dirty()) {
         // Refcounts may be stale (a crash with lazy_refcounts): rebuild them before anything

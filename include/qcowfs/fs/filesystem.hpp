@@ -26,6 +26,7 @@
 #include "qcowfs/cache/data_cache.hpp"
 #include "qcowfs/cache/range_lock.hpp"
 #include "qcowfs/fs/tree.hpp"
+#include "qcowfs/io/host.hpp"
 #include "qcowfs/util/async_mutex.hpp"
 #include "qcowfs/util/task.hpp"
 
@@ -47,6 +48,12 @@ struct FsOptions {
     size_t l2_cache_bytes = 4u << 20;          // per open image
     size_t compressed_cache_bytes = 4u << 20;  // per open image
     size_t write_cache_bytes = 64u << 20;      // per writable open image (DataCache limit)
+    /// Canonical directories besides SOURCE_DIR where backing and data files may lie
+    /// (-o allow_dir; "/" allows every place, as QEMU does).
+    std::vector<std::string> allow_dirs;
+    /// -o force_share: images are read without taking or checking QEMU's image locks (QEMU's
+    /// -U); the mount is then read-only.
+    bool force_share = false;
     unsigned scan_interval_ms = 400;
     unsigned writeback_interval_ms = 5000;  // periodic durable write-back of changed images
 };
@@ -88,12 +95,13 @@ private:
 /// file never has two Image objects.
 struct ImageSlot {
     using Strand = asio::strand<asio::io_context::executor_type>;
-    ImageSlot(asio::io_context& io, uint64_t d, uint64_t i, std::string p)
-        : strand(asio::make_strand(io)), dev(d), ino(i), path(std::move(p)), size_lock(strand) {}
+    ImageSlot(asio::io_context& io, uint64_t d, uint64_t i, std::string p, bool follow)
+        : strand(asio::make_strand(io)), dev(d), ino(i), path(std::move(p)), follow_final(follow), size_lock(strand) {}
     ~ImageSlot();  // the cache before the view it writes to
     Strand strand;
     uint64_t dev, ino;  // host identity of the image file
     std::string path;
+    bool follow_final;  // the scan found a symlink at `path`: opens follow it
     // Strand only:
     std::shared_ptr<qcow2::Image> image;
     std::shared_ptr<qcow2::View> active;        // writable images: the active disk `cache` writes to
@@ -104,6 +112,9 @@ struct ImageSlot {
     cache::RangeLock size_lock;
     uint64_t changes = 0;          // bumped by every change to the image since it was opened
     uint64_t flushed_changes = 0;  // `changes` as of the start of the last successful flush
+    /// Every host file the open image reads (image, data file, backing chain) with the identity
+    /// it had when opened: what each open request is checked against (io::check_user_access).
+    std::vector<io::HostFile> files;
     // Any thread:
     std::atomic<uint64_t> live_size{kUnknownSize};  // Image::size() while open
     std::atomic<bool> corrupt{false};               // on_corrupt fired: no more write opens
@@ -118,7 +129,7 @@ class ImageRegistry {
 public:
     explicit ImageRegistry(asio::io_context& io) : io_(io) {}
     /// The slot of (dev, ino), created if needed, with one more handle.
-    std::shared_ptr<ImageSlot> acquire(uint64_t dev, uint64_t ino, const std::string& path);
+    std::shared_ptr<ImageSlot> acquire(uint64_t dev, uint64_t ino, const std::string& path, bool follow_final);
     /// Drops a handle; true if it was the last one (the caller then closes the image and calls
     /// remove_if_unused).
     bool release(const std::shared_ptr<ImageSlot>& slot);
@@ -168,6 +179,9 @@ public:
     void start(fuse_session* session, std::function<void()> on_finished);
     /// Stops taking requests; outstanding ones finish. Thread-safe.
     void stop();
+    /// The st_dev of the mounted file system: files on it are never opened as images, backing or
+    /// data files. Call once mounted, before start().
+    void set_mount_device(uint64_t dev) { policy_.own_dev = dev; }
 
     static const fuse_lowlevel_ops& operations();
 
@@ -183,8 +197,17 @@ private:
     /// Every writeback_interval_ms: flush_slot() each open image with changes. On serve_strand_.
     Task<void> writeback_loop();
     /// Opens the slot's Image if it is not open (under its lifecycle mutex), writable when
-    /// `writable_wanted` and the host file allows it. On the slot's strand.
+    /// `writable_wanted` and the host file allows it; every file is opened under policy_ and
+    /// recorded in slot->files. Then checks that `user` may read (and, with `for_writing`,
+    /// write) every one of them on the host, and takes the image's write locks when
+    /// `for_writing`. On the slot's strand. Throws std::system_error: EACCES (the user may not,
+    /// or policy refuses a file), EBUSY (QEMU holds the image), ESTALE (replaced since the scan),
+    /// EIO/ENOTSUP from opening the image.
+    Task<void> open_for(std::shared_ptr<ImageSlot> slot, bool writable_wanted, const io::Credentials& user,
+                        bool for_writing);
     Task<void> ensure_open(std::shared_ptr<ImageSlot> slot, bool writable_wanted);
+    /// The host file behind an image node, as the scan saw it.
+    static io::HostFile host_file_of(const Node& node);
     /// Drops a handle of `slot`; after the last one, closes its image on its strand.
     void release_slot(const std::shared_ptr<ImageSlot>& slot);
     /// Writes back the cache and closes the image (if it has no handles, or `force`); removes the
@@ -206,6 +229,7 @@ private:
 
     asio::io_context& io_;
     FsOptions options_;
+    io::HostPolicy policy_;  // fixed once serving starts
     Scanner scanner_;
     ImageRegistry images_;
     std::unique_ptr<InodeTable> inodes_;

@@ -12,6 +12,8 @@
 #include <string_view>
 #include <vector>
 
+#include "qcowfs/io/host.hpp"
+
 namespace qcowfs::fs {
 
 /// Identity of an exposed object that survives renames and rescans: a directory or image file is
@@ -34,6 +36,7 @@ struct SnapshotInfo {
 /// What the scanner learned about one image file (from its header and snapshot table only).
 struct ImageInfo {
     std::string path;          // host path of the image file (as found under SOURCE_DIR)
+    bool path_is_symlink = false;  // `path` itself is a symlink (opens follow it; else they refuse one)
     struct stat host_stat {};  // stat of the image file (symlinks followed)
     uint64_t virtual_size = 0;
     uint64_t allocated_bytes = 0;  // host_stat.st_blocks * 512, plus the external data file's
@@ -89,6 +92,9 @@ private:
 };
 
 struct ScanOptions {
+    /// The host file rules (own mount, walk limits) every probe follows; nullptr: none beyond the
+    /// walk's own. Must outlive the Scanner.
+    const io::HostPolicy* policy = nullptr;
     /// Host path excluded from the scan (the mount point, when it lies inside SOURCE_DIR).
     std::string exclude;
     /// False for a read-only mount (-o ro): no exposed file or directory carries write bits.
@@ -97,7 +103,9 @@ struct ScanOptions {
 };
 
 /// Walks SOURCE_DIR recursively and builds a Tree. Every regular file (symlinks to regular files
-/// followed; symlinked directories not descended) whose first four bytes are the qcow2 magic
+/// followed when the symlink's owner may read the file, and then read with that owner's rights,
+/// so a symlink planted in a shared directory shows nothing its owner could not read; symlinked
+/// directories not descended; nothing on qcowfs's own mount) whose first four bytes are the qcow2 magic
 /// becomes NAME.raw (NAME = file name without a trailing ".qcow2" or ".qcow"). When several files
 /// would get one name, the short name goes first to a file without either suffix, then to the
 /// ".qcow2" one, then to the ".qcow" one; the others keep their full file name ("a.qcow" beside

@@ -13,6 +13,16 @@
 
 namespace qcowfs::io {
 
+/// How an open file takes part in QEMU's image locking protocol (QEMU's block/file-posix.c: OFD
+/// read locks on byte 100 + bit for each permission held and on byte 200 + bit for each
+/// permission not shared with other users, bits: 0 consistent read, 1 write, 2 write unchanged,
+/// 3 resize).
+enum class LockMode {
+    none,  ///< no lock bytes held
+    read,  ///< consistent read held; write and resize not shared (a reader, or a backing file)
+    write  ///< consistent read, write and resize held; write and resize not shared
+};
+
 /// A host file addressed by byte offset. Implementations may be used by many coroutines at once.
 class File {
 public:
@@ -40,11 +50,26 @@ public:
     virtual uint64_t size() = 0;
     /// The path or label used in log lines and errors.
     virtual const std::string& name() const = 0;
+    /// Takes QEMU's lock bytes for `mode` and releases the others, then checks that no other
+    /// process holds a permission this mode does not share or refuses one it holds. On a conflict
+    /// the previous mode is restored and EBUSY is thrown with QEMU's wording ("Failed to get
+    /// "write" lock"). Files opened without locking (force_share, test doubles, host file systems
+    /// without OFD locks) accept every mode. Blocking (fcntl), never waits for another process.
+    virtual void set_lock(LockMode mode) { lock_mode_ = mode; }
+    LockMode lock_mode() const { return lock_mode_; }
+
+protected:
+    LockMode lock_mode_ = LockMode::none;
 };
 
 /// Opens a host file for awaitable I/O on `executor`'s io_context (io_uring). `writable` opens
-/// O_RDWR, else O_RDONLY. Throws std::system_error naming the path.
+/// O_RDWR, else O_RDONLY. Throws std::system_error naming the path. Takes no image locks; tests
+/// and tools use it, the file system opens through io/host.hpp.
 std::unique_ptr<File> open_file(const Executor& executor, const std::string& path, bool writable);
+
+/// A File over an already open descriptor `fd` (owned from now on), named `name` in messages.
+/// `locking`: set_lock() takes QEMU's lock bytes on it; false makes set_lock() a no-op.
+std::unique_ptr<File> adopt_file(const Executor& executor, int fd, std::string name, bool locking);
 
 /// An in-memory file for unit tests. Writes (and discard/allocate/truncate) land in a volatile
 /// layer until flush(); crash() drops what was not flushed, as a power cut would. Faults can be injected into the next operations.

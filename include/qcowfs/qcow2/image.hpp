@@ -111,6 +111,14 @@ public:
     /// image is marked corrupt", "unknown incompatible features 0x40", ...).
     const std::string& read_only_reason() const { return read_only_reason_; }
 
+    /// Takes QEMU's write locks (write and resize held) on the image file and its external data
+    /// file; until then an image holds read locks only, whether or not it was opened writable,
+    /// so that QEMU can still read it beside qcowfs. Called before a handle that may write is
+    /// handed out, and by the first write. Blocking (fcntl), never waits. Throws EBUSY ("Failed to
+    /// get "write" lock ...") when another process holds or refuses to share a permission; the
+    /// locks are then as they were. Idempotent.
+    void lock_for_writing();
+
     /// Writes `data` at guest `offset`: in place into clusters this image owns alone, else into
     /// newly allocated clusters with the rest of the old content copied in (copy-on-write from
     /// snapshots, backing files, zero, unallocated and compressed clusters). EINVAL past size().
@@ -236,6 +244,7 @@ private:
     AsyncMutex meta_mutex_;   // held from planning to linking of L2 entries, and across flush_locked
     AsyncMutex flush_mutex_;  // one flush() at a time
     bool prepared_ = false;       // prepare_write() has run: metadata may be dirty
+    bool write_locked_ = false;   // lock_for_writing() has succeeded
     bool clear_dirty_bit_ = false;  // the dirty bit is ours (lazy refcounts): cleared on close
     std::set<uint64_t> dirty_l1_;   // L1 entries changed in memory, not yet on disk
     std::vector<std::pair<uint64_t, uint64_t>> pending_free_;  // (first cluster, count), rule 4

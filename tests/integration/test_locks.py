@@ -1,0 +1,156 @@
+#!/usr/bin/env python3
+"""QEMU's image locks, both ways: qcowfs cannot open an image that QEMU writes (EBUSY, one log
+line, listing and stat still work), QEMU cannot write an image that qcowfs has open (QEMU's own
+"Failed to get "write" lock"), qemu-img info works beside a qcowfs reader, backing and data files
+are locked as QEMU locks them, and -o force_share reads a locked image read-only without locks."""
+
+import errno
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import harness as H  # noqa: E402
+import trusthelp as TH  # noqa: E402
+
+MiB = H.MiB
+T = H.TestRun("locks", deadline=300)
+
+work = H.tempdir("locks")
+SRC = os.path.join(work, "src")
+os.makedirs(SRC)
+
+
+def S(name):
+    return os.path.join(SRC, name)
+
+
+def try_open(path, flags):
+    try:
+        fd = os.open(path, flags)
+    except OSError as e:
+        return e.errno
+    os.close(fd)
+    return 0
+
+
+def closed_by_qcowfs(img, timeout=15):
+    """Release is asynchronous: wait until qcowfs holds no lock bytes on img."""
+    ok, _ = H.wait_for(lambda: not TH.lock_bytes(img), timeout=timeout, interval=0.1)
+    return ok
+
+
+with T.step("images"):
+    H.create(S("vm.qcow2"), 4 * MiB)
+    H.qemu_io(S("vm.qcow2"), "write -P 0x21 0 1M")
+    H.create(S("base.qcow2"), 4 * MiB)
+    H.qemu_io(S("base.qcow2"), "write -P 0x31 0 2M")
+    H.create(S("top.qcow2"), 4 * MiB, backing="base.qcow2", cwd=SRC)
+    os.makedirs(os.path.join(SRC, "data"))
+    H.create(S("ext.qcow2"), 4 * MiB, "data_file=%s,data_file_raw=on" % os.path.join(SRC, "data", "ext.raw"))
+    H.qemu_io(S("ext.qcow2"), "write -P 0x41 0 1M")
+
+with T.step("QEMU first, then qcowfs"):
+    with H.Mount(SRC) as m:
+        holder = TH.QemuHolder(S("vm.qcow2"))
+        try:
+            T.check("vm.raw still listed while QEMU writes it", "vm.raw" in os.listdir(m.mnt))
+            T.check("stat works", os.stat(m.path("vm.raw")).st_size == 4 * MiB)
+            T.check("open for reading: EBUSY", try_open(m.path("vm.raw"), os.O_RDONLY) == errno.EBUSY)
+            T.check("open for writing: EBUSY", try_open(m.path("vm.raw"), os.O_RDWR) == errno.EBUSY)
+            log = m.log_text()
+            T.check("one log line names the image and the lock",
+                    len([l for l in log.splitlines() if "vm.qcow2" in l]) == 1 and "lock" in log, log[-800:])
+            T.check("other images still open", try_open(m.path("base.raw"), os.O_RDONLY) == 0)
+        finally:
+            holder.stop()
+        T.check("once QEMU is gone, vm.raw opens for writing", try_open(m.path("vm.raw"), os.O_RDWR) == 0)
+
+        # qemu-io read-only beside: qcowfs may read, not write.
+        holder = TH.QemuHolder(S("vm.qcow2"), read_only=True)
+        try:
+            T.check("QEMU reading: qcowfs reads", try_open(m.path("vm.raw"), os.O_RDONLY) == 0)
+            T.check("QEMU reading: qcowfs write open EBUSY", try_open(m.path("vm.raw"), os.O_RDWR) == errno.EBUSY)
+        finally:
+            holder.stop()
+
+with T.step("qcowfs first, then QEMU"):
+    with H.Mount(SRC) as m:
+        fd = os.open(m.path("vm.raw"), os.O_RDWR)
+        try:
+            os.pwrite(fd, b"\x77" * 65536, 0)
+            os.fsync(fd)
+            ok, text = TH.qemu_write(S("vm.qcow2"))
+            T.check("qemu-io write refused while qcowfs writes", not ok and 'Failed to get "write" lock' in text,
+                    text)
+            p = H.run(["qemu-img", "info", S("vm.qcow2")], check=False)
+            T.check("qemu-img info refused while qcowfs writes (as beside a VM)", p.returncode != 0, p.err)
+        finally:
+            os.close(fd)
+        T.check("qcowfs releases its locks after the last close", closed_by_qcowfs(S("vm.qcow2")))
+        ok, text = TH.qemu_write(S("vm.qcow2"), pattern=0x66, offset=MiB)
+        T.check("qemu-io writes once qcowfs closed the image", ok, text)
+
+        fd = os.open(m.path("vm.raw"), os.O_RDONLY)
+        try:
+            p = H.run(["qemu-img", "info", S("vm.qcow2")], check=False)
+            T.check("qemu-img info works beside a qcowfs reader", p.returncode == 0, p.err)
+            ok, text = TH.qemu_write(S("vm.qcow2"))
+            T.check("qemu-io write refused beside a qcowfs reader", not ok and "lock" in text, text)
+            T.check("reader holds read locks only", TH.lock_bytes(S("vm.qcow2")) == {100, 201, 203},
+                    TH.lock_bytes(S("vm.qcow2")))
+            fd2 = os.open(m.path("vm.raw"), os.O_RDWR)
+            T.check("a writer adds write and resize", TH.lock_bytes(S("vm.qcow2")) == {100, 101, 103, 201, 203},
+                    TH.lock_bytes(S("vm.qcow2")))
+            os.close(fd2)
+        finally:
+            os.close(fd)
+        T.check("closed again", closed_by_qcowfs(S("vm.qcow2")))
+
+        # Backing files: read, writes not shared.
+        fd = os.open(m.path("top.raw"), os.O_RDWR)
+        try:
+            os.pread(fd, 4096, 0)
+            ok, text = TH.qemu_write(S("base.qcow2"))
+            T.check("qemu-io cannot write the backing file of an image qcowfs has open", not ok and "lock" in text,
+                    text)
+            p = H.run(["qemu-img", "info", S("base.qcow2")], check=False)
+            T.check("qemu-img info of that backing file works", p.returncode == 0, p.err)
+        finally:
+            os.close(fd)
+        # External data file: locked for writing with the image.
+        fd = os.open(m.path("ext.raw"), os.O_RDWR)
+        try:
+            data = os.path.join(SRC, "data", "ext.raw")
+            ok, text = TH.qemu_write(data, fmt="raw")
+            T.check("qemu-io cannot write the data file of an image qcowfs writes", not ok and "lock" in text, text)
+        finally:
+            os.close(fd)
+        T.check("data file closed", closed_by_qcowfs(os.path.join(SRC, "data", "ext.raw")))
+    H.check_clean(S("vm.qcow2"))
+    T.check("vm.qcow2 clean after both wrote in turn", True)
+    ref = os.path.join(work, "vm.ref")
+    H.to_raw(S("vm.qcow2"), ref)
+    with open(ref, "rb") as f:
+        head = f.read(2 * MiB)
+    T.check("both writes are in the image", head[:65536] == b"\x77" * 65536 and head[MiB:MiB + 65536] == b"\x66" * 65536)
+
+with T.step("force_share"):
+    holder = TH.QemuHolder(S("vm.qcow2"))
+    try:
+        with H.Mount(SRC, args=["-o", "force_share"]) as m:
+            ref = os.path.join(work, "vm-U.ref")
+            H.run(["qemu-img", "convert", "-U", "-f", "qcow2", "-O", "raw", S("vm.qcow2"), ref])
+            T.check_compare("force_share reads the image QEMU holds", m.path("vm.raw"), ref, nreads=10)
+            T.check("force_share: writes refused", try_open(m.path("vm.raw"), os.O_RDWR) in (errno.EROFS, errno.EACCES))
+            os.close(os.open(m.path("vm.raw"), os.O_RDONLY))
+            fd = os.open(m.path("vm.raw"), os.O_RDONLY)
+            held = TH.lock_bytes(S("vm.qcow2"))
+            os.close(fd)
+            T.check("force_share: no locks taken (only QEMU's)", held == {100, 101, 103, 201, 203},
+                    held)
+            T.check("force_share: log says so", "force_share" in m.log_text())
+    finally:
+        holder.stop()
+
+T.finish()
