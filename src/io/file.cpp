@@ -6,6 +6,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <boost/asio/as_tuple.hpp>
 #include <boost/asio/co_spawn.hpp>
 #include <boost/asio/random_access_file.hpp>
@@ -193,9 +194,12 @@ public:
         }
         if (int e = apply_lock_bytes(fd_, mode)) {
             if (e == EINVAL || e == ENOTSUP || e == ENOLCK || e == EOPNOTSUPP) {
-                // As QEMU's locking=auto: a host file system without OFD locks is used unlocked.
-                log::info(path_ + ": the host file system refuses OFD locks (" + std::strerror(e) +
-                          "); using it without QEMU image locks");
+                // As QEMU's locking=auto: a host file system without OFD locks is used unlocked,
+                // and said once.
+                static std::atomic<bool> said{false};
+                if (!said.exchange(true))
+                    log::info(path_ + ": the host file system refuses OFD locks (" + std::strerror(e) +
+                              "); files on it are used without QEMU image locks");
                 locking_ = false;
                 lock_mode_ = mode;
                 return;
