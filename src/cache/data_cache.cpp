@@ -369,4 +369,17 @@ size_t DataCache::dirty_bytes() const { return state_->dirty_; }
 
 bool DataCache::empty() const { return state_->extents_.empty(); }
 
+std::vector<std::pair<uint64_t, uint64_t>> DataCache::dirty_ranges(size_t max) const {
+    std::vector<std::pair<uint64_t, uint64_t>> out;
+    for (const auto& [offset, e] : state_->extents_) {
+        if (!out.empty() && out.back().first + out.back().second == offset) {
+            out.back().second += e.length;
+            continue;
+        }
+        if (out.size() == max) break;
+        out.emplace_back(offset, e.length);
+    }
+    return out;
+}
+
 }  // namespace qcowfs::cache

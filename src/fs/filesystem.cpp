@@ -24,6 +24,22 @@
 
 namespace qcowfs::fs {
 
+namespace {
+
+/// "N bytes of cached writes in M ranges (0x..+len, ...) are lost: WHY".
+std::string lost_writes(const cache::DataCache& cache, const std::string& why) {
+    constexpr size_t kShown = 16;
+    auto ranges = cache.dirty_ranges(kShown + 1);
+    std::string list;
+    for (size_t i = 0; i < ranges.size() && i < kShown; ++i)
+        list += (i ? ", " : "") + hex(ranges[i].first) + "+" + std::to_string(ranges[i].second);
+    if (ranges.size() > kShown) list += ", and more";
+    return std::to_string(cache.dirty_bytes()) + " bytes of cached writes (guest ranges " + list +
+           ") are lost: " + why;
+}
+
+}  // namespace
+
 Filesystem::Filesystem(asio::io_context& io, FsOptions options)
     : io_(io),
       options_(std::move(options)),
@@ -67,7 +83,7 @@ void Filesystem::scanner_loop() {
             tree_ = std::move(tree);
         } catch (const std::system_error& e) {
             // Keep serving the last good view; say so once.
-            images_.report(options_.source_dir, reason_of(e));
+            images_.report(options_.source_dir, describe(e));
         } catch (const std::exception& e) {
             images_.report(options_.source_dir, std::string("directory scan failed: ") + e.what());
         }
@@ -209,8 +225,8 @@ Task<void> Filesystem::ensure_open(std::shared_ptr<ImageSlot> slot, bool writabl
         auto s = weak.lock();
         if (!s) return;
         s->corrupt = true;
-        // Through report(): the failing request and the close that follow add no more lines.
-        images_.report(s->path, "marked corrupt: " + reason);
+        // The failing request and the close that follow add no more lines (but loss lines).
+        images_.report_corrupt(s->path, reason);
     };
     std::shared_ptr<qcow2::Image> image;
     if (writable_wanted && !slot->corrupt) {
@@ -266,15 +282,14 @@ Task<void> Filesystem::close_slot(std::shared_ptr<ImageSlot> slot, bool force) {
                 try {
                     co_await slot->cache->write_back();
                 } catch (const std::system_error& e) {
-                    std::string reason = "writing back cached data at close failed, ";
-                    reason.append(std::to_string(slot->cache->dirty_bytes())).append(" bytes lost: ").append(reason_of(e));
-                    images_.report(slot->path, reason);
+                    // What the cache still holds is dropped with it: say exactly what.
+                    images_.report_loss(slot->path, lost_writes(*slot->cache, "writing back at close failed: " + describe(e)));
                 }
             }
             try {
                 co_await slot->image->close();
             } catch (const std::system_error& e) {
-                images_.report(slot->path, "closing the image failed: " + reason_of(e));
+                images_.report(slot->path, "closing the image failed: " + describe(e));
             }
             images_.closed(*slot, slot->image->size());
             slot->cache.reset();
@@ -294,7 +309,7 @@ Task<void> Filesystem::flush_slot(std::shared_ptr<ImageSlot> slot) {
         co_await slot->cache->flush();
         slot->flushed_changes = std::max(slot->flushed_changes, changes);
     } catch (const std::system_error& e) {
-        images_.report(slot->path, "periodic write-back failed: " + reason_of(e));
+        images_.report(slot->path, "periodic write-back failed (the data stays cached, retried later): " + describe(e));
     }
 }
 

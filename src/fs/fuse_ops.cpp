@@ -41,7 +41,10 @@ struct OpenFile {
 void reply_error(fuse_req_t req, ImageRegistry& images, const std::string& path, const std::system_error& e) {
     int code = errno_of(e);
     if (code == ESTALE || code == ENOENT) return void(fuse_reply_err(req, ENOENT));
-    images.report(path, reason_of(e));
+    // Refusals (QEMU holds the image, the user may not, the image may not be written) are
+    // expected answers: notices, which never mute the image's real errors.
+    const bool refusal = code == EACCES || code == EBUSY || code == EROFS || code == EPERM;
+    images.report(path, describe(e), refusal ? ImageRegistry::Severity::notice : ImageRegistry::Severity::error);
     fuse_reply_err(req, code);
 }
 
@@ -268,7 +271,22 @@ struct Filesystem::Handlers {
                     fuse_reply_err(req, EROFS);
                     co_return;
                 }
-                if ((info.flags & O_TRUNC) && snapshot_id.empty()) co_await resize(*slot, 0);
+                if ((info.flags & O_TRUNC) && snapshot_id.empty()) {
+                    int refused = 0;
+                    try {
+                        co_await resize(*slot, 0);
+                    } catch (const std::system_error& e) {
+                        if (errno_of(e) != ENOTSUP) throw;
+                        refused = ENOTSUP;  // an image with snapshots cannot shrink: an answer
+                        fs.images_.report(slot->path, "O_TRUNC refused: " + reason_of(e),
+                                          ImageRegistry::Severity::notice);
+                    }
+                    if (refused) {
+                        fs.release_slot(slot);
+                        fuse_reply_err(req, refused);
+                        co_return;
+                    }
+                }
                 auto of = std::make_unique<OpenFile>();
                 of->slot = slot;
                 of->active = snapshot_id.empty();
@@ -314,7 +332,7 @@ struct Filesystem::Handlers {
                     co_await of->view->read(offset, out);
                 fuse_reply_buf(req, reinterpret_cast<const char*>(buf.get()), n);
             } catch (const std::system_error& e) {
-                fs.images_.report(of->slot->path, reason_of(e));
+                fs.images_.report(of->slot->path, describe(e));
                 fuse_reply_err(req, errno_of(e));
             } catch (const std::exception& e) {
                 fs.images_.report(of->slot->path, e.what());

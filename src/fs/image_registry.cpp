@@ -1,4 +1,5 @@
 // Open images by host identity, shared by all FUSE handles, and the once-per-reason error log.
+#include <cctype>
 #include <chrono>
 
 #include "qcowfs/cache/data_cache.hpp"
@@ -37,6 +38,7 @@ bool ImageRegistry::remove_if_unused(const std::shared_ptr<ImageSlot>& slot) {
             break;
         }
     }
+    corrupt_.erase(slot->path);  // a later open of the image reports its errors afresh
     return true;
 }
 
@@ -77,15 +79,39 @@ std::vector<std::shared_ptr<ImageSlot>> ImageRegistry::all() const {
     return out;
 }
 
-void ImageRegistry::report(const std::string& path, const std::string& reason) {
-    // One line per broken image, not one per failing request: a damaged image read by a copy
-    // tool would otherwise fill the log. A reminder follows if it keeps failing for long.
+namespace {
+
+/// The kind of a reason: its text with every run of digits (and hex digits after one) as '#',
+/// so that "read at 4096 failed" and "read at 8192 failed" are one kind.
+std::string reason_kind(const std::string& reason) {
+    std::string out;
+    out.reserve(reason.size());
+    for (size_t i = 0; i < reason.size();) {
+        if (std::isdigit(static_cast<unsigned char>(reason[i]))) {
+            while (i < reason.size() && (std::isxdigit(static_cast<unsigned char>(reason[i])) || reason[i] == 'x')) ++i;
+            out += '#';
+        } else {
+            out += reason[i++];
+        }
+    }
+    return out;
+}
+
+}  // namespace
+
+void ImageRegistry::report(const std::string& path, const std::string& reason, Severity severity) {
+    // One line per broken image and kind of failure, not one per failing request: a damaged image
+    // read by a copy tool would otherwise fill the log. A reminder follows if it keeps failing.
     auto now = std::chrono::steady_clock::now();
     size_t suppressed = 0;
     {
         std::lock_guard lock(mutex_);
         if (reported_.size() > 10000) reported_.clear();
-        auto [it, first] = reported_.try_emplace(path, Reported{now, 0});
+        if (corrupt_.count(path)) {
+            ++reported_[path + "\ncorrupt"].suppressed;  // a consequence of the corruption
+            return;
+        }
+        auto [it, first] = reported_.try_emplace(path + '\n' + reason_kind(reason), Reported{now, 0});
         if (!first) {
             if (now - it->second.when < std::chrono::minutes(10)) {
                 ++it->second.suppressed;
@@ -95,8 +121,26 @@ void ImageRegistry::report(const std::string& path, const std::string& reason) {
             it->second = Reported{now, 0};
         }
     }
-    log::error(path + ": " + reason +
-               (suppressed ? " (" + std::to_string(suppressed) + " more errors in the last 10 minutes)" : ""));
+    std::string line = path + ": " + reason +
+                       (suppressed ? " (" + std::to_string(suppressed) + " more like it in the last 10 minutes)" : "");
+    if (severity == Severity::notice)
+        log::info(line);
+    else
+        log::error(line);
+}
+
+void ImageRegistry::report_loss(const std::string& path, const std::string& what) {
+    log::error(path + ": DATA LOST: " + what);
+}
+
+void ImageRegistry::report_corrupt(const std::string& path, const std::string& reason) {
+    {
+        std::lock_guard lock(mutex_);
+        if (corrupt_.count(path)) return;
+        corrupt_.insert(path);
+        reported_[path + "\ncorrupt"] = Reported{std::chrono::steady_clock::now(), 0};
+    }
+    log::error(path + ": marked corrupt: " + reason);
 }
 
 size_t ImageRegistry::open_images() const {

@@ -8,6 +8,7 @@
 #include <cerrno>
 #include <filesystem>
 #include <functional>
+#include <limits>
 #include <optional>
 #include <set>
 #include <span>
@@ -17,6 +18,7 @@
 #include "qcowfs/format/header.hpp"
 #include "qcowfs/format/snapshot.hpp"
 #include "qcowfs/fs/tree.hpp"
+#include "qcowfs/util/log.hpp"
 
 namespace qcowfs::fs {
 
@@ -151,8 +153,16 @@ void parse_image(int fd, ImageInfo& info, std::span<const std::byte> probe) {
     if (meta.header.crypt_method != 0) info.error = "encryption is not supported";
     if (!info.error.empty()) return;  // an image that cannot be opened exposes no snapshots
 
-    for (format::Snapshot& s : read_snapshots(fd, meta.header, file_size))
+    for (format::Snapshot& s : read_snapshots(fd, meta.header, file_size)) {
+        // A file size must fit off_t: a snapshot claiming 2^63 bytes or more is not shown (the
+        // scan parses a file once per change, so this is said once).
+        if (s.disk_size > static_cast<uint64_t>(std::numeric_limits<off_t>::max())) {
+            log::error(info.path + ": snapshot " + s.id + " claims a disk size of " + std::to_string(s.disk_size) +
+                       " bytes (2^63 or more); it is not shown");
+            continue;
+        }
         info.snapshots.push_back(SnapshotInfo{std::move(s.id), std::move(s.name), s.disk_size});
+    }
 }
 
 struct Probed {

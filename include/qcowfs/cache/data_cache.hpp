@@ -4,6 +4,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <memory>
+#include <vector>
 #include <span>
 
 #include "qcowfs/util/task.hpp"
@@ -70,6 +71,10 @@ public:
     size_t dirty_bytes() const;
     /// True if nothing is cached.
     bool empty() const;
+    /// The guest ranges with cached changes (data or zeros), adjacent ones merged, as
+    /// (offset, length), at most `max` of them (the rest folded into the last one's report by
+    /// the caller); for saying exactly what a failed write-back loses.
+    std::vector<std::pair<uint64_t, uint64_t>> dirty_ranges(size_t max) const;
 
 private:
     struct State;

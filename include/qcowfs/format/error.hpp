@@ -41,4 +41,8 @@ inline std::string reason_of(const std::system_error& e) {
     return w;
 }
 
+/// Text of a system_error for a log line: its reason and the errno's own words,
+/// "write of /x at 4096 failed (No space left on device)".
+inline std::string describe(const std::system_error& e) { return reason_of(e) + " (" + e.code().message() + ")"; }
+
 }  // namespace qcowfs

@@ -146,9 +146,18 @@ public:
     /// The current disk size of image (dev, ino) if qcowfs knows better than a tree scanned at
     /// `scanned`: the open image's size, or its size at a close after that scan. Else nullopt.
     std::optional<uint64_t> live_size(uint64_t dev, uint64_t ino, std::chrono::steady_clock::time_point scanned) const;
-    /// Logs "PATH: reason" once per image; further errors of the same image within 10 minutes
-    /// are counted, not logged.
-    void report(const std::string& path, const std::string& reason);
+    enum class Severity { error, notice };
+    /// Logs "PATH: reason" (an error, or a notice for an expected refusal such as a lock held by
+    /// QEMU), at most once per image and kind of reason (the reason with its numbers left out)
+    /// every 10 minutes; repeats within that time are counted and the count is logged with the
+    /// next line of that kind. One image's errors never mute another kind of error of it.
+    void report(const std::string& path, const std::string& reason, Severity severity = Severity::error);
+    /// Logs a line that says data was lost (what, bytes, ranges). Never rate-limited.
+    void report_loss(const std::string& path, const std::string& what);
+    /// Logs that the image was marked corrupt; until its slot is removed, its further errors and
+    /// refusals are consequences of that and are counted with it, not logged (loss lines still
+    /// are).
+    void report_corrupt(const std::string& path, const std::string& reason);
     size_t open_images() const;
 
 private:
@@ -164,7 +173,8 @@ private:
         std::chrono::steady_clock::time_point when;
         size_t suppressed = 0;
     };
-    std::map<std::string, Reported> reported_;
+    std::map<std::string, Reported> reported_;  // key: path + '\n' + kind of reason
+    std::set<std::string> corrupt_;              // paths marked corrupt while their slot lives
 };
 
 class Filesystem {

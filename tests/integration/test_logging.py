@@ -1,0 +1,141 @@
+#!/usr/bin/env python3
+"""Errors say why and loss is never muted: a write-back that fails for lack of space logs the
+system's reason, and the cached writes dropped at close are logged with bytes and ranges even
+after the image's errors were logged; expected refusals (O_TRUNC on an image with snapshots) are
+notices that do not mute a real error of the same image; an open racing a rename logs nothing;
+a snapshot claiming 2^63 bytes or more is left out with one log line, and stat of the rest works."""
+
+import errno
+import os
+import struct
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import harness as H  # noqa: E402
+
+MiB = H.MiB
+T = H.TestRun("logging", deadline=300)
+
+work = H.tempdir("logging")
+
+# ---- ENOSPC: a small tmpfs holds the image -----------------------------------------------------
+with T.step("ENOSPC write-back"):
+    small = os.path.join(work, "small")
+    os.makedirs(small)
+    H.run(["mount", "-t", "tmpfs", "-o", "size=3M", "qcowfs-it-small", small])
+    try:
+        img = os.path.join(small, "full.qcow2")
+        H.create(img, 64 * MiB)
+        with H.Mount(small) as m:
+            fd = os.open(m.path("full.raw"), os.O_WRONLY)
+            failed = None
+            try:
+                for i in range(8):
+                    os.pwrite(fd, bytes([i + 1]) * MiB, i * MiB)
+                os.fsync(fd)
+            except OSError as e:
+                failed = e.errno
+            T.check("fsync reports ENOSPC (or EIO)", failed in (errno.ENOSPC, errno.EIO), H.errname(failed))
+            # More writes and syncs fail the same way: the log must not fill up with them.
+            for _ in range(3):
+                try:
+                    os.pwrite(fd, b"\x09" * 4096, 9 * MiB)
+                    os.fsync(fd)
+                except OSError:
+                    pass
+            try:
+                os.close(fd)  # close(2) writes back too: it fails the same way
+            except OSError:
+                pass
+            ok, _ = H.wait_for(lambda: "DATA LOST" in m.log_text(), timeout=15)
+            log = m.log_text()
+        lines = [l for l in log.splitlines() if "full.qcow2" in l]
+        T.check("the failure says why (No space left on device)",
+                any("No space left on device" in l for l in lines), lines[:4])
+        lost = [l for l in lines if "DATA LOST" in l]
+        T.check("the dropped writes are logged at close (not muted by the earlier error)", len(lost) == 1, lines)
+        T.check("the loss line gives bytes and guest ranges",
+                bool(lost) and " bytes of cached writes" in lost[0] and "0x" in lost[0], lost[:1])
+        T.check("repeated failures do not repeat the line", len(lines) <= 4, lines)
+    finally:
+        subprocess.run(["umount", "-l", small])
+
+# ---- refusals are notices; real errors still show; renames; huge snapshot ------------------------
+SRC = os.path.join(work, "src")
+os.makedirs(SRC)
+with T.step("images"):
+    snap = os.path.join(SRC, "snap.qcow2")
+    H.create(snap, 4 * MiB)
+    H.qemu_io(snap, "write -P 0x44 0 1M", "write -P 0x45 2M 64k")
+    H.qemu_img("snapshot", "-c", "s1", snap)
+    # Damage: the L2 entry of guest 2M points past the end of the file.
+    l2e = H.l2_entry_offset(snap, 2 * MiB)
+    raw = H.read_u64(snap, l2e)
+    H.patch(snap, l2e, struct.pack(">Q", (raw & ~0x00fffffffffffe00) | (1 << 40)))
+
+    huge = os.path.join(SRC, "huge.qcow2")
+    H.create(huge, 4 * MiB)
+    H.qemu_img("snapshot", "-c", "ok", huge)
+    H.qemu_img("snapshot", "-c", "big", huge)
+    table = H.snapshot_table(huge)
+    off = H.read_field(huge, "snapshots_offset")
+    # Second entry: skip the first, then its disk_size sits 8 bytes into its extra data.
+    first = table[0]
+    with open(huge, "rb") as f:
+        f.seek(off)
+        h = f.read(40)
+    _, _, id_len, name_len, _, _, _, _, extra_len = struct.unpack(">QIHHIIQII", h)
+    second = off + (40 + extra_len + id_len + name_len + 7) // 8 * 8
+    H.patch(huge, second + 40 + 8, struct.pack(">Q", 1 << 63))
+
+    H.create(os.path.join(SRC, "moving.qcow2"), MiB)
+
+with T.step("mount"):
+    with H.Mount(SRC) as m:
+        try:
+            fd = os.open(m.path("snap.raw"), os.O_WRONLY | os.O_TRUNC)
+            os.close(fd)
+            trunc = 0
+        except OSError as e:
+            trunc = e.errno
+        T.check("O_TRUNC on an image with snapshots: EOPNOTSUPP", trunc == errno.EOPNOTSUPP, H.errname(trunc))
+        r = H.child_read(m.path("snap.raw"), 2 * MiB, 65536)
+        T.check("the damaged cluster reads EIO", r.get("errno") == errno.EIO, r)
+        log = m.log_text()
+        mine = [l for l in log.splitlines() if "snap.qcow2" in l]
+        T.check("the O_TRUNC refusal is a notice", any("info" in l and "O_TRUNC" in l for l in mine), mine)
+        T.check("the real error after it is logged as an error",
+                any(" error: " in l and "beyond the end" in l for l in mine), mine)
+
+        # huge: the bad snapshot is left out, the rest works.
+        names = sorted(os.listdir(m.mnt))
+        T.check("the 2^63-byte snapshot is not shown", "huge@big.raw" not in names, names)
+        T.check("the good snapshot is shown and stat works",
+                "huge@ok.raw" in names and os.stat(m.path("huge@ok.raw")).st_size == 4 * MiB, names)
+        T.check("stat of every entry works", all(os.stat(m.path(n)).st_size >= 0 for n in names))
+        T.check("one log line about the huge snapshot",
+                len([l for l in m.log_text().splitlines() if "huge.qcow2" in l and "2^63" in l]) == 1,
+                m.log_text()[-600:])
+
+        # Opens racing a rename: the kernel still knows the name, the host file is gone.
+        before = m.log_text()
+        answers = []
+        for i in range(10):
+            src = os.path.join(SRC, "moving.qcow2" if i % 2 == 0 else "moved.qcow2")
+            dst = os.path.join(SRC, "moved.qcow2" if i % 2 == 0 else "moving.qcow2")
+            view = "moving.raw" if i % 2 == 0 else "moved.raw"
+            H.wait_for(lambda: os.path.exists(m.path(view)), timeout=3)
+            os.stat(m.path(view))
+            os.rename(src, dst)
+            try:
+                os.close(os.open(m.path(view), os.O_RDONLY))
+                answers.append(0)
+            except OSError as e:
+                answers.append(e.errno)
+        T.check("racing opens answer ENOENT or succeed", set(answers) <= {0, errno.ENOENT}, answers)
+        after = m.log_text()[len(before):]
+        T.check("racing opens log nothing", "moving" not in after and "moved" not in after, after[-600:])
+
+T.finish()
