@@ -12,6 +12,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness as H  # noqa: E402
 import trusthelp as TH  # noqa: E402
+import writehelp as W  # noqa: E402
 
 MiB = H.MiB
 T = H.TestRun("locks", deadline=300)
@@ -23,15 +24,6 @@ os.makedirs(SRC)
 
 def S(name):
     return os.path.join(SRC, name)
-
-
-def try_open(path, flags):
-    try:
-        fd = os.open(path, flags)
-    except OSError as e:
-        return e.errno
-    os.close(fd)
-    return 0
 
 
 def closed_by_qcowfs(img, timeout=15):
@@ -56,21 +48,21 @@ with T.step("QEMU first, then qcowfs"):
         try:
             T.check("vm.raw still listed while QEMU writes it", "vm.raw" in os.listdir(m.mnt))
             T.check("stat works", os.stat(m.path("vm.raw")).st_size == 4 * MiB)
-            T.check("open for reading: EBUSY", try_open(m.path("vm.raw"), os.O_RDONLY) == errno.EBUSY)
-            T.check("open for writing: EBUSY", try_open(m.path("vm.raw"), os.O_RDWR) == errno.EBUSY)
+            T.check("open for reading: EBUSY", W.open_errno(m.path("vm.raw"), os.O_RDONLY) == errno.EBUSY)
+            T.check("open for writing: EBUSY", W.open_errno(m.path("vm.raw"), os.O_RDWR) == errno.EBUSY)
             log = m.log_text()
             T.check("one log line names the image and the lock",
                     len([l for l in log.splitlines() if "vm.qcow2" in l]) == 1 and "lock" in log, log[-800:])
-            T.check("other images still open", try_open(m.path("base.raw"), os.O_RDONLY) == 0)
+            T.check("other images still open", W.open_errno(m.path("base.raw"), os.O_RDONLY) == 0)
         finally:
             holder.stop()
-        T.check("once QEMU is gone, vm.raw opens for writing", try_open(m.path("vm.raw"), os.O_RDWR) == 0)
+        T.check("once QEMU is gone, vm.raw opens for writing", W.open_errno(m.path("vm.raw"), os.O_RDWR) == 0)
 
         # qemu-io read-only beside: qcowfs may read, not write.
         holder = TH.QemuHolder(S("vm.qcow2"), read_only=True)
         try:
-            T.check("QEMU reading: qcowfs reads", try_open(m.path("vm.raw"), os.O_RDONLY) == 0)
-            T.check("QEMU reading: qcowfs write open EBUSY", try_open(m.path("vm.raw"), os.O_RDWR) == errno.EBUSY)
+            T.check("QEMU reading: qcowfs reads", W.open_errno(m.path("vm.raw"), os.O_RDONLY) == 0)
+            T.check("QEMU reading: qcowfs write open EBUSY", W.open_errno(m.path("vm.raw"), os.O_RDWR) == errno.EBUSY)
         finally:
             holder.stop()
 
@@ -142,7 +134,7 @@ with T.step("force_share"):
             ref = os.path.join(work, "vm-U.ref")
             H.run(["qemu-img", "convert", "-U", "-f", "qcow2", "-O", "raw", S("vm.qcow2"), ref])
             T.check_compare("force_share reads the image QEMU holds", m.path("vm.raw"), ref, nreads=10)
-            T.check("force_share: writes refused", try_open(m.path("vm.raw"), os.O_RDWR) in (errno.EROFS, errno.EACCES))
+            T.check("force_share: writes refused", W.open_errno(m.path("vm.raw"), os.O_RDWR) in (errno.EROFS, errno.EACCES))
             os.close(os.open(m.path("vm.raw"), os.O_RDONLY))
             fd = os.open(m.path("vm.raw"), os.O_RDONLY)
             held = TH.lock_bytes(S("vm.qcow2"))
