@@ -189,7 +189,8 @@ Task<void> Filesystem::writeback_loop() {
     }
 }
 
-Task<void> Filesystem::ensure_open(std::shared_ptr<ImageSlot> slot, bool writable_wanted) {
+Task<void> Filesystem::ensure_open(std::shared_ptr<ImageSlot> slot, bool writable_wanted,
+                                   const io::Credentials& user) {
     // One open or close per image at a time; later handles share the Image.
     auto guard = co_await slot->lifecycle.lock();
     if (slot->image) co_return;
@@ -199,10 +200,11 @@ Task<void> Filesystem::ensure_open(std::shared_ptr<ImageSlot> slot, bool writabl
     // on: its data file when opened for writing (only the top image's is), else a backing file or
     // a read-only data file, which get the same rules.
     auto files = std::make_shared<std::vector<io::HostFile>>();
-    options.opener = [this, slot, files](const std::string& path, bool writable) {
+    options.opener = [this, slot, files, user](const std::string& path, bool writable) {
         io::HostOpen request;
         request.path = path;
         request.writable = writable;
+        request.on_behalf_of = &user;
         if (path == slot->path) {
             request.role = io::FileRole::image;
             request.follow_final = slot->follow_final;
@@ -256,7 +258,7 @@ Task<void> Filesystem::ensure_open(std::shared_ptr<ImageSlot> slot, bool writabl
 
 Task<void> Filesystem::open_for(std::shared_ptr<ImageSlot> slot, bool writable_wanted, const io::Credentials& user,
                                 bool for_writing) {
-    co_await ensure_open(slot, writable_wanted);
+    co_await ensure_open(slot, writable_wanted, user);
     // Whoever opened the image first, this user gets only what the host would give them.
     io::check_user_access(policy_, user, slot->files, for_writing);
     if (for_writing && slot->cache && !slot->corrupt) slot->image->lock_for_writing();

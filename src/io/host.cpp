@@ -189,9 +189,17 @@ Walked walk(const HostPolicy& policy, const std::string& path, bool follow_final
 /// Opens the file behind O_PATH descriptor `fd` for reading or writing: the kernel applies its
 /// permission checks to that very inode, with the calling thread's file system ids. O_NONBLOCK
 /// and O_NOCTTY: harmless on a regular file, and nothing else reaches here.
-Fd reopen(int fd, bool writable) {
+Fd reopen(int fd, bool writable, bool noatime = false) {
     std::string proc = "/proc/self/fd/" + std::to_string(fd);
-    Fd out(::open(proc.c_str(), (writable ? O_RDWR : O_RDONLY) | O_CLOEXEC | O_NONBLOCK | O_NOCTTY));
+    const int flags = (writable ? O_RDWR : O_RDONLY) | O_CLOEXEC | O_NONBLOCK | O_NOCTTY;
+    if (noatime) {
+        Fd quiet(::open(proc.c_str(), flags | O_NOATIME));
+        if (quiet.get() >= 0 || errno != EPERM) {
+            if (quiet.get() < 0) fail(errno, "cannot open it for reading");
+            return quiet;
+        }
+    }
+    Fd out(::open(proc.c_str(), flags));
     if (out.get() < 0) fail(errno, writable ? "cannot open it for writing" : "cannot open it for reading");
     return out;
 }
@@ -264,14 +272,46 @@ Walked walk_checked(const HostPolicy& policy, const std::string& path, FileRole 
     return w;
 }
 
+/// Walks `f.path` with `user`'s rights and opens what it reaches for reading (and writing) as
+/// the user would (permission bits for an unprivileged daemon); returns its identity. Throws
+/// EACCES naming the file and why.
+FileIdentity access_as(const HostPolicy& policy, const Credentials& user, const HostFile& f, bool write) {
+    try {
+        if (can_take_user_ids()) {
+            FsIds ids(user);
+            Walked wk = walk_checked(policy, f.path, f.role, f.follow_final, nullptr);
+            reopen(wk.fd.get(), write);
+            return identity_of(wk.st);
+        }
+        Walked wk = walk_checked(policy, f.path, f.role, f.follow_final, &user);
+        if (!bits_allow(wk.st, user, write ? R_OK | W_OK : R_OK))
+            fail(EACCES, write ? "no read and write permission" : "no read permission");
+        return identity_of(wk.st);
+    } catch (const std::system_error& e) {
+        fail(EACCES, "user " + std::to_string(user.uid) + " may not " + (write ? "write " : "read ") +
+                         role_name(f.role) + " " + f.path + ": " + reason_of(e));
+    }
+}
+
+FileIdentity check_readable_by(const HostPolicy& policy, const Credentials& user, const HostFile& f) {
+    return access_as(policy, user, f, false);
+}
+
 }  // namespace
 
 std::unique_ptr<File> open_host_file(const Executor& executor, const HostPolicy& policy, const HostOpen& request,
                                      FileIdentity* identity) {
-    Walked w = walk_checked(policy, request.path, request.role,
-                            request.role == FileRole::image ? request.follow_final : true, nullptr);
+    const bool follow = request.role == FileRole::image ? request.follow_final : true;
+    std::optional<FileIdentity> user_saw;
+    if (request.on_behalf_of && needs_access_check(*request.on_behalf_of)) {
+        // The user may read it, or the daemon does not open it at all.
+        HostFile probe{request.path, request.role, follow, {}};
+        user_saw = check_readable_by(policy, *request.on_behalf_of, probe);
+    }
+    Walked w = walk_checked(policy, request.path, request.role, follow, nullptr);
     if (request.expect && identity_of(w.st) != *request.expect)
         fail(ESTALE, "it was replaced since the directory scan");
+    if (user_saw && identity_of(w.st) != *user_saw) fail(ESTALE, "it changed while being opened");
     Fd fd = reopen(w.fd.get(), request.writable);
     struct stat st {};
     if (::fstat(fd.get(), &st) != 0) fail(errno, "cannot examine it");
@@ -289,7 +329,7 @@ int open_regular(const HostPolicy& policy, const std::string& path, bool follow_
     if (switch_ids) ids.emplace(*as);
     Walked w = walk_checked(policy, path, FileRole::image, follow_final, bits_user);
     if (bits_user && !bits_allow(w.st, *bits_user, R_OK)) fail(EACCES, "no read permission");
-    return reopen(w.fd.get(), false).release();
+    return reopen(w.fd.get(), false, true).release();
 }
 
 Credentials credentials_of_user(uid_t uid, gid_t gid) {
@@ -315,25 +355,11 @@ bool needs_access_check(const Credentials& user) { return user.uid != ::geteuid(
 void check_user_access(const HostPolicy& policy, const Credentials& user, const std::vector<HostFile>& files,
                        bool write) {
     if (!needs_access_check(user)) return;
-    const bool as_user = can_take_user_ids();
     for (const HostFile& f : files) {
         const bool w = write && f.role != FileRole::backing;
-        try {
-            if (as_user) {
-                FsIds ids(user);
-                Walked wk = walk_checked(policy, f.path, f.role, f.follow_final, nullptr);
-                if (identity_of(wk.st) != f.identity) fail(EACCES, "it is not the file that is open");
-                reopen(wk.fd.get(), w);
-            } else {
-                Walked wk = walk_checked(policy, f.path, f.role, f.follow_final, &user);
-                if (identity_of(wk.st) != f.identity) fail(EACCES, "it is not the file that is open");
-                if (!bits_allow(wk.st, user, w ? R_OK | W_OK : R_OK))
-                    fail(EACCES, w ? "no read and write permission" : "no read permission");
-            }
-        } catch (const std::system_error& e) {
+        if (access_as(policy, user, f, w) != f.identity)
             fail(EACCES, "user " + std::to_string(user.uid) + " may not " + (w ? "write " : "read ") +
-                             role_name(f.role) + " " + f.path + ": " + reason_of(e));
-        }
+                             role_name(f.role) + " " + f.path + ": it is not the file that is open");
     }
 }
 

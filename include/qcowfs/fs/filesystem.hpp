@@ -215,7 +215,9 @@ private:
     /// EIO/ENOTSUP from opening the image.
     Task<void> open_for(std::shared_ptr<ImageSlot> slot, bool writable_wanted, const io::Credentials& user,
                         bool for_writing);
-    Task<void> ensure_open(std::shared_ptr<ImageSlot> slot, bool writable_wanted);
+    /// The open part of open_for: every file is first checked readable by `user` (so the daemon
+    /// never reads a file for a user who could not), then opened as the daemon.
+    Task<void> ensure_open(std::shared_ptr<ImageSlot> slot, bool writable_wanted, const io::Credentials& user);
     /// The host file behind an image node, as the scan saw it.
     static io::HostFile host_file_of(const Node& node);
     /// Drops a handle of `slot`; after the last one, closes its image on its strand.

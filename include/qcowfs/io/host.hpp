@@ -60,6 +60,9 @@ struct HostOpen {
     bool follow_final = true;
     /// Images: the identity the scan saw; a different file at `path` is refused (ESTALE).
     std::optional<FileIdentity> expect;
+    /// The user the open is made for: before the daemon opens (and so reads) anything, the file
+    /// must be one this user may read (check_user_access rules); nullptr: no such check.
+    const Credentials* on_behalf_of = nullptr;
 };
 
 /// Opens a file for an image under `policy`, as the daemon itself: the path is walked one
@@ -85,7 +88,8 @@ std::unique_ptr<File> open_host_file(const Executor& executor, const HostPolicy&
 void check_user_access(const HostPolicy& policy, const Credentials& user, const std::vector<HostFile>& files,
                        bool write);
 
-/// Opens `path` for reading as `as` would (nullptr: as the daemon) under the walk rules of
+/// Opens `path` for reading as `as` would (nullptr: as the daemon; O_NOATIME where allowed, so a
+/// probe does not touch the file's access time) under the walk rules of
 /// open_host_file (no own mount, regular files only, a final symlink only if `follow_final`),
 /// without locks or directory restrictions: the scanner probes image headers with it, as the
 /// owner of the symlink that led there. Returns an owned descriptor (O_RDONLY|O_NONBLOCK).
