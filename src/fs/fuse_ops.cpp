@@ -569,6 +569,43 @@ struct Filesystem::Handlers {
         fuse_reply_err(req, 0);
     }
 
+    /// SEEK_DATA / SEEK_HOLE (the kernel answers SEEK_SET/CUR/END itself): data is what qemu-img
+    /// map calls data — allocated in the image or below it in the backing chain, compressed
+    /// clusters included; zero clusters and unallocated ranges with nothing below are holes. The
+    /// walk takes time in proportion to the metadata it passes, not to the disk's size.
+    static void lseek(fuse_req_t req, fuse_ino_t ino, off_t off, int whence, fuse_file_info* fi) {
+        Filesystem& fs = *fs_of(req);
+        trace("lseek", ino, " off=" + std::to_string(off) + " whence=" + std::to_string(whence));
+        if (whence != SEEK_DATA && whence != SEEK_HOLE) return void(fuse_reply_err(req, EINVAL));
+        if (off < 0) return void(fuse_reply_err(req, ENXIO));
+        auto* of = reinterpret_cast<OpenFile*>(fi->fh);
+        fs.spawn(of->slot->strand, [&fs, req, of, off, whence]() -> Task<void> {
+            try {
+                const uint64_t size = of->view->size();
+                uint64_t pos = static_cast<uint64_t>(off);
+                if (pos >= size) co_return void(fuse_reply_err(req, ENXIO));
+                // Cached writes of the active disk first, so that the image's map shows them.
+                if (of->active && of->slot->cache && !of->slot->cache->empty()) co_await of->slot->cache->write_back();
+                const bool want_data = whence == SEEK_DATA;
+                while (pos < size) {
+                    qcow2::MapRun run = co_await of->view->map(pos);
+                    if (run.data == want_data) break;
+                    pos = std::max(run.end, pos + 1);
+                }
+                if (pos >= size) {
+                    if (want_data) co_return void(fuse_reply_err(req, ENXIO));
+                    pos = size;  // the end of the file is a hole
+                }
+                fuse_reply_lseek(req, static_cast<off_t>(pos));
+            } catch (const std::system_error& e) {
+                reply_error(req, fs.images_, of->slot->path, e);
+            } catch (const std::exception& e) {
+                fs.images_.report(of->slot->path, e.what());
+                fuse_reply_err(req, EIO);
+            }
+        });
+    }
+
     static void statfs(fuse_req_t req, fuse_ino_t ino) {
         trace("statfs", ino);
         struct statvfs sv{};
@@ -597,6 +634,7 @@ const fuse_lowlevel_ops& Filesystem::operations() {
         o.fallocate = Handlers::fallocate;
         o.setattr = Handlers::setattr;
         o.statfs = Handlers::statfs;
+        o.lseek = Handlers::lseek;
         return o;
     }();
     return ops;

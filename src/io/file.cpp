@@ -185,6 +185,20 @@ public:
         return static_cast<uint64_t>(st.st_size);
     }
 
+    std::pair<bool, uint64_t> data_run(uint64_t offset) override {
+        const uint64_t end = size();
+        if (offset >= end) return {false, offset};
+        off_t data = ::lseek(fd_, static_cast<off_t>(offset), SEEK_DATA);
+        if (data < 0) {
+            if (errno == ENXIO) return {false, end};  // only a hole up to the end
+            return {true, end};                       // no SEEK_DATA here: all data
+        }
+        if (static_cast<uint64_t>(data) > offset) return {false, std::min<uint64_t>(data, end)};
+        off_t hole = ::lseek(fd_, static_cast<off_t>(offset), SEEK_HOLE);
+        if (hole < 0 || static_cast<uint64_t>(hole) <= offset) return {true, end};
+        return {true, std::min<uint64_t>(hole, end)};
+    }
+
     const std::string& name() const override { return path_; }
 
     void set_lock(LockMode mode) override {

@@ -274,15 +274,9 @@ Task<void> Image::read_mapped(const std::vector<uint64_t>& l1, uint64_t offset, 
             const std::byte* p = slice->bytes.data() + pos;
             uint64_t raw = format::load_be64(p);
             uint64_t bitmap = g.extended_l2 ? format::load_be64(p + 8) : 0;
-            format::L2Entry e;
-            try {
-                e = format::decode_l2(raw, bitmap, g, meta_.header.version, data_file_ != nullptr);
-            } catch (const std::system_error& ex) {
-                corrupt("L2 entry for guest offset " + hex(guest) + ": " + reason_of(ex));
-            }
+            const format::L2Entry e = decode_l2_for_read(raw, bitmap, guest);
             uint64_t in_cluster = g.offset_in_cluster(guest);
             if (e.compressed) {
-                if (data_file_) corrupt("compressed cluster in an image with an external data file");
                 uint64_t n = std::min(remaining, g.cluster_size() - in_cluster);
                 co_await emit(Extent{Extent::Kind::compressed, guest, n, e.host_offset, e.compressed_size});
                 done += n;

@@ -4,7 +4,9 @@ versions, cluster sizes, refcount widths, zero/compressed (zlib, zstd) clusters,
 backing chains (qcow2, raw, relative, shorter), external data files, preallocation modes, odd
 virtual sizes, internal snapshots, the dirty bit, and a 16 TiB sparse image."""
 
+import errno
 import os
+import shutil
 import sys
 import time
 
@@ -406,6 +408,50 @@ print("built %d images/views to compare" % len(refs), flush=True)
 
 # ---- mount and compare ----------------------------------------------------------------------
 
+def map_data_extents(image, snap=None, cwd=None):
+    """[(start, end)] of what qemu-img map calls data, adjacent ranges merged."""
+    import json
+    target = image
+    if snap:
+        target = os.path.join(work, "snapcopy-%s.qcow2" % os.getpid())
+        shutil.copyfile(image, target)
+        H.qemu_img("snapshot", "-a", snap, target)
+    out = H.run(["qemu-img", "map", "--output=json", "-f", "qcow2", target], cwd=cwd).out
+    res = []
+    for e in json.loads(out):
+        if not e.get("data"):
+            continue
+        start, end = e["start"], e["start"] + e["length"]
+        if res and res[-1][1] == start:
+            res[-1] = (res[-1][0], end)
+        else:
+            res.append((start, end))
+    return res
+
+
+def seek_data_extents(path):
+    """[(start, end)] of data found with SEEK_DATA / SEEK_HOLE."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        res, pos = [], 0
+        while pos < size:
+            try:
+                d = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError as e:
+                if e.errno == errno.ENXIO:
+                    break
+                raise
+            h = os.lseek(fd, d, os.SEEK_HOLE)
+            if h <= d:
+                raise RuntimeError("SEEK_HOLE at %d returned %d" % (d, h))
+            res.append((d, h))
+            pos = h
+        return res
+    finally:
+        os.close(fd)
+
+
 class Remounting:
     """One mount for all images; if the daemon dies, the death is a failure and it is restarted
     so the remaining variants still say something."""
@@ -450,6 +496,18 @@ try:
             m = R.get()
             T.check_compare("%s: %s equals qemu-img convert" % (name, view), m.path(view),
                             refs[view], cluster_size=cs)
+
+    # SEEK_DATA / SEEK_HOLE: the data extents of every view equal qemu-img map's "data" ranges
+    # (for a snapshot: of a copy with the snapshot applied).
+    for name, view, image, snap, cs, cwd in targets:
+        if view not in refs:
+            continue
+        with T.step("seek %s" % name):
+            m = R.get()
+            expected = map_data_extents(image, snap, cwd)
+            got = seek_data_extents(m.path(view))
+            T.check("%s: SEEK_DATA/SEEK_HOLE extents equal qemu-img map" % name, got == expected,
+                    "got %s, qemu-img map %s" % (got[:6], expected[:6]))
 
     with T.step("concurrent readers"):
         m = R.get()
@@ -538,6 +596,22 @@ try:
             T.check("16T: patterns at 0, 8T, end; zeros elsewhere; EOF", not problems,
                     "; ".join(problems[:4]))
             T.check("16T: every read answered within 3 s", not slow, "; ".join(slow[:4]))
+            t0 = time.monotonic()
+            got = seek_data_extents(vp)
+            took = time.monotonic() - t0
+            expected = map_data_extents(img("sparse16t.qcow2"))
+            T.check("16T: SEEK_DATA/SEEK_HOLE extents equal qemu-img map (%.2fs)" % took, got == expected,
+                    "got %s, qemu-img map %s" % (got[:6], expected[:6]))
+            try:
+                fd = os.open(vp, os.O_RDONLY)
+                try:
+                    os.lseek(fd, BIG, os.SEEK_DATA)
+                finally:
+                    os.close(fd)
+                enxio = None
+            except OSError as e:
+                enxio = e.errno
+            T.check("16T: SEEK_DATA at the end is ENXIO", enxio == errno.ENXIO, H.errname(enxio))
 finally:
     with T.step("unmount"):
         R.close()

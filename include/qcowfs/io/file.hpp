@@ -7,6 +7,7 @@
 #include <mutex>
 #include <span>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "qcowfs/util/task.hpp"
@@ -48,6 +49,9 @@ public:
     virtual Task<void> truncate(uint64_t size);
     /// Current size of the file in bytes. Throws std::system_error.
     virtual uint64_t size() = 0;
+    /// Whether the host file has data at `offset` (< size()) or a hole there (SEEK_DATA /
+    /// SEEK_HOLE), and where that run ends (at most size()). The base version: data to the end.
+    virtual std::pair<bool, uint64_t> data_run(uint64_t /*offset*/) { return {true, size()}; }
     /// The path or label used in log lines and errors.
     virtual const std::string& name() const = 0;
     /// Takes QEMU's lock bytes for `mode` and releases the others, then checks that no other

@@ -43,6 +43,12 @@ struct OpenOptions {
     std::function<void(const std::string& reason)> on_corrupt;
 };
 
+/// A run of guest bytes of one allocation status (see BlockSource::map).
+struct MapRun {
+    bool data = false;  // true: data (qemu-img map's "data"); false: reads as zeros (a hole)
+    uint64_t end = 0;   // first byte after the run
+};
+
 /// The guest-visible bytes of a disk: a view of a qcow2 image, or a raw backing file.
 class BlockSource {
 public:
@@ -52,6 +58,12 @@ public:
     /// Fills `buf` with the disk's bytes at `offset`; bytes at or past size() read as zeros.
     /// Runs on the owning image's strand. Throws std::system_error (EIO for corrupt metadata).
     virtual Task<void> read(uint64_t offset, std::span<std::byte> buf) = 0;
+    /// The allocation status at `offset` (< size()) and where it ends (offset < end <= size()),
+    /// as qemu-img map sees it: data is allocated in this image (normal or compressed clusters,
+    /// per subcluster with extended L2) or below it in the backing chain; zero clusters and
+    /// unallocated ranges with nothing below are holes. A run may end before the status changes
+    /// (at most one L2 table is looked at per call). Runs on the owning image's strand.
+    virtual Task<MapRun> map(uint64_t offset) = 0;
 };
 
 class Image;
@@ -68,6 +80,7 @@ public:
     /// The active disk's current size, or the snapshot's.
     uint64_t size() const override;
     Task<void> read(uint64_t offset, std::span<std::byte> buf) override;
+    Task<MapRun> map(uint64_t offset) override;
     /// Active disk: Image::write / write_zeroes / flush. Snapshot: EROFS.
     Task<void> write(uint64_t offset, std::span<const std::byte> data) override;
     Task<void> write_zeroes(uint64_t offset, uint64_t length, bool discard) override;
@@ -174,6 +187,14 @@ private:
     Task<void> read_mapped(const std::vector<uint64_t>& l1, uint64_t offset, std::span<std::byte> buf);
     /// read_mapped through the active L1 under a shared range lock (writes hold exclusive ones).
     Task<void> read_active(uint64_t offset, std::span<std::byte> buf);
+    /// BlockSource::map through `l1` for a view of `size` bytes (map.cpp).
+    Task<MapRun> map_mapped(const std::vector<uint64_t>& l1, uint64_t offset, uint64_t size);
+    /// map_mapped through the active L1 under a shared range lock.
+    Task<MapRun> map_active(uint64_t offset);
+    /// The status of [offset, end) of this image's disk as the backing chain sees it.
+    Task<MapRun> map_below(uint64_t offset, uint64_t end);
+    /// Decodes an L2 entry met while reading or mapping; invalid ones are EIO naming the guest offset.
+    format::L2Entry decode_l2_for_read(uint64_t raw, uint64_t bitmap, uint64_t guest) const;
     /// Reads one extent into `dst` (dst.size() == extent.length).
     Task<void> read_extent(const Extent& e, std::span<std::byte> dst);
     /// The decompressed cluster whose compressed data starts at `host` (cached).
@@ -264,6 +285,8 @@ public:
     explicit RawSource(std::unique_ptr<io::File> file);
     uint64_t size() const override { return size_; }
     Task<void> read(uint64_t offset, std::span<std::byte> buf) override;
+    /// The host file's own data and holes (SEEK_DATA / SEEK_HOLE).
+    Task<MapRun> map(uint64_t offset) override;
 
 private:
     std::unique_ptr<io::File> file_;
