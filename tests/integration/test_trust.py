@@ -276,7 +276,17 @@ with T.step("mount point inside SRC"):
         took = time.monotonic() - t0
         T.check("backing file on the own mount refused without blocking (%s, %.1fs)" % (res.get("errno"), took),
                 refused(res) and took < 5, res)
+        for name in ("b_fifo", "d_fifo"):
+            TH.as_root("read", m.path(name + ".raw"))
         good_still_fine(m, "mount point inside SRC")
+        # After all that, SIGTERM still ends the daemon: unmounted, exit 0.
+        m.proc.send_signal(15)
+        try:
+            code = m.proc.wait(timeout=20)
+        except Exception:
+            code = None
+        T.check("SIGTERM ends the daemon (exit 0) and unmounts", code == 0 and not H.is_mounted(mnt_in),
+                "exit %s, mounted %s" % (code, H.is_mounted(mnt_in)))
 
 # ---- allow_dir lets the intended files through --------------------------------------------------
 with T.step("allow_dir=OUT"):
