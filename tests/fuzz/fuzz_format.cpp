@@ -6,6 +6,8 @@
 // tables they name, refcount table and blocks, the snapshot table, the bitmap directory. Parsers
 // may reject anything (std::system_error with EIO or ENOTSUP); what they accept must survive
 // serialize -> parse unchanged, and serializing again must give the same bytes.
+// An input without the qcow2 magic is one structure (snapshot table, extension area, bitmap
+// directory) in a fixed header, see structure() (seeds: corpus/struct-*).
 #include <algorithm>
 #include <cstddef>
 #include <cstdint>
@@ -170,12 +172,11 @@ bool same_snapshot(const Snapshot& a, const Snapshot& b) {
 
 /// Snapshot table: parse -> serialize -> parse gives the same snapshots; serializing again the same
 /// bytes; the size walk agrees with the serialized length.
-void snapshot_round_trip(Bytes file, const Header& h) {
+void snapshot_round_trip(Bytes table, const Header& h, uint64_t file_size) {
     if (h.nb_snapshots == 0) return;
-    Bytes table = window(file, h.snapshots_offset, kMaxSnapshotTableBytes);
     std::vector<Snapshot> snaps;
     try {
-        snaps = parse_snapshot_table(table, h, file.size());
+        snaps = parse_snapshot_table(table, h, file_size);
     } catch (const std::system_error& e) {
         expect_errno(e, {EIO}, "parse_snapshot_table");
         return;
@@ -186,7 +187,7 @@ void snapshot_round_trip(Bytes file, const Header& h) {
     std::vector<std::byte> bytes = serialize_snapshot_table(snaps, h.version);
     std::vector<Snapshot> again;
     try {
-        again = parse_snapshot_table(bytes, h, file.size());
+        again = parse_snapshot_table(bytes, h, file_size);
     } catch (const std::system_error& e) {
         fuzz::violated(std::string("serialized snapshot table does not parse: ") + e.what());
     }
@@ -199,13 +200,12 @@ void snapshot_round_trip(Bytes file, const Header& h) {
 
 /// Bitmap directory: what parses is laid out as parsed — entries back to back (8-aligned), each
 /// field where the parser read it, the name bytes in place, and exactly nb_bitmaps of them.
-void bitmap_directory_check(Bytes file, const ImageMetadata& m) {
+void bitmap_directory_check(Bytes dir, const ImageMetadata& m, uint64_t file_size) {
     if (!m.extensions.bitmaps) return;
     const auto& ext = *m.extensions.bitmaps;
-    Bytes dir = window(file, ext.bitmap_directory_offset, std::min<uint64_t>(ext.bitmap_directory_size, 1 << 26));
     std::vector<qcow2::BitmapDirectoryEntry> entries;
     try {
-        entries = qcow2::parse_bitmap_directory(dir, m, file.size());
+        entries = qcow2::parse_bitmap_directory(dir, m, file_size);
     } catch (const std::system_error& e) {
         expect_errno(e, {EIO}, "parse_bitmap_directory");
         return;
@@ -232,7 +232,7 @@ void bitmap_directory_check(Bytes file, const ImageMetadata& m) {
         FUZZ_EXPECT(name_at + e.name.size() <= dir.size() &&
                    std::memcmp(e.name.data(), dir.data() + name_at, e.name.size()) == 0,
                "bitmap name not where the entry says");
-        FUZZ_EXPECT(e.table_offset % m.header.cluster_size() == 0 && e.table_offset + uint64_t{e.table_size} * 8 <= file.size(),
+        FUZZ_EXPECT(e.table_offset % m.header.cluster_size() == 0 && e.table_offset + uint64_t{e.table_size} * 8 <= file_size,
                "bitmap table accepted outside the file or unaligned");
         at = (name_at + e.name.size() + 7) & ~size_t{7};
     }
@@ -262,30 +262,115 @@ void tables(Bytes file, const Header& h) {
     }
 }
 
-}  // namespace
-
-extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
-    Bytes file(reinterpret_cast<const std::byte*>(data), size);
+/// A whole image file: each structure where the header says it lies.
+void image(Bytes file) {
     Header h;
     try {
         h = parse_header(file, file.size());
     } catch (const std::system_error& e) {
         expect_errno(e, {EIO, ENOTSUP}, "parse_header");
-        return 0;
+        return;
     }
     tables(file, h);
-    snapshot_round_trip(file, h);
+    snapshot_round_trip(window(file, h.snapshots_offset, kMaxSnapshotTableBytes), h, file.size());
 
     ImageMetadata m;
     try {
         m = parse_metadata(file.first(std::min<uint64_t>(file.size(), h.cluster_size())), file.size());
     } catch (const std::system_error& e) {
         expect_errno(e, {EIO, ENOTSUP}, "parse_metadata");
-        return 0;
+        return;
     }
     FUZZ_EXPECT(header_diff(h, m.header).empty() && h.backing_file_offset == m.header.backing_file_offset,
                 "parse_metadata and parse_header disagree: " + header_diff(h, m.header));
     header_round_trip(m, file.size());
-    bitmap_directory_check(file, m);
+    if (m.extensions.bitmaps) {
+        const auto& ext = *m.extensions.bitmaps;
+        bitmap_directory_check(window(file, ext.bitmap_directory_offset, std::min<uint64_t>(ext.bitmap_directory_size, 1 << 26)),
+                               m, file.size());
+    }
+}
+
+/// A header that passes parse_header for a file of `file_size` bytes, for the structure modes.
+Header template_header(uint32_t version, uint32_t cluster_bits, uint64_t file_size) {
+    Header h;
+    h.version = version;
+    h.cluster_bits = cluster_bits;
+    h.size = uint64_t{1} << 30;
+    h.l1_size = static_cast<uint32_t>(h.geometry().l1_entries_for(h.size));
+    h.l1_table_offset = uint64_t{1} << cluster_bits;
+    h.refcount_table_offset = uint64_t{2} << cluster_bits;
+    h.refcount_table_clusters = 1;
+    h.header_length = version == 2 ? kV2HeaderLength : kV3MinHeaderLength;
+    h.refcount_order = 4;
+    (void)file_size;
+    return h;
+}
+
+/// Structure modes: the input is one structure with a fixed header around it, so that mutations
+/// reach deep into one parser instead of landing in an image's data clusters.
+///   'S' version cluster_bits nb_snapshots(2) table...       snapshot table
+///   'E' version cluster_bits backing_offset(2) backing_size(2) bytes...  cluster 0 after the header
+///   'B' cluster_bits nb_bitmaps(2) disk_size_shift directory...   bitmap directory
+void structure(Bytes in) {
+    constexpr uint64_t kFileSize = uint64_t{1} << 40;
+    auto byte = [&](size_t i) { return i < in.size() ? std::to_integer<uint32_t>(in[i]) : 0u; };
+    auto cluster_bits = [&](size_t i) { return kMinClusterBits + byte(i) % (kMaxClusterBits - kMinClusterBits + 1); };
+    auto version = [&](size_t i) { return byte(i) & 1 ? 3u : 2u; };
+    switch (byte(0)) {
+        case 'S': {
+            Header h = template_header(version(1), cluster_bits(2), kFileSize);
+            h.nb_snapshots = byte(3) << 8 | byte(4);
+            h.snapshots_offset = uint64_t{3} << h.cluster_bits;
+            snapshot_round_trip(in.size() > 5 ? in.subspan(5) : Bytes{}, h, kFileSize);
+            break;
+        }
+        case 'E': {
+            Header h = template_header(version(1), cluster_bits(2), kFileSize);
+            if (h.version == 3) h.header_length = 112;
+            Bytes area = in.size() > 7 ? in.subspan(7) : Bytes{};
+            std::vector<std::byte> c0(h.header_length + area.size());
+            std::copy(area.begin(), area.end(), c0.begin() + h.header_length);
+            ImageMetadata shell;
+            shell.header = h;
+            std::vector<std::byte> fixed = serialize_metadata(shell);
+            std::copy(fixed.begin(), fixed.begin() + h.header_length, c0.begin());
+            uint32_t backing_offset = byte(3) << 8 | byte(4);
+            store_be64(c0.data() + 8, backing_offset ? h.header_length + backing_offset : 0);
+            store_be32(c0.data() + 16, byte(5) << 8 | byte(6));
+            if (c0.size() > h.cluster_size()) c0.resize(h.cluster_size());
+            ImageMetadata m;
+            try {
+                m = parse_metadata(c0, kFileSize);
+            } catch (const std::system_error& e) {
+                expect_errno(e, {EIO, ENOTSUP}, "parse_metadata");
+                return;
+            }
+            header_round_trip(m, kFileSize);
+            break;
+        }
+        case 'B': {
+            ImageMetadata m;
+            m.header = template_header(3, cluster_bits(1), kFileSize);
+            m.header.autoclear_features = kAutoclearBitmaps;
+            m.header.size = uint64_t{1} << (20 + byte(4) % 24);
+            Bytes dir = in.size() > 5 ? in.subspan(5) : Bytes{};
+            m.extensions.bitmaps = BitmapsExtension{byte(2) << 8 | byte(3), dir.size(), uint64_t{4} << m.header.cluster_bits};
+            bitmap_directory_check(dir, m, kFileSize);
+            break;
+        }
+        default:
+            break;
+    }
+}
+
+}  // namespace
+
+extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
+    Bytes in(reinterpret_cast<const std::byte*>(data), size);
+    if (has_qcow2_magic(in))
+        image(in);
+    else
+        structure(in);
     return 0;
 }

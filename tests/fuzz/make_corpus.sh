@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Regenerates the fuzz seed corpus (tests/fuzz/corpus/seed-*.qcow2): one small qemu-img/qemu-io
-# image per qcow2 variant. Regression inputs (crash-*, regress-*) in the corpus are left alone.
+# image per qcow2 variant, and struct-* structure inputs for fuzz_format cut from them.
+# Regression inputs (regress-*) in the corpus are left alone.
 # Usage: bash tests/fuzz/make_corpus.sh
 set -euo pipefail
 cd "$(dirname "$0")"
 out=$PWD/corpus
 mkdir -p "$out"
-rm -f "$out"/seed-*
+rm -f "$out"/seed-* "$out"/struct-*
 
 work=$(mktemp -d /tmp/qcowfs-corpus-XXXXXX)
 trap 'rm -rf "$work"' EXIT
@@ -98,5 +99,43 @@ keep l.qcow2 lazy-dirty
 
 # Preallocation=metadata (L2 entries with host clusters but never written).
 create -o cluster_size=512,preallocation=metadata p.qcow2 16k; keep p.qcow2 prealloc-metadata
+
+# Structure seeds for fuzz_format (inputs without the qcow2 magic, see structure() there): the
+# snapshot table, the extension area and the bitmap directory of the images above.
+python3 - "$out" <<'PY'
+import struct, sys
+out = sys.argv[1]
+def be(fmt, b, at): return struct.unpack_from(">" + fmt, b, at)[0]
+def header(path):
+    b = open(path, "rb").read()
+    return b, be("I", b, 4), be("I", b, 20)
+for name in ("snapshots-1.1", "snapshots-0.10"):
+    b, version, cb = header(f"{out}/seed-{name}.qcow2")
+    nb, off = be("I", b, 60), be("Q", b, 64)
+    table = b[off:off + (1 << cb) * 2]
+    open(f"{out}/struct-snapshot-table-{name}", "wb").write(
+        b"S" + bytes([version == 3, cb - 9]) + struct.pack(">H", nb) + table.rstrip(b"\0"))
+for name in ("bitmaps", "backing-qcow2", "data-file"):
+    b, version, cb = header(f"{out}/seed-{name}.qcow2")
+    hl = be("I", b, 100)
+    boff, bsize = be("Q", b, 8), be("I", b, 16)
+    area = b[hl:1 << cb].rstrip(b"\0")
+    rel = boff - hl if boff else 0
+    open(f"{out}/struct-extensions-{name}", "wb").write(
+        b"E" + bytes([version == 3, cb - 9]) + struct.pack(">HH", rel, bsize) + area)
+b, version, cb = header(f"{out}/seed-bitmaps.qcow2")
+hl = be("I", b, 100)
+at = hl
+while at + 8 <= len(b):
+    t, n = be("I", b, at), be("I", b, at + 4)
+    if t == 0x23852875:
+        nb, size, off = be("I", b, at + 8), be("Q", b, at + 16), be("Q", b, at + 24)
+        open(f"{out}/struct-bitmap-directory", "wb").write(
+            b"B" + bytes([cb - 9]) + struct.pack(">H", nb) + bytes([0]) + b[off:off + size])
+        break
+    if t == 0:
+        break
+    at += 8 + (n + 7) // 8 * 8
+PY
 
 ls -l "$out" | awk '{ total += $5 } END { print "corpus: " NR - 1 " files, " total " bytes" }'
