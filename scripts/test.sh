@@ -20,7 +20,7 @@ asan_status=0
 if bash scripts/build-asan.sh; then
     fuzz_seconds=${QCOWFS_FUZZ_SECONDS:-60}
     cmake -S . -B build-asan -DQCOWFS_FUZZ_SECONDS="$fuzz_seconds" >/dev/null
-    (cd build-asan && ctest --output-on-failure -R '^(unit|fuzz)\.') || asan_status=$?
+    (cd build-asan && ctest --output-on-failure -j2 -R '^(unit|fuzz)\.') || asan_status=$?
 else
     asan_status=$?
     echo "test: the sanitizer build (build-asan/) failed" >&2

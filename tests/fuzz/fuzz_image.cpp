@@ -5,7 +5,8 @@
 // too: a name ending in .qcow2 is a tiny empty qcow2 image, anything else (raw backing file,
 // external data file) a 64 KiB raw file with a byte pattern. Properties checked:
 //   - open, read, write and close fail only with std::system_error and an expected errno
-//     (EIO for damaged metadata, ENOTSUP for unsupported features, EROFS for refused writes);
+//     (EIO for damaged metadata, ENOTSUP for unsupported features, EROFS for refused writes,
+//     ENOSPC when a file would grow past 64 MiB, the fuzzer's disk);
 //   - after a write that succeeded and a close, the image opens again, reads the written bytes
 //     back, reads every other range it read before the write unchanged (snapshots included),
 //     is neither dirty nor corrupt, and no used cluster has a refcount below its references.
@@ -38,20 +39,37 @@ constexpr uint64_t kChunk = 64 << 10;       // bytes per read request
 constexpr size_t kMaxSnapshots = 4;         // snapshot views read per input
 
 /// Forwards to a MemFile that outlives the Image holding this handle (so the bytes can be
-/// reopened and inspected after the image is closed).
+/// reopened and inspected after the image is closed). The host disk is small: a file may not
+/// grow past kMaxHostFile (ENOSPC, as a full disk), since a MemFile holds every byte up to its
+/// end while a real file would be sparse (a data cluster at 3 GiB of a raw data file is legal).
 class SharedFile final : public io::File {
 public:
+    static constexpr uint64_t kMaxHostFile = 64 << 20;
+
     explicit SharedFile(std::shared_ptr<io::MemFile> f) : f_(std::move(f)) {}
     Task<size_t> read_at(uint64_t o, std::span<std::byte> b) override { co_return co_await f_->read_at(o, b); }
-    Task<void> write_at(uint64_t o, std::span<const std::byte> b) override { co_await f_->write_at(o, b); }
+    Task<void> write_at(uint64_t o, std::span<const std::byte> b) override {
+        check_room(o, b.size());
+        co_await f_->write_at(o, b);
+    }
     Task<void> flush() override { co_await f_->flush(); }
     Task<void> discard(uint64_t o, uint64_t n) override { co_await f_->discard(o, n); }
-    Task<void> allocate(uint64_t o, uint64_t n) override { co_await f_->allocate(o, n); }
-    Task<void> truncate(uint64_t s) override { co_await f_->truncate(s); }
+    Task<void> allocate(uint64_t o, uint64_t n) override {
+        check_room(o, n);
+        co_await f_->allocate(o, n);
+    }
+    Task<void> truncate(uint64_t s) override {
+        check_room(s, 0);
+        co_await f_->truncate(s);
+    }
     uint64_t size() override { return f_->size(); }
     const std::string& name() const override { return f_->name(); }
 
 private:
+    void check_room(uint64_t offset, uint64_t length) {
+        if (offset > kMaxHostFile || length > kMaxHostFile - offset)
+            fail(ENOSPC, "the fuzzer's host disk is full (" + name() + " would exceed 64 MiB)");
+    }
     std::shared_ptr<io::MemFile> f_;
 };
 
@@ -251,7 +269,7 @@ bool write_and_close(asio::io_context& io, Host& host, const Write& w) {
         }());
         return true;
     } catch (const std::system_error& e) {
-        expect_errno(e, {EIO, EROFS, ENOTSUP}, "write");
+        expect_errno(e, {EIO, EROFS, ENOTSUP, ENOSPC}, "write");
     }
     // Whatever failed, the image must still be closable and then open (or fail) cleanly.
     try {
@@ -260,7 +278,7 @@ bool write_and_close(asio::io_context& io, Host& host, const Write& w) {
             co_return 0;
         }());
     } catch (const std::system_error& e) {
-        expect_errno(e, {EIO, EROFS}, "close after a failed write");
+        expect_errno(e, {EIO, EROFS, ENOSPC}, "close after a failed write");
     }
     return false;
 }
