@@ -8,7 +8,8 @@
 //     (EIO for damaged metadata, ENOTSUP for unsupported features, EROFS for refused writes,
 //     ENOSPC when a file would grow past 64 MiB, the fuzzer's disk);
 //   - after a write that succeeded and a close, the image opens again, reads the written bytes
-//     back, reads every other range it read before the write unchanged (snapshots included),
+//     back, reads every other range it read before the write unchanged (snapshots included; not
+//     checked with an external data file, whose clusters may alias undetectably),
 //     is neither dirty nor corrupt, and no used cluster has a refcount below its references.
 #include <boost/asio/co_spawn.hpp>
 #include <boost/asio/io_context.hpp>
@@ -319,7 +320,11 @@ void verify_after_write(asio::io_context& io, Host& host, const Seen& seen, cons
         fuzz::violated(std::string("written range does not read back: ") + e.what());
     }
     FUZZ_EXPECT(back == w.data, "written bytes do not read back");
-    compare(seen.active, read_view(io, *image->active(), seen.chunks), &w, "active disk");
+    // An external data file has no refcounts: two L2 entries naming one data cluster cannot be
+    // told from a consistent image before the write (QEMU writes through such an alias too), so
+    // there the rest of the disk may change. Everywhere else a write changes only its range.
+    Reads active_after = read_view(io, *image->active(), seen.chunks);
+    if (!h.has_external_data_file()) compare(seen.active, active_after, &w, "active disk");
     for (const auto& s : seen.snapshots) {
         std::shared_ptr<qcow2::View> view;
         try {
