@@ -11,6 +11,7 @@ packages=(
     zlib1g-dev libzstd-dev                 # compressed clusters
     libboost1.81-dev liburing-dev          # Asio coroutines over io_uring
     doctest-dev                            # unit tests
+    clang-14 libclang-rt-14-dev libfuzzer-14-dev  # sanitizer build and libFuzzer targets (build-asan/)
     qemu-utils python3                     # qemu-img/qemu-io: test oracle and demo images
     e2fsprogs util-linux kmod              # mkfs.ext4, losetup/mount, modprobe
     ca-certificates

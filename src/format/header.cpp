@@ -84,6 +84,9 @@ Header read_fields(const std::byte* p) {
     h.refcount_table_clusters = load_be32(p + 56);
     h.nb_snapshots = load_be32(p + 60);
     h.snapshots_offset = load_be64(p + 64);
+    // Without a backing file the name length means nothing (QEMU ignores it): keep it 0 so that a
+    // header rewrite round-trips.
+    if (h.backing_file_offset == 0) h.backing_file_size = 0;
     if (h.version == 2) {
         h.refcount_order = 4;
         h.header_length = kV2HeaderLength;

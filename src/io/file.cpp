@@ -328,7 +328,7 @@ Task<size_t> MemFile::read_at(uint64_t offset, std::span<std::byte> buf) {
     std::lock_guard lock(mutex_);
     maybe_fail();
     ++reads_;
-    if (offset >= current_.size()) co_return 0;
+    if (offset >= current_.size() || buf.empty()) co_return 0;  // memcpy must not see an empty buffer's null pointer
     size_t n = std::min<uint64_t>(buf.size(), current_.size() - offset);
     std::memcpy(buf.data(), current_.data() + offset, n);
     co_return n;
@@ -337,6 +337,7 @@ Task<size_t> MemFile::read_at(uint64_t offset, std::span<std::byte> buf) {
 Task<void> MemFile::write_at(uint64_t offset, std::span<const std::byte> buf) {
     std::lock_guard lock(mutex_);
     maybe_fail();
+    if (buf.empty()) co_return;  // nothing to write; an empty span's data() may be null
     if (offset + buf.size() > current_.size()) current_.resize(offset + buf.size());
     std::memcpy(current_.data() + offset, buf.data(), buf.size());
     co_return;
