@@ -112,15 +112,15 @@ struct DecompressBatch : Batch {
     format::CompressionType type;
     size_t cluster_size;
     std::vector<Item> items;
-    std::vector<std::byte> out;  // items.size() clusters
+    std::unique_ptr<std::byte[]> out;  // items.size() clusters
     size_t in_bytes = 0;
 
     DecompressBatch(format::CompressionType t, size_t cs) : type(t), cluster_size(cs) {}
     void run() override {
-        out.resize(items.size() * cluster_size);
+        out = std::make_unique_for_overwrite<std::byte[]>(items.size() * cluster_size);
         for (size_t i = 0; i < items.size(); ++i) {
             try {
-                codec::decompress_cluster(type, items[i].in, std::span(out).subspan(i * cluster_size, cluster_size));
+                codec::decompress_cluster(type, items[i].in, std::span(out.get() + i * cluster_size, cluster_size));
             } catch (const std::system_error& e) {
                 fail(errno_of(e), "bad stream: compressed cluster at host offset " + hex(items[i].host_offset) +
                                       " (guest offset " + hex(items[i].guest_cluster * cluster_size) +
@@ -530,7 +530,7 @@ void Decoder::submit_batch() {
 void Decoder::on_batch_done(Batch& b) {
     auto& d = static_cast<DecompressBatch&>(b);
     for (size_t i = 0; i < d.items.size(); ++i)
-        cluster_ready(d.items[i].guest_cluster, std::span<const std::byte>(d.out).subspan(i * cs_, cs_));
+        cluster_ready(d.items[i].guest_cluster, std::span<const std::byte>(d.out.get() + i * cs_, cs_));
 }
 
 std::span<const std::byte> Decoder::compose(uint64_t c, const L2Entry& e, const std::byte* host_data) {

@@ -1,13 +1,19 @@
 // The stream encoder: scan (and compress) first, lay the image out, then write it front to back.
 //
-// Metadata precedes data in the output, and the metadata's size and contents depend on which
+// Metadata precedes data in the image, and the metadata's size and contents depend on which
 // clusters hold data (and, with -c, on every compressed size), so the input is scanned first:
 //   pass 1  read IN (skipping holes via SEEK_DATA/SEEK_HOLE), note each non-zero cluster; with -c
-//           compress them on all cores and append the results, in guest order, to a spool file;
+//           compress them on all cores, results placed in guest order;
 //   layout  count the L2 tables and data clusters, size the refcount structures to cover every
 //           cluster of the image including themselves;
-//   pass 2  write header, refcount table, refcount blocks, L1, L2 tables, then the data (read
-//           again from IN, or copied from the spool).
+//   pass 2  write header, refcount table, refcount blocks, L1, L2 tables.
+// Where the data goes in pass 1 depends on OUT:
+//   - a regular file: straight to its final place. The data area starts after room for the
+//     largest metadata the input could need (every cluster in a data range non-zero, and with -c
+//     every other cluster padded); unused room stays a hole that nothing references. The metadata
+//     is then written in front of it. IN is read once.
+//   - a pipe or device: with -c into an anonymous spool file, copied to OUT after the metadata;
+//     without -c nowhere: pass 2 reads the non-zero clusters from IN again.
 #include "stream/encoder.hpp"
 
 #include <fcntl.h>
@@ -90,8 +96,9 @@ struct CompressBatch : Batch {
     format::CompressionType type;
     uint64_t cs;
     uint64_t first_cluster;
-    std::vector<std::byte> in;       // whole clusters (last one zero padded)
-    std::vector<std::byte> out;      // compressed bytes, back to back
+    size_t in_size = 0;                 // bytes of `in` (whole clusters, the last one zero padded)
+    std::unique_ptr<std::byte[]> in;
+    std::unique_ptr<std::byte[]> out;  // compressed bytes, back to back
     struct Result {
         enum Kind { zero, compressed, raw } kind = zero;
         size_t offset = 0, length = 0;  // in `out` (compressed) or `in` (raw)
@@ -99,17 +106,21 @@ struct CompressBatch : Batch {
     std::vector<Result> results;
 
     void run() override {
-        size_t n = in.size() / cs;
+        // One compressor per worker thread and type, reused for every cluster.
+        thread_local std::unique_ptr<codec::ClusterCompressor> compressors[2];
+        auto& comp = compressors[static_cast<int>(type)];
+        if (!comp) comp = std::make_unique<codec::ClusterCompressor>(type);
+        size_t n = in_size / cs;
         results.assign(n, {});
-        out.resize(in.size());
+        out = std::make_unique_for_overwrite<std::byte[]>(in_size);
         size_t used = 0;
-        std::vector<std::byte> tmp(cs);
         for (size_t i = 0; i < n; ++i) {
-            std::span<const std::byte> cl(in.data() + i * cs, cs);
+            std::span<const std::byte> cl(in.get() + i * cs, cs);
             if (all_zero(cl)) continue;
-            auto len = codec::compress_cluster(type, cl, tmp);
+            // Compressed output shorter than the cluster fits in what is left of `out`: every
+            // earlier cluster used at most its own cluster's share.
+            auto len = comp->compress(cl, std::span(out.get() + used, cs));
             if (len) {
-                std::memcpy(out.data() + used, tmp.data(), *len);
                 results[i] = {Result::compressed, used, *len};
                 used += *len;
             } else {
@@ -118,6 +129,37 @@ struct CompressBatch : Batch {
         }
     }
 };
+
+/// Where the image's parts go, in clusters from the start of the file.
+struct Layout {
+    uint64_t rt_clusters = 1, blocks = 1, l1_clusters = 0, l2_slots = 0;
+    uint64_t rt_offset = 0, rb_offset = 0, l1_offset = 0, l2_offset = 0, data_offset = 0;
+};
+
+/// Sizes the refcount table and blocks for an image with `l2_slots` L2 tables and up to
+/// `data_clusters` data clusters, and places everything after the header cluster.
+Layout plan_layout(uint64_t cs, uint32_t cluster_bits, uint64_t l1_clusters, uint64_t l2_slots, uint64_t data_clusters) {
+    Layout l;
+    l.l1_clusters = l1_clusters;
+    l.l2_slots = l2_slots;
+    const uint64_t per_block = format::refcount_block_entries(cluster_bits, kRefcountOrder);
+    for (;;) {
+        uint64_t total = 1 + l.rt_clusters + l.blocks + l1_clusters + l2_slots + data_clusters;
+        uint64_t nb = (total + per_block - 1) / per_block;
+        uint64_t nrt = std::max<uint64_t>(1, (nb * 8 + cs - 1) / cs);
+        if (nb <= l.blocks && nrt <= l.rt_clusters) break;
+        l.blocks = std::max(l.blocks, nb);
+        l.rt_clusters = std::max(l.rt_clusters, nrt);
+    }
+    if ((l.rt_clusters << cluster_bits) > format::kMaxRefcountTableBytes)
+        fail(EFBIG, "the image is too large for cluster size " + std::to_string(cs) + " (refcount table over 8 MiB)");
+    l.rt_offset = cs;
+    l.rb_offset = l.rt_offset + l.rt_clusters * cs;
+    l.l1_offset = l.rb_offset + l.blocks * cs;
+    l.l2_offset = l.l1_offset + l1_clusters * cs;
+    l.data_offset = l.l2_offset + l2_slots * cs;
+    return l;
+}
 
 class Encoder {
 public:
@@ -133,6 +175,9 @@ private:
     void scan_compressed();
     void on_compressed(Batch& b);
     void write_image();
+    void put_data(uint64_t rel, std::span<const std::byte> d) {
+        if (data_sink_) data_sink_->write_at(data_base_ + rel, d);
+    }
 
     int in_, out_;
     EncodeOptions o_;
@@ -143,30 +188,36 @@ private:
     uint64_t vsize_ = 0;
     uint64_t cs_ = 0;
     ClusterGeometry g_;
+    std::vector<std::pair<uint64_t, uint64_t>> ranges_;  // of IN that may hold data
+    bool direct_ = false;   // OUT is a regular file: data is written in place during pass 1
+    Layout layout_;         // planned before pass 1 when direct_
     std::vector<Placed> placed_;  // guest order
-    int spool_ = -1;              // compressed data area (with -c)
-    std::unique_ptr<RawSink> spool_sink_;
-    uint64_t spool_len_ = 0;
+    int spool_ = -1;              // the compressed data area when OUT is not a regular file
+    std::unique_ptr<RawSink> data_sink_;
+    uint64_t data_base_ = 0;  // offset of the data area in data_sink_'s file
+    uint64_t data_len_ = 0;   // bytes of the data area so far
     uint64_t scanned_ = 0;
     EncodeStats stats_;
 };
 
 void Encoder::scan_uncompressed() {
     std::vector<std::byte> buf(kChunk);
-    for_each_data_range(src_, in_size_, cs_, [&](uint64_t start, uint64_t end) {
+    for (auto [start, end] : ranges_) {
         for (uint64_t at = start; at < end; at += kChunk) {
             size_t n = static_cast<size_t>(std::min<uint64_t>(kChunk, end - at));
             pread_all(src_, std::span(buf).first(n), at, "the input");
+            if (n % cs_) std::memset(buf.data() + n, 0, cs_ - n % cs_);
             for (size_t off = 0; off < n; off += cs_) {
-                auto cl = std::span(buf).subspan(off, std::min<size_t>(cs_, n - off));
+                auto cl = std::span(buf).subspan(off, cs_);
                 if (all_zero(cl)) continue;
-                uint64_t c = (at + off) / cs_;
-                placed_.push_back({c, placed_.size() * cs_, static_cast<uint32_t>(cs_), false});
+                placed_.push_back({(at + off) / cs_, data_len_, static_cast<uint32_t>(cs_), false});
+                put_data(data_len_, cl);
+                data_len_ += cs_;
             }
             scanned_ = at + n;
             progress_.update(scanned_, "scanning");
         }
-    });
+    }
 }
 
 void Encoder::on_compressed(Batch& b) {
@@ -176,53 +227,51 @@ void Encoder::on_compressed(Batch& b) {
         if (r.kind == CompressBatch::Result::zero) continue;
         uint64_t c = cb.first_cluster + i;
         if (r.kind == CompressBatch::Result::compressed) {
-            placed_.push_back({c, spool_len_, static_cast<uint32_t>(r.length), true});
-            spool_sink_->write_at(spool_len_, std::span(cb.out).subspan(r.offset, r.length));
-            spool_len_ += r.length;
+            placed_.push_back({c, data_len_, static_cast<uint32_t>(r.length), true});
+            put_data(data_len_, std::span(cb.out.get() + r.offset, r.length));
+            data_len_ += r.length;
             ++stats_.compressed_clusters;
         } else {
             // An uncompressed cluster in the data area must start on a cluster boundary.
-            uint64_t aligned = (spool_len_ + cs_ - 1) & ~(cs_ - 1);
-            if (aligned > spool_len_) spool_sink_->write_zeros(spool_len_, aligned - spool_len_);
-            spool_len_ = aligned;
-            placed_.push_back({c, spool_len_, static_cast<uint32_t>(cs_), false});
-            spool_sink_->write_at(spool_len_, std::span(cb.in).subspan(r.offset, cs_));
-            spool_len_ += cs_;
+            uint64_t aligned = (data_len_ + cs_ - 1) & ~(cs_ - 1);
+            if (aligned > data_len_ && data_sink_) data_sink_->write_zeros(data_base_ + data_len_, aligned - data_len_);
+            data_len_ = aligned;
+            placed_.push_back({c, data_len_, static_cast<uint32_t>(cs_), false});
+            put_data(data_len_, std::span(cb.in.get() + r.offset, cs_));
+            data_len_ += cs_;
         }
     }
-    scanned_ = std::max(scanned_, (cb.first_cluster * cs_) + cb.in.size());
+    scanned_ = std::max(scanned_, cb.first_cluster * cs_ + cb.in_size);
     progress_.update(std::min(scanned_, vsize_), "compressing");
 }
 
 void Encoder::scan_compressed() {
-    spool_ = open_temp_file(o_.spill_dir.empty() ? default_temp_dir() : o_.spill_dir, "data");
-    spool_sink_ = std::make_unique<RawSink>(spool_, false);
     unsigned threads = o_.threads ? o_.threads : default_threads();
     OrderedPool pool(threads, threads * 2);
     auto done = [this](Batch& b) { on_compressed(b); };
-    for_each_data_range(src_, in_size_, cs_, [&](uint64_t start, uint64_t end) {
+    for (auto [start, end] : ranges_) {
         for (uint64_t at = start; at < end; at += kChunk) {
             size_t n = static_cast<size_t>(std::min<uint64_t>(kChunk, end - at));
             auto b = std::make_unique<CompressBatch>();
             b->type = *o_.compression;
             b->cs = cs_;
             b->first_cluster = at / cs_;
-            b->in.assign((n + cs_ - 1) / cs_ * cs_, std::byte{0});
-            pread_all(src_, std::span(b->in).first(n), at, "the input");
+            b->in_size = (n + cs_ - 1) / cs_ * cs_;
+            b->in = std::make_unique_for_overwrite<std::byte[]>(b->in_size);
+            pread_all(src_, std::span(b->in.get(), n), at, "the input");
+            std::memset(b->in.get() + n, 0, b->in_size - n);
             pool.submit(std::move(b), done);
             pool.poll(done);
         }
-    });
+    }
     pool.drain(done);
-    spool_sink_->flush();
 }
 
 EncodeStats Encoder::run() {
     cs_ = uint64_t{1} << o_.cluster_bits;
     g_ = ClusterGeometry{o_.cluster_bits, false};
     std::string dir = o_.spill_dir.empty() ? default_temp_dir() : o_.spill_dir;
-    FdKind kind = fd_kind(in_);
-    if (kind == FdKind::other) {
+    if (fd_kind(in_) == FdKind::other) {
         spooled_in_ = spool_input(in_, dir, in_size_, progress_);
         src_ = spooled_in_;
         stats_.spooled_input = true;
@@ -234,10 +283,32 @@ EncodeStats Encoder::run() {
     vsize_ = (in_size_ + 511) & ~uint64_t{511};  // qcow2 sizes are whole sectors
     stats_.virtual_size = vsize_;
     progress_.set_total(vsize_);
+    const uint64_t l1_entries = g_.l1_entries_for(vsize_);
+    if (l1_entries * 8 > format::kMaxL1Bytes)
+        fail(EFBIG, "the disk is too large for cluster size " + std::to_string(cs_) + " (L1 table over 32 MiB)");
+    for_each_data_range(src_, in_size_, cs_, [&](uint64_t s, uint64_t e) { ranges_.emplace_back(s, e); });
+
+    direct_ = fd_kind(out_) == FdKind::regular;
+    if (direct_) {
+        uint64_t max_clusters = 0, max_l2 = 0, last_l1 = UINT64_MAX;
+        for (auto [s, e] : ranges_) {
+            max_clusters += (e - s + cs_ - 1) / cs_;
+            for (uint64_t i = s / cs_ / g_.l2_entries(); i <= (e - 1) / cs_ / g_.l2_entries(); ++i)
+                if (i != last_l1) ++max_l2, last_l1 = i;
+        }
+        layout_ = plan_layout(cs_, o_.cluster_bits, (l1_entries * 8 + cs_ - 1) / cs_, max_l2,
+                              o_.compression ? 2 * max_clusters : max_clusters);
+        data_sink_ = std::make_unique<RawSink>(out_, true);
+        data_base_ = layout_.data_offset;
+    } else if (o_.compression) {
+        spool_ = open_temp_file(dir, "data");
+        data_sink_ = std::make_unique<RawSink>(spool_, false);
+    }
     if (o_.compression)
         scan_compressed();
     else
         scan_uncompressed();
+    if (data_sink_) data_sink_->flush();
     progress_.finish(vsize_, o_.compression ? "compressed" : "scanned");
     write_image();
     return stats_;
@@ -246,8 +317,6 @@ EncodeStats Encoder::run() {
 void Encoder::write_image() {
     const uint64_t l2e = g_.l2_entries();
     const uint64_t l1_entries = g_.l1_entries_for(vsize_);
-    if (l1_entries * 8 > format::kMaxL1Bytes)
-        fail(EFBIG, "the disk is too large for cluster size " + std::to_string(cs_) + " (L1 table over 32 MiB)");
     const uint64_t l1_clusters = (l1_entries * 8 + cs_ - 1) / cs_;
 
     // L2 tables: one per L1 index holding a stored cluster, in guest order.
@@ -255,42 +324,27 @@ void Encoder::write_image() {
     uint64_t l2_count = 0;
     for (const auto& p : placed_)
         if (l2_index_of_l1[p.guest_cluster / l2e] == UINT64_MAX) l2_index_of_l1[p.guest_cluster / l2e] = l2_count++;
-
-    const uint64_t data_bytes = o_.compression ? spool_len_ : placed_.size() * cs_;
-    const uint64_t data_clusters = (data_bytes + cs_ - 1) / cs_;
-
-    // Refcount structures cover every cluster of the image, themselves included.
+    const uint64_t data_clusters = (data_len_ + cs_ - 1) / cs_;
+    const Layout l = direct_ ? layout_ : plan_layout(cs_, o_.cluster_bits, l1_clusters, l2_count, data_clusters);
+    if (l2_count > l.l2_slots) fail(EIO, "internal error: more L2 tables than planned");
+    const uint64_t dc = l.data_offset / cs_;  // first data cluster
+    const uint64_t total_clusters = dc + data_clusters;
     const uint64_t per_block = format::refcount_block_entries(o_.cluster_bits, kRefcountOrder);
-    uint64_t rt_clusters = 1, blocks = 1;
-    for (;;) {
-        uint64_t total = 1 + rt_clusters + blocks + l1_clusters + l2_count + data_clusters;
-        uint64_t nb = (total + per_block - 1) / per_block;
-        uint64_t nrt = std::max<uint64_t>(1, (nb * 8 + cs_ - 1) / cs_);
-        if (nb == blocks && nrt == rt_clusters) break;
-        blocks = nb;
-        rt_clusters = nrt;
-    }
-    if ((rt_clusters << o_.cluster_bits) > format::kMaxRefcountTableBytes)
-        fail(EFBIG, "the image is too large for cluster size " + std::to_string(cs_) + " (refcount table over 8 MiB)");
-    const uint64_t rt_offset = cs_;
-    const uint64_t rb_offset = rt_offset + rt_clusters * cs_;
-    const uint64_t l1_offset = rb_offset + blocks * cs_;
-    const uint64_t l2_offset = l1_offset + l1_clusters * cs_;
-    const uint64_t data_offset = l2_offset + l2_count * cs_;
-    const uint64_t total_clusters = data_offset / cs_ + data_clusters;
+    if (total_clusters > l.blocks * per_block) fail(EIO, "internal error: refcount blocks too few");
 
-    // Refcounts: 1 for every metadata cluster and every uncompressed data cluster; a host cluster
-    // holding compressed data counts each compressed cluster whose descriptor range touches it.
+    // Refcounts: 1 for every metadata cluster in use and every uncompressed data cluster; a host
+    // cluster holding compressed data counts each compressed cluster whose descriptor range
+    // touches it; unused L2 room (direct_) stays 0.
     std::vector<uint16_t> data_refs(data_clusters, 0);
     std::vector<std::byte> l2(l2_count * cs_);
     for (const auto& p : placed_) {
-        uint64_t host = data_offset + p.offset;
+        uint64_t host = l.data_offset + p.offset;
         uint64_t raw;
         if (p.compressed) {
             raw = format::encode_l2_compressed(host, p.length, o_.cluster_bits);
             auto e = format::decode_l2(raw, 0, g_, 3);
-            uint64_t first = (e.host_offset - data_offset) / cs_;
-            uint64_t last = (e.host_offset + e.compressed_size - 1 - data_offset) / cs_;
+            uint64_t first = e.host_offset / cs_ - dc;
+            uint64_t last = (e.host_offset + e.compressed_size - 1) / cs_ - dc;
             for (uint64_t i = first; i <= last && i < data_clusters; ++i) ++data_refs[i];
         } else {
             raw = format::encode_l2_standard(host, true, false);
@@ -302,6 +356,11 @@ void Encoder::write_image() {
     for (uint16_t r : data_refs)
         if (r == 0 || r > format::max_refcount(kRefcountOrder))
             fail(EIO, "internal error: a data cluster without references or with too many");
+    auto refcount = [&](uint64_t cl) -> uint64_t {
+        if (cl >= dc) return data_refs[cl - dc];
+        if (cl >= l.l2_offset / cs_) return cl - l.l2_offset / cs_ < l2_count ? 1 : 0;
+        return 1;  // header, refcount table and blocks, L1
+    };
 
     std::vector<std::byte> cluster0;
     {
@@ -311,9 +370,9 @@ void Encoder::write_image() {
         h.cluster_bits = o_.cluster_bits;
         h.size = vsize_;
         h.l1_size = static_cast<uint32_t>(l1_entries);
-        h.l1_table_offset = l1_offset;
-        h.refcount_table_offset = rt_offset;
-        h.refcount_table_clusters = static_cast<uint32_t>(rt_clusters);
+        h.l1_table_offset = l.l1_offset;
+        h.refcount_table_offset = l.rt_offset;
+        h.refcount_table_clusters = static_cast<uint32_t>(l.rt_clusters);
         h.refcount_order = kRefcountOrder;
         h.header_length = format::kV3MinHeaderLength;
         h.compression_type = o_.compression.value_or(format::CompressionType::zlib);
@@ -323,7 +382,9 @@ void Encoder::write_image() {
         cluster0.resize(cs_);
     }
 
-    RawSink out(out_, false);
+    // The metadata goes out in file order: to a pipe sequentially, to a file in front of the
+    // data already written.
+    RawSink out(out_, direct_);
     uint64_t at = 0;
     auto put = [&](std::span<const std::byte> d) {
         out.write_at(at, d);
@@ -331,19 +392,18 @@ void Encoder::write_image() {
     };
     put(cluster0);
     {
-        std::vector<std::byte> rt(rt_clusters * cs_);
-        for (uint64_t b = 0; b < blocks; ++b) format::store_be64(rt.data() + b * 8, rb_offset + b * cs_);
+        std::vector<std::byte> rt(l.rt_clusters * cs_);
+        for (uint64_t b = 0; b < l.blocks; ++b) format::store_be64(rt.data() + b * 8, l.rb_offset + b * cs_);
         put(rt);
     }
     {
         std::vector<std::byte> block(cs_);
-        for (uint64_t b = 0; b < blocks; ++b) {
+        for (uint64_t b = 0; b < l.blocks; ++b) {
             std::fill(block.begin(), block.end(), std::byte{0});
             for (uint64_t i = 0; i < per_block; ++i) {
                 uint64_t cl = b * per_block + i;
                 if (cl >= total_clusters) break;
-                uint64_t dc = data_offset / cs_;
-                format::set_refcount(block, kRefcountOrder, i, cl < dc ? 1 : data_refs[cl - dc]);
+                format::set_refcount(block, kRefcountOrder, i, refcount(cl));
             }
             put(block);
         }
@@ -353,18 +413,29 @@ void Encoder::write_image() {
         for (uint64_t i = 0; i < l1_entries; ++i)
             if (l2_index_of_l1[i] != UINT64_MAX)
                 format::store_be64(l1.data() + i * 8,
-                                   format::encode_l1({l2_offset + l2_index_of_l1[i] * cs_, true}));
+                                   format::encode_l1({l.l2_offset + l2_index_of_l1[i] * cs_, true}));
         put(l1);
     }
     put(l2);
     l2 = {};
+    const uint64_t end = l.data_offset + data_clusters * cs_;
+    if (direct_) {
+        out.flush();
+        // The last host cluster is whole, so that every cluster the refcounts count exists;
+        // unused L2 room stays a hole.
+        if (::ftruncate(out_, static_cast<off_t>(end)) != 0) fail(errno, "cannot set the size of the output");
+        stats_.data_clusters = placed_.size();
+        stats_.image_bytes = end;
+        return;
+    }
+    if (at < l.data_offset) out.write_zeros(at, l.data_offset - at), at = l.data_offset;
 
     Progress wp(o_.progress, "encode: writing");
     wp.set_total(data_clusters * cs_);
     std::vector<std::byte> buf(kChunk);
     if (o_.compression) {
-        for (uint64_t done = 0; done < spool_len_;) {
-            size_t n = static_cast<size_t>(std::min<uint64_t>(kChunk, spool_len_ - done));
+        for (uint64_t done = 0; done < data_len_;) {
+            size_t n = static_cast<size_t>(std::min<uint64_t>(kChunk, data_len_ - done));
             pread_all(spool_, std::span(buf).first(n), done, "the data spool file");
             put(std::span(buf).first(n));
             done += n;
@@ -385,14 +456,12 @@ void Encoder::write_image() {
             std::memset(buf.data() + have, 0, n - have);
             put(std::span(buf).first(n));
             i = j;
-            wp.update(at - data_offset);
+            wp.update(at - l.data_offset);
         }
     }
-    // The last host cluster is written whole, so that every cluster the refcounts count exists.
-    uint64_t end = data_offset + data_clusters * cs_;
     if (end > at) out.write_zeros(at, end - at), at = end;
     out.flush();
-    wp.finish(at - data_offset);
+    wp.finish(at - l.data_offset);
     stats_.data_clusters = placed_.size();
     stats_.image_bytes = at;
 }

@@ -1,5 +1,6 @@
 // qcowfs-stream: the command line of the stream decoder and encoder (no FUSE, no mount).
 #include <fcntl.h>
+#include <malloc.h>
 #include <signal.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -241,6 +242,10 @@ int run(int argc, char** argv) {
 }  // namespace
 
 int main(int argc, char** argv) {
+    // Batches of clusters are a few MiB each and come and go all the time: keep freed ones in
+    // the heap for reuse instead of unmapping them (and faulting fresh pages in) every time.
+    ::mallopt(M_MMAP_THRESHOLD, 64 << 20);
+    ::mallopt(M_TRIM_THRESHOLD, 256 << 20);
     try {
         return run(argc, argv);
     } catch (const std::system_error& e) {
