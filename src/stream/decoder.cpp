@@ -4,6 +4,7 @@
 //   - part of the active L1 table (its place is in the header);
 //   - an L2 table named by an L1 entry already read;
 //   - a data cluster named by an L2 entry already read (normal, or holding compressed clusters);
+//   - the refcount table (its place is in the header) or a refcount block it names: skipped;
 //   - not yet known: it may still turn out to be an L2 table or data once a later table names it.
 // Unknown clusters are retained (RetainedStore: memory up to --memory, then a spill file) until the
 // mapping is complete — the L1 table and every L2 table it names have been read — and then all
@@ -20,6 +21,7 @@
 #include <map>
 #include <memory>
 #include <unordered_map>
+#include <unordered_set>
 #include <vector>
 
 #include "qcowfs/codec/compression.hpp"
@@ -160,6 +162,16 @@ private:
     void queue_decompress(uint64_t guest_cluster, uint64_t host_offset, std::vector<std::byte> in);
     void submit_batch();
     void check_mapping_complete();
+    bool in_refcount_table(uint64_t host) const {
+        return host >= h_.refcount_table_offset &&
+               host < h_.refcount_table_offset + (uint64_t{h_.refcount_table_clusters} << cb_);
+    }
+    /// Refcount metadata is known from the header and the refcount table: it is never retained.
+    void on_refcount_table(uint64_t host, std::span<const std::byte> data, size_t valid);
+    void check_not_refcount(uint64_t host, const std::string& what) const {
+        if (in_refcount_table(host) || refblocks_.count(host))
+            bad(what + " at offset " + hex(host) + " overlaps refcount metadata");
+    }
     bool in_l1_table(uint64_t host) const {
         return l1_len_ && host + cs_ > l1_offset_ && host < l1_offset_ + l1_len_;
     }
@@ -217,6 +229,7 @@ private:
     bool l1_known_ = false;
     std::vector<uint64_t> l1_;  // L2 table offsets (0: none), one per L1 index that maps the disk
     std::vector<std::vector<std::byte>> l2_tables_;  // by L1 index, empty until read
+    std::unordered_set<uint64_t> refblocks_;  // refcount blocks named by the refcount table, not yet passed
     std::unordered_map<uint64_t, uint64_t> l2_wanted_;    // host offset -> L1 index
     std::unordered_map<uint64_t, uint64_t> data_wanted_;  // host offset -> guest cluster | kGuestKeyBit if data needed
     std::map<uint64_t, CompressedWant> compressed_wanted_;  // by host byte offset
@@ -322,7 +335,14 @@ void Decoder::take_past(uint64_t host, std::span<std::byte> out, const std::stri
 void Decoder::on_host_cluster(uint64_t host, std::span<const std::byte> data, size_t valid) {
     pos_ = host + valid;
     bool used = false;
-    if (in_l1_table(host)) {
+    if (in_refcount_table(host)) {
+        on_refcount_table(host, data, valid);
+        claim(host);
+        used = true;
+    } else if (refblocks_.erase(host)) {
+        claim(host);
+        used = true;
+    } else if (in_l1_table(host)) {
         uint64_t from = std::max(host, l1_offset_), to = std::min(host + cs_, l1_offset_ + l1_len_);
         if (to > host + valid)
             bad("the stream ends at offset " + hex(host + valid) + ", inside the L1 table at " + hex(l1_offset_));
@@ -359,6 +379,19 @@ void Decoder::on_host_cluster(uint64_t host, std::span<const std::byte> data, si
     check_mapping_complete();
 }
 
+void Decoder::on_refcount_table(uint64_t, std::span<const std::byte> data, size_t valid) {
+    for (size_t at = 0; at + 8 <= valid; at += 8) {
+        uint64_t block = format::load_be64(data.data() + at) & format::kRefcountTableOffsetMask;
+        if (!block || block < cs_ || (block & (cs_ - 1))) continue;  // not ours to judge: refcounts are not read
+        if (block >= pos_)
+            refblocks_.insert(block);
+        else if (store_->contains(block)) {
+            store_->erase(block);
+            claim(block);
+        }
+    }
+}
+
 void Decoder::check_mapping_complete() {
     if (mapping_complete_ || !l1_known_ || !l2_wanted_.empty()) return;
     mapping_complete_ = true;
@@ -391,6 +424,7 @@ void Decoder::register_l2(uint64_t host, uint64_t l1i) {
     std::string what = "L2 table for L1 index " + std::to_string(l1i);
     if (host < cs_) bad(what + " points into the header (offset " + hex(host) + ")");
     if (in_l1_table(host)) bad(what + " at offset " + hex(host) + " overlaps the L1 table");
+    check_not_refcount(host, what);
     if (l2_wanted_.count(host) || data_wanted_.count(host))
         bad(what + " at offset " + hex(host) + " is mapped twice");
     if (host < pos_) {
@@ -437,6 +471,7 @@ void Decoder::register_data(uint64_t c, uint64_t host, bool needs_data) {
     std::string what = "data cluster for guest offset " + hex(c * cs_);
     if (host < cs_) bad(what + " points into the header (offset " + hex(host) + ")");
     if (in_l1_table(host)) bad(what + " at offset " + hex(host) + " overlaps the L1 table");
+    check_not_refcount(host, what);
     if (l2_wanted_.count(host) || data_wanted_.count(host))
         bad(what + " at offset " + hex(host) + " is mapped twice");
     if (host < pos_) {
