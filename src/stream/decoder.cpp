@@ -228,7 +228,12 @@ private:
     std::vector<std::byte> l1_bytes_;
     bool l1_known_ = false;
     std::vector<uint64_t> l1_;  // L2 table offsets (0: none), one per L1 index that maps the disk
-    std::vector<std::vector<std::byte>> l2_tables_;  // by L1 index, empty until read
+    // By L1 index: empty until read, and again once no cluster it maps is waiting for data
+    // (sparse output) or the sequential output has passed it: only tables in use take memory.
+    std::vector<std::vector<std::byte>> l2_tables_;
+    std::vector<uint32_t> l2_pending_;  // by L1 index: clusters whose data has not been written
+    uint64_t parsing_l1_ = UINT64_MAX;  // the L1 index whose table parse_l2 is walking
+    void release_table(uint64_t l1i) { std::vector<std::byte>().swap(l2_tables_[l1i]); }
     std::unordered_set<uint64_t> refblocks_;  // refcount blocks named by the refcount table, not yet passed
     std::unordered_map<uint64_t, uint64_t> l2_wanted_;    // host offset -> L1 index
     std::unordered_map<uint64_t, uint64_t> data_wanted_;  // host offset -> guest cluster | kGuestKeyBit if data needed
@@ -314,6 +319,7 @@ void Decoder::read_header() {
     l1_bytes_.resize(l1_len_);
     l1_.assign(l1_len_ / 8, 0);
     l2_tables_.resize(l1_len_ / 8);
+    l2_pending_.assign(l1_len_ / 8, 0);
     stats_.virtual_size = h_.size;
     progress_.set_total(h_.size);
 
@@ -445,6 +451,7 @@ L2Entry Decoder::entry(uint64_t c) const {
 
 void Decoder::parse_l2(uint64_t l1i, uint64_t host, std::span<const std::byte> table) {
     l2_tables_[l1i].assign(table.begin(), table.begin() + cs_);
+    parsing_l1_ = l1i;
     uint64_t first = l1i * l2_entries_, last = std::min(nclusters_, first + l2_entries_);
     for (uint64_t c = first; c < last; ++c) {
         L2Entry e;
@@ -455,15 +462,19 @@ void Decoder::parse_l2(uint64_t l1i, uint64_t host, std::span<const std::byte> t
                 hex(c * cs_) + "): " + reason_of(err));
         }
         if (e.compressed) {
+            ++l2_pending_[l1i];
             register_compressed(c, e);
             continue;
         }
         bool needs_data = false;
         for (uint32_t sc = 0; sc < g_.subclusters_per_cluster(); ++sc)
             needs_data |= format::subcluster_type(e, sc, g_) == SubclusterType::normal;
+        if (needs_data) ++l2_pending_[l1i];
         if (e.host_offset) register_data(c, e.host_offset, needs_data);
         if (!needs_data) resolved_without_data(c, e);
     }
+    parsing_l1_ = UINT64_MAX;
+    if (sparse_ && l2_pending_[l1i] == 0) release_table(l1i);
     advance();
 }
 
@@ -606,12 +617,14 @@ void Decoder::write_sparse(uint64_t c, std::span<const std::byte> data) {
 }
 
 void Decoder::cluster_ready(uint64_t c, std::span<const std::byte> data) {
+    uint64_t l1i = c / l2_entries_;
     if (sparse_) {
         write_sparse(c, data);
+        if (--l2_pending_[l1i] == 0 && l1i != parsing_l1_) release_table(l1i);
     } else if (c == cursor_) {
         sink_->write_at(c * cs_, data.first(guest_len(c)));
         done_ += guest_len(c);
-        ++cursor_;
+        if (++cursor_ % l2_entries_ == 0) release_table(l1i);
         advance();
     } else {
         store_->put(kGuestKeyBit | c, data);
@@ -675,7 +688,7 @@ void Decoder::advance() {
             return;  // its data has not arrived yet
         }
         done_ += len;
-        ++cursor_;
+        if (++cursor_ == table_end) release_table(l1i);
     }
 }
 
@@ -743,8 +756,10 @@ DecodeStats Decoder::run() {
     }
     bool eof = pos_ < cs_;
     while (!eof) {
+        sink_->flush();  // the sink may point into buf: write it out before buf is refilled
         size_t n = read_full(in_, buf, "the input");
         eof = n < chunk;
+        sink_->set_stable_range(buf.data(), buf.data() + n);
         for (size_t at = 0; at < n; at += cs_) {
             size_t valid = std::min<size_t>(cs_, n - at);
             std::span<std::byte> cl(buf.data() + at, cs_);

@@ -253,10 +253,10 @@ int main(int argc, char** argv) {
         int err = errno_of(e);
         // I/O errors carry their strerror; bad streams and unsupported images say it all already.
         if (err != EIO && err != ENOTSUP) r += ": " + std::string(std::strerror(err));
-        std::fprintf(stderr, "\nqcowfs-stream: %s\n", r.c_str());
+        std::fprintf(stderr, "%sqcowfs-stream: %s\n", progress_line_open() ? "\n" : "", r.c_str());
         return 1;
     } catch (const std::exception& e) {
-        std::fprintf(stderr, "\nqcowfs-stream: %s\n", e.what());
+        std::fprintf(stderr, "%sqcowfs-stream: %s\n", progress_line_open() ? "\n" : "", e.what());
         return 1;
     }
 }

@@ -7,6 +7,12 @@
 
 namespace qcowfs::stream {
 
+namespace {
+bool g_line_open = false;  // main thread only
+}
+
+bool progress_line_open() { return g_line_open; }
+
 std::string human_bytes(double bytes) {
     static const char* units[] = {"B", "KiB", "MiB", "GiB", "TiB", "PiB"};
     int u = 0;
@@ -54,6 +60,7 @@ void Progress::update(uint64_t done, const std::string& extra) {
         if (len < last_len_) s.append(last_len_ - len, ' ');
         last_len_ = len;
         std::fprintf(stderr, "\r%s", s.c_str());
+        g_line_open = true;
     } else {
         std::fprintf(stderr, "%s\n", s.c_str());
     }
@@ -65,6 +72,7 @@ void Progress::finish(uint64_t done, const std::string& extra) {
     std::string s = line(done, extra);
     if (tty_ && s.size() < last_len_) s.append(last_len_ - s.size(), ' ');
     std::fprintf(stderr, tty_ ? "\r%s\n" : "%s\n", s.c_str());
+    g_line_open = false;
     std::fflush(stderr);
 }
 

@@ -31,6 +31,10 @@ private:
     size_t last_len_ = 0;
 };
 
+/// True while a progress line has been drawn in place and not ended: an error message must start
+/// on a new line.
+bool progress_line_open();
+
 /// "1.5 GiB", "12.0 MiB", "512 B".
 std::string human_bytes(double bytes);
 
