@@ -47,6 +47,7 @@ constexpr size_t kReadChunk = 4u << 20;
 constexpr uint64_t kGuestKeyBit = uint64_t{1} << 63;  // RetainedStore keys: host offsets, or this | guest cluster
 constexpr size_t kBatchInputBytes = 1u << 20;
 constexpr size_t kBatchMaxItems = 256;
+constexpr size_t kBatchOutputBytes = 8u << 20;  // bounds a batch's output for large clusters
 constexpr size_t kSparseBlock = 64u << 10;  // zero detection granularity for sparse output
 constexpr int kMaxBackingDepth = 16;
 
@@ -565,7 +566,9 @@ void Decoder::queue_decompress(uint64_t c, uint64_t host_offset, std::vector<std
     batch_->in_bytes += in.size();
     batch_->items.push_back({c, host_offset, std::move(in)});
     ++stats_.compressed_clusters;
-    if (batch_->in_bytes >= kBatchInputBytes || batch_->items.size() >= kBatchMaxItems) submit_batch();
+    if (batch_->in_bytes >= kBatchInputBytes || batch_->items.size() >= kBatchMaxItems ||
+        batch_->items.size() * cs_ >= kBatchOutputBytes)
+        submit_batch();
 }
 
 void Decoder::submit_batch() {
