@@ -110,20 +110,23 @@ struct DecompressBatch : Batch {
     struct Item {
         uint64_t guest_cluster;
         uint64_t host_offset;
-        std::vector<std::byte> in;
+        size_t in_offset, in_length;  // in `in`
     };
     format::CompressionType type;
     size_t cluster_size;
     std::vector<Item> items;
+    std::vector<std::byte> in;         // the compressed bytes of all items, back to back
     std::unique_ptr<std::byte[]> out;  // items.size() clusters
-    size_t in_bytes = 0;
 
-    DecompressBatch(format::CompressionType t, size_t cs) : type(t), cluster_size(cs) {}
+    DecompressBatch(format::CompressionType t, size_t cs) : type(t), cluster_size(cs) {
+        in.reserve(kBatchInputBytes + 2 * cs + 512);
+    }
     void run() override {
         out = std::make_unique_for_overwrite<std::byte[]>(items.size() * cluster_size);
         for (size_t i = 0; i < items.size(); ++i) {
             try {
-                codec::decompress_cluster(type, items[i].in, std::span(out.get() + i * cluster_size, cluster_size));
+                codec::decompress_cluster(type, std::span(in).subspan(items[i].in_offset, items[i].in_length),
+                                          std::span(out.get() + i * cluster_size, cluster_size));
             } catch (const std::system_error& e) {
                 fail(errno_of(e), "bad stream: compressed cluster at host offset " + hex(items[i].host_offset) +
                                       " (guest offset " + hex(items[i].guest_cluster * cluster_size) +
@@ -137,7 +140,7 @@ struct DecompressBatch : Batch {
 struct CompressedWant {
     uint64_t end;  // host byte offset one past the descriptor's last byte
     uint64_t guest_cluster;
-    std::vector<std::byte> buf;  // allocated when the first byte arrives
+    std::unique_ptr<std::byte[]> buf;  // end - start bytes, allocated when the first byte arrives
 };
 
 class Decoder {
@@ -150,17 +153,26 @@ public:
 
 private:
     // --- input ---
+    /// Reads and checks cluster 0; refuses encrypted images, external data files, and backing
+    /// files without --backing (ENOTSUP). Throws EIO naming the problem for a bad header.
     void read_header();
+    /// Classifies the host cluster at `host` (cs_ bytes, `valid` of them from the stream: fewer
+    /// only for the last one) and acts on it: table parsed, data written or queued for
+    /// decompression, or kept in the retained store. May write output, wait for a decompression
+    /// batch (bounded queue) and spill to disk. Throws EIO ("bad stream: ...") on corruption.
     void on_host_cluster(uint64_t host, std::span<const std::byte> data, size_t valid);
 
     // --- mapping ---
     void parse_l1();
+    /// register_*: a table names `host`. Already passed: taken from the retained store and used
+    /// now (EIO if it is not there: it was used as something else). Still to come: remembered.
+    /// EIO for offsets in the header, the L1 table or refcount metadata, or named twice.
     void register_l2(uint64_t host, uint64_t l1_index);
     void parse_l2(uint64_t l1_index, uint64_t host, std::span<const std::byte> table);
     void register_data(uint64_t guest_cluster, uint64_t host, bool needs_data);
     void register_compressed(uint64_t guest_cluster, const L2Entry& e);
     void feed_compressed(uint64_t host, std::span<const std::byte> data, size_t valid);
-    void queue_decompress(uint64_t guest_cluster, uint64_t host_offset, std::vector<std::byte> in);
+    void queue_decompress(uint64_t guest_cluster, uint64_t host_offset, std::span<const std::byte> in);
     void submit_batch();
     void check_mapping_complete();
     bool in_refcount_table(uint64_t host) const {
@@ -202,6 +214,8 @@ private:
     }
     void on_batch_done(Batch& b);
     void report_progress() { progress_.update(done_, "read " + human_bytes(static_cast<double>(pos_))); }
+    /// At the end of the stream: drains the decompression queue, reports the first table or
+    /// cluster still missing (EIO, "lies past the end of the stream"), flushes the output.
     void finish();
 
     int in_;
@@ -336,7 +350,9 @@ void Decoder::take_past(uint64_t host, std::span<std::byte> out, const std::stri
     }
     if (host < cs_) bad(what + " points into the header (offset " + hex(host) + ")");
     if (in_l1_table(host)) bad(what + " at offset " + hex(host) + " overlaps the L1 table");
-    bad(what + " at offset " + hex(host) + " is mapped twice: that cluster is already used as a table or data");
+    if (claimed(host))
+        bad(what + " at offset " + hex(host) + " is mapped twice: that cluster is already used as a table or data");
+    bad(what + " at offset " + hex(host) + " was not kept: nothing named it before the mapping was complete");
 }
 
 void Decoder::on_host_cluster(uint64_t host, std::span<const std::byte> data, size_t valid) {
@@ -512,17 +528,17 @@ void Decoder::register_compressed(uint64_t c, const L2Entry& e) {
     CompressedWant w{end, c, {}};
     if (start < pos_) {
         // Gather the part that has passed from the retained clusters it lies in.
-        w.buf.resize(end - start);
+        w.buf = std::make_unique_for_overwrite<std::byte[]>(end - start);
         uint64_t upto = std::min(end, pos_);
         for (uint64_t at = start; at < upto;) {
             uint64_t hc = at & ~(cs_ - 1), n = std::min(upto, hc + cs_) - at;
             if (!store_->contains(hc))
                 take_past(hc, take_buf_, what);  // reports why the bytes are gone
-            store_->read(hc, at - hc, std::span(w.buf).subspan(at - start, n));
+            store_->read(hc, at - hc, std::span(w.buf.get() + (at - start), n));
             at += n;
         }
         if (end <= pos_) {
-            queue_decompress(c, start, std::move(w.buf));
+            queue_decompress(c, start, std::span(w.buf.get(), end - start));
             return;
         }
     }
@@ -540,33 +556,38 @@ void Decoder::feed_compressed(uint64_t host, std::span<const std::byte> data, si
             ++it;
             continue;
         }
-        if (w.buf.empty()) w.buf.resize(w.end - start);
-        uint64_t from = std::max(start, host), to = std::min(w.end, host + cs_);
-        std::memcpy(w.buf.data() + (from - start), data.data() + (from - host), to - from);
-        if (w.end <= host + cs_ || valid < cs_) {
-            // Complete (or the stream ends here: the descriptor may reach past the end of the
-            // file, the codec needs only the bytes that are there).
-            if (start >= host + valid) {
-                ++it;
-                continue;  // reported at the end: lies past the end of the stream
-            }
-            if (w.end > host + valid) w.buf.resize(host + valid - start);
-            uint64_t c = w.guest_cluster;
-            auto buf = std::move(w.buf);
+        bool complete = w.end <= host + cs_ || valid < cs_;
+        if (complete && start >= host + valid) {
+            ++it;
+            continue;  // starts past the end of the stream: reported at the end
+        }
+        // At the end of the stream the descriptor may reach past the end of the file: the codec
+        // needs only the bytes that are there.
+        uint64_t end = complete ? std::min(w.end, host + valid) : w.end;
+        if (complete && !w.buf && start >= host) {
+            // All of it is in this cluster: straight from the input buffer into the batch.
+            queue_decompress(w.guest_cluster, start, data.subspan(start - host, end - start));
             it = compressed_wanted_.erase(it);
-            queue_decompress(c, start, std::move(buf));
+            continue;
+        }
+        if (!w.buf) w.buf = std::make_unique_for_overwrite<std::byte[]>(w.end - start);
+        uint64_t from = std::max(start, host), to = std::min(w.end, host + cs_);
+        std::memcpy(w.buf.get() + (from - start), data.data() + (from - host), to - from);
+        if (complete) {
+            queue_decompress(w.guest_cluster, start, std::span(w.buf.get(), end - start));
+            it = compressed_wanted_.erase(it);
         } else {
             ++it;
         }
     }
 }
 
-void Decoder::queue_decompress(uint64_t c, uint64_t host_offset, std::vector<std::byte> in) {
+void Decoder::queue_decompress(uint64_t c, uint64_t host_offset, std::span<const std::byte> in) {
     if (!batch_) batch_ = std::make_unique<DecompressBatch>(h_.compression_type, cs_);
-    batch_->in_bytes += in.size();
-    batch_->items.push_back({c, host_offset, std::move(in)});
+    batch_->items.push_back({c, host_offset, batch_->in.size(), in.size()});
+    batch_->in.insert(batch_->in.end(), in.begin(), in.end());
     ++stats_.compressed_clusters;
-    if (batch_->in_bytes >= kBatchInputBytes || batch_->items.size() >= kBatchMaxItems ||
+    if (batch_->in.size() >= kBatchInputBytes || batch_->items.size() >= kBatchMaxItems ||
         batch_->items.size() * cs_ >= kBatchOutputBytes)
         submit_batch();
 }

@@ -5,6 +5,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <climits>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -90,8 +91,10 @@ Output open_output(const std::string& path) {
         o.positioned = S_ISBLK(st.st_mode);
         return o;
     }
-    o.final_path = path;
-    o.temp_path = path + ".qcowfs-stream-XXXXXX";
+    // An existing OUT that is a symlink is replaced where it points, not the link itself.
+    char resolved[PATH_MAX];
+    o.final_path = exists && ::realpath(path.c_str(), resolved) ? std::string(resolved) : path;
+    o.temp_path = o.final_path + ".qcowfs-stream-XXXXXX";
     o.fd = ::mkostemp(o.temp_path.data(), O_CLOEXEC);
     if (o.fd < 0) fail(errno, "cannot create " + o.temp_path);
     std::snprintf(g_temp_path, sizeof g_temp_path, "%s", o.temp_path.c_str());
