@@ -599,8 +599,15 @@ void Decoder::submit_batch() {
 
 void Decoder::on_batch_done(Batch& b) {
     auto& d = static_cast<DecompressBatch&>(b);
+    // The batch lives until this returns: the sink writes its clusters from where they are
+    // (flushed before the batch goes), then points at the input buffer again.
+    const std::byte* input_begin = sink_->stable_begin();
+    const std::byte* input_end = sink_->stable_end();
+    sink_->set_stable_range(d.out.get(), d.out.get() + d.items.size() * cs_);
     for (size_t i = 0; i < d.items.size(); ++i)
         cluster_ready(d.items[i].guest_cluster, std::span<const std::byte>(d.out.get() + i * cs_, cs_));
+    sink_->flush();
+    sink_->set_stable_range(input_begin, input_end);
 }
 
 std::span<const std::byte> Decoder::compose(uint64_t c, const L2Entry& e, const std::byte* host_data) {

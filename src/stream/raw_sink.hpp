@@ -25,6 +25,8 @@ public:
         stable_begin_ = begin;
         stable_end_ = end;
     }
+    const std::byte* stable_begin() const { return stable_begin_; }
+    const std::byte* stable_end() const { return stable_end_; }
     /// Writes `data` at guest offset `offset`. Throws std::system_error when a write fails.
     void write_at(uint64_t offset, std::span<const std::byte> data);
     /// Writes `length` zero bytes at `offset` (sequential, non-sparse output).
