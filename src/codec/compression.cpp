@@ -140,4 +140,58 @@ std::optional<size_t> compress_cluster(format::CompressionType type, std::span<c
     unknown_type(type);
 }
 
+ClusterCompressor::ClusterCompressor(format::CompressionType type) : type_(type) {
+    switch (type) {
+        case format::CompressionType::zlib: {
+            auto* s = new z_stream{};
+            if (deflateInit2(s, Z_DEFAULT_COMPRESSION, Z_DEFLATED, kZlibWindowBits, kZlibMemLevel, Z_DEFAULT_STRATEGY) !=
+                Z_OK) {
+                delete s;
+                fail(ENOMEM, "zlib: deflateInit2 failed");
+            }
+            ctx_ = s;
+            return;
+        }
+        case format::CompressionType::zstd:
+            ctx_ = ZSTD_createCCtx();
+            if (!ctx_) fail(ENOMEM, "zstd: cannot create a compression context");
+            return;
+    }
+    unknown_type(type);
+}
+
+ClusterCompressor::~ClusterCompressor() {
+    if (type_ == format::CompressionType::zlib) {
+        auto* s = static_cast<z_stream*>(ctx_);
+        deflateEnd(s);
+        delete s;
+    } else {
+        ZSTD_freeCCtx(static_cast<ZSTD_CCtx*>(ctx_));
+    }
+}
+
+std::optional<size_t> ClusterCompressor::compress(std::span<const std::byte> in, std::span<std::byte> out) {
+    if (in.empty()) return std::nullopt;
+    size_t cap = useful_capacity(in, out);
+    if (type_ == format::CompressionType::zstd) {
+        auto* ctx = static_cast<ZSTD_CCtx*>(ctx_);
+        ZSTD_CCtx_reset(ctx, ZSTD_reset_session_only);
+        size_t rc = ZSTD_compress2(ctx, out.data(), cap, in.data(), in.size());
+        if (!ZSTD_isError(rc)) return rc;
+        if (ZSTD_getErrorCode(rc) == ZSTD_error_dstSize_tooSmall) return std::nullopt;
+        fail(EIO, std::string("zstd: compression failed: ") + ZSTD_getErrorName(rc));
+    }
+    check_zlib_sizes(in.size(), cap);
+    auto* s = static_cast<z_stream*>(ctx_);
+    if (deflateReset(s) != Z_OK) fail(EIO, "zlib: deflateReset failed");
+    s->next_in = reinterpret_cast<Bytef*>(const_cast<std::byte*>(in.data()));
+    s->avail_in = static_cast<uInt>(in.size());
+    s->next_out = reinterpret_cast<Bytef*>(out.data());
+    s->avail_out = static_cast<uInt>(cap);
+    int rc = deflate(s, Z_FINISH);
+    if (rc == Z_STREAM_END) return cap - s->avail_out;
+    if (rc == Z_OK || rc == Z_BUF_ERROR) return std::nullopt;
+    fail(EIO, "zlib: deflate failed with error " + std::to_string(rc));
+}
+
 }  // namespace qcowfs::codec

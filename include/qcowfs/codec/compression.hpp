@@ -19,4 +19,22 @@ void decompress_cluster(format::CompressionType type, std::span<const std::byte>
 std::optional<size_t> compress_cluster(format::CompressionType type, std::span<const std::byte> in,
                                        std::span<std::byte> out);
 
+/// Compresses clusters one after another with one reused zlib or zstd context: the same output as
+/// compress_cluster, without building a context (and clearing its tables) for every cluster.
+/// One object per thread; not thread-safe.
+class ClusterCompressor {
+public:
+    explicit ClusterCompressor(format::CompressionType type);
+    ~ClusterCompressor();
+    ClusterCompressor(const ClusterCompressor&) = delete;
+    ClusterCompressor& operator=(const ClusterCompressor&) = delete;
+
+    /// As compress_cluster: the compressed length, or nullopt if it would not be smaller.
+    std::optional<size_t> compress(std::span<const std::byte> in, std::span<std::byte> out);
+
+private:
+    format::CompressionType type_;
+    void* ctx_ = nullptr;  // ZSTD_CCtx* or z_stream*
+};
+
 }  // namespace qcowfs::codec
