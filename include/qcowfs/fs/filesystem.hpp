@@ -47,6 +47,8 @@ struct FsOptions {
     size_t l2_cache_bytes = 4u << 20;          // per open image
     size_t compressed_cache_bytes = 4u << 20;  // per open image
     size_t write_cache_bytes = 64u << 20;      // per writable open image (DataCache limit)
+    size_t refcount_memory_bytes = 32u << 20;  // qcow2::OpenOptions::refcount_memory
+    size_t scan_limit_bytes = size_t{1} << 30; // qcow2::OpenOptions::scan_limit
     unsigned scan_interval_ms = 400;
     unsigned writeback_interval_ms = 5000;  // periodic durable write-back of changed images
 };
