@@ -200,6 +200,11 @@ Task<void> Image::prepare_write() {
             co_await mark_corrupt("cluster at " + hex(under->first << geometry_.cluster_bits) +
                                   " is in use but its refcount is " + std::to_string(under->second));
     }
+    // Active L2 tables are written in place by flushes: none may lie in other metadata (checked
+    // here once, whether or not the scan above ran; later tables are checked as they are made).
+    for (uint64_t c : metadata_map_.l2_tables())
+        if (auto what = metadata_map_.find(c, 1, kMetaActiveL2, refcounts_.get()))
+            co_await mark_corrupt("L2 table at " + hex(c << geometry_.cluster_bits) + " lies in " + *what);
     bool header_changed = false;
     if (meta_.extensions.bitmaps && (h.autoclear_features & format::kAutoclearBitmaps)) {
         // The bitmaps are not updated by qcowfs: tell QEMU they are inconsistent before the first

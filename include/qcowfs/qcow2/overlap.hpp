@@ -45,6 +45,7 @@ public:
     void remove_l2(uint64_t cluster);
     bool is_l2(uint64_t cluster) const;
     const std::vector<Area>& fixed() const { return fixed_; }
+    const std::vector<uint64_t>& l2_tables() const { return l2_; }
     /// The first metadata structure, not of a kind in `ignore`, that lies in host clusters
     /// [first, first + count), named ("the L1 table", "a refcount block", ...); nullopt if none.
     std::optional<std::string> find(uint64_t first, uint64_t count, uint32_t ignore, const Refcounts* refcounts) const;
