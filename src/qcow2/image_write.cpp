@@ -71,10 +71,10 @@ Task<void> Image::init_writing() {
     range_lock_ = std::make_unique<cache::RangeLock>(co_await asio::this_coro::executor);
     file_end_ = file_->size();
     const uint32_t cb = geometry_.cluster_bits;
-    for (uint64_t raw : l1_) {
-        uint64_t l2 = raw & format::kL1OffsetMask;
-        if (l2) metadata_map_.add_l2(l2 >> cb);
-    }
+    std::vector<uint64_t> l2_tables;
+    for (uint64_t raw : l1_)
+        if (uint64_t l2 = raw & format::kL1OffsetMask) l2_tables.push_back(l2 >> cb);
+    metadata_map_.set_l2(std::move(l2_tables));
     std::string bad;
     try {
         for (auto& a : co_await bitmap_metadata_areas(*file_, meta_))

@@ -16,6 +16,12 @@ std::optional<std::string> MetadataMap::set_fixed(std::vector<Area> areas) {
     return std::nullopt;
 }
 
+void MetadataMap::set_l2(std::vector<uint64_t> clusters) {
+    std::sort(clusters.begin(), clusters.end());
+    clusters.erase(std::unique(clusters.begin(), clusters.end()), clusters.end());
+    l2_ = std::move(clusters);
+}
+
 void MetadataMap::add_l2(uint64_t cluster) {
     auto it = std::lower_bound(l2_.begin(), l2_.end(), cluster);
     if (it == l2_.end() || *it != cluster) l2_.insert(it, cluster);

@@ -8,6 +8,8 @@
 - A cluster the allocator would hand out over metadata (an L1 table with refcount 0) is refused:
   EIO, the corrupt bit, and nothing overwritten, also when the refcount check before the first
   write is skipped (scan limit) or the file has more than 16M host clusters.
+- Work is bounded too: a 4M-entry L1 table naming 4M L2 tables gets its first write answered
+  (EIO: the tables have refcount 0) within seconds, not after reading every table.
 - Memory is bounded by options: a refcount rebuild of a dirty image whose clusters reach far into a
   large sparse file, and a backing chain of images with 32 MiB L1 tables, stay under a limit of the
   daemon's peak RSS (VmHWM).
@@ -19,6 +21,7 @@ import os
 import re
 import struct
 import sys
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness as H  # noqa: E402
@@ -300,5 +303,37 @@ with T.step("a backing chain of images with 32 MiB L1 tables is read in bounded 
         print("  chain: daemon VmHWM %d KiB" % hwm, flush=True)
         # Whole L1 tables would take 4 x 32 MiB.
         T.check("chain: daemon peak RSS under 96 MiB", 0 < hwm < 96 * 1024, "%d KiB" % hwm)
+
+with T.step("a 4M-entry L1 table naming 4M L2 tables: the first write answers early"):
+    src = fresh_dir("bigl1")
+    img = H.create(os.path.join(src, "h.qcow2"), 1 * MiB, "cluster_size=512")
+    n = 4 * MiB
+    l2base = 1 * MiB
+    l1off = l2base + n * 512
+    with open(img, "r+b") as f:
+        f.seek(l1off)
+        for i in range(0, n, 65536):
+            f.write(b"".join(struct.pack(">Q", l2base + (i + k) * 512) for k in range(65536)))
+    H.write_field(img, "l1_size", n)
+    H.write_field(img, "l1_table_offset", l1off)
+    with H.Mount(src, args=["-o", "scan_limit=64M"]) as m:
+        t0 = time.monotonic()
+        fd = os.open(m.path("h.raw"), os.O_RDWR)
+        err = None
+        try:
+            H.pwrite_full(fd, b"\x01" * 4096, 0)
+            os.fsync(fd)
+        except OSError as e:
+            err = e.errno
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+        dt = time.monotonic() - t0
+        print("  big L1: first write answered after %.1f s" % dt, flush=True)
+        # The L2 tables have refcount 0: the write must fail, early (61 s before the scan limit).
+        T.check("big L1: the write fails with EIO", err == errno.EIO, err)
+        T.check("big L1: answered within 30 s", dt < 30, "%.1f s" % dt)
+        T.check("big L1: the daemon is alive", m.alive())
 
 T.finish()

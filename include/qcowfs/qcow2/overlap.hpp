@@ -41,6 +41,9 @@ public:
     /// Replaces the fixed areas. Returns a description of two areas that overlap each other
     /// (the image is then inconsistent and must not be written), or nullopt.
     std::optional<std::string> set_fixed(std::vector<Area> areas);
+    /// Replaces the active L2 tables (sorted here: O(n log n) for a whole L1 table).
+    void set_l2(std::vector<uint64_t> clusters);
+    /// One table more or less: O(n) moves in the worst case, cheap at the end where new tables go.
     void add_l2(uint64_t cluster);
     void remove_l2(uint64_t cluster);
     bool is_l2(uint64_t cluster) const;
