@@ -189,7 +189,7 @@ Task<void> Image::prepare_write() {
         std::string bad;
         try {
             co_await count_references(*file_, meta_, snapshots_, limits, refcounts_->block_entries(),
-                                      [&](uint64_t first, std::vector<uint64_t>& counts) -> Task<void> {
+                                      [&](uint64_t first, std::vector<uint64_t>& counts, bool) -> Task<void> {
                                           if (!under) under = co_await refcounts_->find_undercounted(first, counts);
                                       });
         } catch (const std::system_error& e) {
@@ -555,10 +555,10 @@ Task<std::vector<uint64_t>> Image::zero_in_table(uint64_t first, uint64_t count,
     // v2 has no zero flag: only data can hide the backing file where it reaches; past its end an
     // unallocated cluster reads as zeros.
     auto backing_reaches = [&](uint64_t c) { return !v3 && shows_through && (c << cb) < backing_->size(); };
-    if (!mapped || !v3) {
+    if (!v3) {
         for (uint64_t c = first; c < first + count; ++c)
             if (backing_reaches(c)) need_data.push_back(c);
-        if (!mapped) co_return need_data;
+        if (!mapped) co_return need_data;  // the rest reads zeros already
     }
     uint64_t l2_offset = co_await l2_for_write(l1_index);
     for (uint64_t c = first; c < first + count; ++c) {

@@ -180,7 +180,7 @@ Task<uint64_t> end_of_old_structure(io::File& file, const format::Header& h) {
 Task<uint64_t> count_references(io::File& file, const format::ImageMetadata& meta,
                                 const std::vector<format::Snapshot>& snapshots, const ScanLimits& limits,
                                 uint64_t align,
-                                const std::function<Task<void>(uint64_t first, std::vector<uint64_t>& counts)>& window) {
+                                const std::function<Task<void>(uint64_t first, std::vector<uint64_t>& counts, bool last)>& window) {
     const format::Header& h = meta.header;
     if (snapshots.size() != h.nb_snapshots)
         fail(EINVAL, std::to_string(snapshots.size()) + " snapshots given for an image with " +
@@ -195,11 +195,11 @@ Task<uint64_t> count_references(io::File& file, const format::ImageMetadata& met
     co_await walk.run(0, counts);
     const uint64_t last = walk.last_referenced();
     counts.resize(std::min<uint64_t>(counts.size(), last + 1));
-    co_await window(0, counts);
+    co_await window(0, counts, last < width);
     for (uint64_t lo = width; lo <= last; lo += width) {
         counts.assign(std::min(width, last + 1 - lo), 0);
         co_await walk.run(lo, counts);
-        co_await window(lo, counts);
+        co_await window(lo, counts, last - lo < width);
     }
     co_return last;
 }
@@ -220,7 +220,7 @@ Task<RebuildResult> rebuild_refcounts(io::File& file, const format::ImageMetadat
     uint64_t last_used = 0, windows = 0;
     std::vector<uint64_t> ranges;  // refcount table indexes that get a block, ascending
     std::vector<uint64_t> kept;    // the counts of the only window
-    auto survey = [&](uint64_t lo, std::vector<uint64_t>& counts) -> Task<void> {
+    auto survey = [&](uint64_t lo, std::vector<uint64_t>& counts, bool last) -> Task<void> {
         ++windows;
         for (uint64_t i = 0; i < counts.size(); ++i) {
             if (counts[i] == 0) continue;
@@ -232,14 +232,13 @@ Task<RebuildResult> rebuild_refcounts(io::File& file, const format::ImageMetadat
             last_used = c;
             if (ranges.empty() || ranges.back() != c / per_block) ranges.push_back(c / per_block);
         }
-        if (lo == 0) kept = counts;
+        if (lo == 0 && last) kept.swap(counts);  // the only window: no second count needed
         co_return;
     };
     // Counting twice (several windows) reads the metadata twice: each count gets half the limit,
     // so that the second, which runs while blocks are written, cannot be cut short.
     const ScanLimits half{limits.counter_bytes, limits.scan_bytes / 2};
     co_await count_references(file, meta, snapshots, half, per_block, survey);
-    if (windows > 1) kept = {};
 
     // 2. Layout, as Refcounts::grow_table does it: nb blocks then the table (tc clusters), from the
     // first cluster after everything in use and the old structure; the blocks describe
@@ -292,7 +291,7 @@ Task<RebuildResult> rebuild_refcounts(io::File& file, const format::ImageMetadat
     if (windows <= 1) {
         co_await write_blocks(0, kept, UINT64_MAX);
     } else {
-        auto fill = [&](uint64_t lo, std::vector<uint64_t>& counts) -> Task<void> {
+        auto fill = [&](uint64_t lo, std::vector<uint64_t>& counts, bool) -> Task<void> {
             co_await write_blocks(lo, counts, (lo + counts.size()) / per_block + ((lo + counts.size()) % per_block != 0));
         };
         co_await count_references(file, meta, snapshots, half, per_block, fill);

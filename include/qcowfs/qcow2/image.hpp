@@ -33,7 +33,7 @@ using FileOpener = std::function<std::unique_ptr<io::File>(const std::string& pa
 
 struct OpenOptions {
     FileOpener opener;                           // required
-    size_t l2_cache_bytes = 4u << 20;            // per image, bounds memory for L2 slices
+    size_t l2_cache_bytes = 4u << 20;            // per image, bounds memory for L2 (and read-only L1) slices
     size_t compressed_cache_bytes = 4u << 20;    // per image, decompressed clusters kept
     unsigned max_backing_depth = 256;
     /// Memory for the reference counters of a refcount rebuild or check (8 bytes per host

@@ -37,13 +37,14 @@ struct ScanLimits {
 /// below; the refcount table and blocks are not counted. Calls `window(first, counts)` for
 /// consecutive windows of host clusters from cluster 0 up to the last referenced one, each at
 /// most limits.counter_bytes / 8 clusters (a multiple of `align` clusters), counts[i] being the
-/// references to cluster first + i. Throws as rebuild_refcounts() does for inconsistent metadata
+/// references to cluster first + i; `last` is true for the last window (the callee may then take
+/// the vector's content). Throws as rebuild_refcounts() does for inconsistent metadata
 /// (before any window is reported for the first pass's problems); ECANCELED past
 /// limits.scan_bytes. Writes nothing. Returns the last referenced cluster.
 Task<uint64_t> count_references(io::File& file, const format::ImageMetadata& meta,
                                 const std::vector<format::Snapshot>& snapshots, const ScanLimits& limits,
                                 uint64_t align,
-                                const std::function<Task<void>(uint64_t first, std::vector<uint64_t>& counts)>& window);
+                                const std::function<Task<void>(uint64_t first, std::vector<uint64_t>& counts, bool last)>& window);
 
 Task<RebuildResult> rebuild_refcounts(io::File& file, const format::ImageMetadata& meta,
                                       const std::vector<format::Snapshot>& snapshots,
