@@ -52,6 +52,8 @@ constexpr const char* kUsage =
     "  -o l2_cache=SIZE   L2 table cache per open image (default 4M; K, M, G suffixes)\n"
     "  -o compressed_cache=SIZE  decompressed clusters kept per open image (default 4M)\n"
     "  -o write_cache=SIZE  written data cached per writable open image (default 64M)\n"
+    "  -o refcount_memory=SIZE  counters for a refcount rebuild or check (default 32M)\n"
+    "  -o scan_limit=SIZE  metadata a refcount rebuild or check may read (default 1G)\n"
     "  -o readahead=SIZE  kernel readahead for the mount (default 1M; 0 keeps the kernel's)\n"
     "  -o log=FILE        same as --log=FILE\n"
     "  -o OPT[,OPT...]    other options are passed to FUSE (allow_other, ...)\n"
@@ -71,6 +73,8 @@ struct Options {
     size_t l2_cache = 4u << 20;
     size_t compressed_cache = 4u << 20;
     size_t write_cache = 64u << 20;
+    size_t refcount_memory = 32u << 20;
+    size_t scan_limit = size_t{1} << 30;
     size_t readahead = 1u << 20;
     std::string log_file;
     std::vector<std::string> allow_dirs;
@@ -116,6 +120,10 @@ void parse_o(Options& o, const std::string& list) {
             o.compressed_cache = parse_size(key, value);
         } else if (key == "write_cache") {
             o.write_cache = parse_size(key, value);
+        } else if (key == "refcount_memory") {
+            o.refcount_memory = parse_size(key, value);
+        } else if (key == "scan_limit") {
+            o.scan_limit = parse_size(key, value);
         } else if (key == "log") {
             o.log_file = value;
         } else if (key == "allow_dir") {
@@ -283,6 +291,8 @@ int main(int argc, char** argv) {
     fs_options.write_cache_bytes = o.write_cache;
     fs_options.allow_dirs = o.allow_dirs;
     fs_options.force_share = o.force_share;
+    fs_options.refcount_memory_bytes = o.refcount_memory;
+    fs_options.scan_limit_bytes = o.scan_limit;
 
     asio::io_context io;
     fs::Filesystem filesystem(io, fs_options);

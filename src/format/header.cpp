@@ -449,4 +449,12 @@ std::vector<std::byte> serialize_metadata(const ImageMetadata& m) {
     return out;
 }
 
+std::vector<std::byte> serialize_fixed_header(const Header& h) {
+    check_serializable(h);
+    std::vector<std::byte> out(kCompressionTypeOffset + 8);  // room for what write_fixed may touch
+    write_fixed(out.data(), h, h.version == 2 ? kV2HeaderLength : h.header_length);
+    out.resize(h.version == 2 ? kV2HeaderLength : kV3MinHeaderLength);  // the compression type byte never changes
+    return out;
+}
+
 }  // namespace qcowfs::format

@@ -223,6 +223,8 @@ Task<void> Filesystem::ensure_open(std::shared_ptr<ImageSlot> slot, bool writabl
     };
     options.l2_cache_bytes = options_.l2_cache_bytes;
     options.compressed_cache_bytes = options_.compressed_cache_bytes;
+    options.refcount_memory = options_.refcount_memory_bytes;
+    options.scan_limit = options_.scan_limit_bytes;
     options.on_corrupt = [this, weak = std::weak_ptr<ImageSlot>(slot)](const std::string& reason) {
         auto s = weak.lock();
         if (!s) return;

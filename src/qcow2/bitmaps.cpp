@@ -154,6 +154,17 @@ Task<std::vector<uint64_t>> bitmap_clusters(io::File& file, const format::ImageM
     co_return clusters;
 }
 
+Task<std::vector<BitmapArea>> bitmap_metadata_areas(io::File& file, const format::ImageMetadata& meta) {
+    std::vector<BitmapArea> areas;
+    const format::BitmapsExtension* ext = active_extension(meta);
+    if (!ext) co_return areas;
+    auto [dir, entries] = co_await load_directory(file, meta, *ext);
+    areas.push_back({ext->bitmap_directory_offset, ext->bitmap_directory_size, "the bitmap directory"});
+    for (const auto& e : entries)
+        areas.push_back({e.table_offset, uint64_t{e.table_size} * 8, "the bitmap table of '" + e.name + "'"});
+    co_return areas;
+}
+
 Task<void> mark_bitmaps_in_use(io::File& file, const format::ImageMetadata& meta) {
     const format::BitmapsExtension* ext = active_extension(meta);
     if (!ext) co_return;

@@ -47,10 +47,10 @@ Task<void> RawSource::read(uint64_t offset, std::span<std::byte> buf) {
 
 View::View(std::shared_ptr<Image> image) : image_(std::move(image)) {}
 
-View::View(std::shared_ptr<Image> image, std::shared_ptr<const std::vector<uint64_t>> l1, uint64_t size)
-    : image_(std::move(image)), l1_(std::move(l1)), size_(size) {}
+View::View(std::shared_ptr<Image> image, uint64_t l1_offset, uint32_t l1_size, uint64_t size)
+    : image_(std::move(image)), active_(false), l1_offset_(l1_offset), l1_size_(l1_size), size_(size) {}
 
-uint64_t View::size() const { return l1_ ? size_ : image_->size(); }
+uint64_t View::size() const { return active_ ? image_->size() : size_; }
 
 Task<void> View::read(uint64_t offset, std::span<std::byte> buf) {
     uint64_t size = this->size();
@@ -62,24 +62,24 @@ Task<void> View::read(uint64_t offset, std::span<std::byte> buf) {
         zero(buf.subspan(size - offset));
         buf = buf.first(size - offset);
     }
-    if (l1_)
-        co_await image_->read_mapped(*l1_, offset, buf);
+    if (!active_)
+        co_await image_->read_mapped(Image::L1Table{nullptr, l1_offset_, l1_size_}, offset, buf);
     else
         co_await image_->read_active(offset, buf);
 }
 
 Task<void> View::write(uint64_t offset, std::span<const std::byte> data) {
-    if (l1_) fail(EROFS, "snapshots are read-only");
+    if (!active_) fail(EROFS, "snapshots are read-only");
     co_await image_->write(offset, data);
 }
 
 Task<void> View::write_zeroes(uint64_t offset, uint64_t length, bool discard) {
-    if (l1_) fail(EROFS, "snapshots are read-only");
+    if (!active_) fail(EROFS, "snapshots are read-only");
     co_await image_->write_zeroes(offset, length, discard);
 }
 
 Task<void> View::flush() {
-    if (l1_) co_return;
+    if (!active_) co_return;
     co_await image_->flush();
 }
 
@@ -115,7 +115,12 @@ Task<void> Image::open_impl(unsigned depth, std::vector<std::string> chain) {
                                      options_.writable);
     }
 
-    l1_ = co_await read_l1(meta_.header.l1_table_offset, meta_.header.l1_size, "L1 table");
+    // Only a writable image keeps its active L1 table in memory (the write path changes it);
+    // every other L1 table is read slice by slice through the metadata cache.
+    if (options_.writable)
+        l1_ = co_await read_l1(meta_.header.l1_table_offset, meta_.header.l1_size, "L1 table");
+    else
+        check_l1_inside(meta_.header.l1_table_offset, meta_.header.l1_size, "L1 table");
     co_await read_snapshot_table();
 
     size_t slice = std::min<uint64_t>(geometry_.cluster_size(), 4096);
@@ -135,6 +140,33 @@ Task<std::vector<uint64_t>> Image::read_l1(uint64_t offset, uint32_t entries, co
     std::vector<uint64_t> l1(entries);
     for (uint32_t i = 0; i < entries; ++i) l1[i] = format::load_be64(raw.data() + 8 * i);
     co_return l1;
+}
+
+void Image::check_l1_inside(uint64_t offset, uint32_t entries, const char* what) const {
+    uint64_t bytes = uint64_t{entries} * 8;
+    if (bytes > format::kMaxL1Bytes) corrupt(std::string(what) + " has too many entries (" + std::to_string(entries) + ")");
+    uint64_t file_size = file_->size();
+    if (offset > file_size || bytes > file_size - offset)
+        corrupt(std::string(what) + " at " + hex(offset) + " lies beyond the end of the file");
+}
+
+Image::L1Table Image::active_l1() const {
+    if (options_.writable) return L1Table{&l1_, 0, static_cast<uint32_t>(l1_.size())};
+    return L1Table{nullptr, meta_.header.l1_table_offset, meta_.header.l1_size};
+}
+
+Task<uint64_t> Image::l1_entry(const L1Table& l1, uint64_t index) {
+    if (l1.entries) co_return (*l1.entries)[index];
+    const size_t slice_bytes = l2_cache_->slice_bytes();
+    uint64_t byte = l1.offset + index * 8;
+    if (byte / slice_bytes * slice_bytes + slice_bytes > file_->size()) {
+        // The file ends inside this slice (checked at open: not inside the table): read the entry alone.
+        std::byte raw[8];
+        if (co_await file_->read_at(byte, raw) != 8) corrupt("L1 entry at " + hex(byte) + " lies beyond the end of the file");
+        co_return format::load_be64(raw);
+    }
+    auto slice = co_await l2_cache_->get(byte / slice_bytes * slice_bytes);
+    co_return format::load_be64(slice->bytes.data() + byte % slice_bytes);
 }
 
 Task<void> Image::read_snapshot_table() {
@@ -209,18 +241,17 @@ std::shared_ptr<View> Image::active() {
 Task<std::shared_ptr<View>> Image::snapshot(const std::string& id) {
     for (const auto& s : snapshots_) {
         if (s.id != id) continue;
-        auto l1 = co_await read_l1(s.l1_table_offset, s.l1_size, "snapshot L1 table");
+        check_l1_inside(s.l1_table_offset, s.l1_size, "snapshot L1 table");
         if (s.l1_size < geometry_.l1_entries_for(s.disk_size))
             corrupt("snapshot " + s.id + " has an L1 table too small for its disk size");
-        co_return std::make_shared<View>(shared_from_this(),
-                                         std::make_shared<const std::vector<uint64_t>>(std::move(l1)), s.disk_size);
+        co_return std::make_shared<View>(shared_from_this(), s.l1_table_offset, s.l1_size, s.disk_size);
     }
     fail(ENOENT, "no snapshot with ID " + id);
 }
 
 // ---- Image: reading --------------------------------------------------------------------------
 
-Task<void> Image::read_mapped(const std::vector<uint64_t>& l1, uint64_t offset, std::span<std::byte> buf) {
+Task<void> Image::read_mapped(const L1Table& l1, uint64_t offset, std::span<std::byte> buf) {
     const ClusterGeometry& g = geometry_;
     const uint64_t l2_coverage_bits = g.cluster_bits + std::countr_zero(g.l2_entries());
     const size_t slice_bytes = l2_cache_->slice_bytes();
@@ -246,9 +277,10 @@ Task<void> Image::read_mapped(const std::vector<uint64_t>& l1, uint64_t offset, 
         uint64_t l1_index = guest >> l2_coverage_bits;
         uint64_t l2_table_end = (l1_index + 1) << l2_coverage_bits;
         uint64_t l2_offset = 0;
-        if (l1_index < l1.size()) {
+        if (l1_index < l1.size) {
+            uint64_t raw = co_await l1_entry(l1, l1_index);
             try {
-                l2_offset = format::decode_l1(l1[l1_index], g.cluster_bits).l2_offset;
+                l2_offset = format::decode_l1(raw, g.cluster_bits).l2_offset;
             } catch (const std::system_error& e) {
                 corrupt("L1 entry " + std::to_string(l1_index) + ": " + reason_of(e));
             }

@@ -23,9 +23,6 @@ namespace {
 
 constexpr uint64_t kZeroBitsAll = 0xffffffff00000000ULL;
 constexpr uint64_t kAllocBitsAll = 0x00000000ffffffffULL;
-/// Images with more host clusters than this (2 TiB of 128 KiB... 1 TiB of 64 KiB clusters) skip
-/// the refcount verification before the first write: it needs 8 bytes per cluster.
-constexpr uint64_t kMaxVerifiedClusters = uint64_t{16} << 20;
 
 bool has_host(const format::L2Entry& e) { return !e.compressed && (e.host_offset != 0 || e.copied); }
 
@@ -70,18 +67,84 @@ Task<void> Image::init_writing() {
         read_only_reason_ = "refcount table: " + reason_of(e);
         co_return;
     }
+    install_refcount_hooks();
+    range_lock_ = std::make_unique<cache::RangeLock>(co_await asio::this_coro::executor);
+    file_end_ = file_->size();
+    const uint32_t cb = geometry_.cluster_bits;
+    std::vector<uint64_t> l2_tables;
+    for (uint64_t raw : l1_)
+        if (uint64_t l2 = raw & format::kL1OffsetMask) l2_tables.push_back(l2 >> cb);
+    metadata_map_.set_l2(std::move(l2_tables));
+    std::string bad;
+    try {
+        for (auto& a : co_await bitmap_metadata_areas(*file_, meta_))
+            bitmap_areas_.push_back({a.offset >> cb, a.bytes ? ((a.offset + a.bytes - 1) >> cb) + 1 : a.offset >> cb,
+                                     kMetaBitmapTable, a.what});
+        if (!bitmap_areas_.empty()) bitmap_areas_.front().kind = kMetaBitmapDirectory;
+    } catch (const std::system_error& e) {
+        bad = "bitmaps: " + reason_of(e);
+    }
+    if (bad.empty())
+        if (auto overlap = refresh_metadata_map()) bad = "metadata overlaps: " + *overlap;
+    if (!bad.empty()) {
+        refcounts_.reset();
+        read_only_reason_ = bad;
+    }
+}
+
+void Image::install_refcount_hooks() {
     refcounts_->on_table_moved = [this](uint64_t offset, uint32_t clusters) -> Task<void> {
         meta_.header.refcount_table_offset = offset;
         meta_.header.refcount_table_clusters = clusters;
         co_await write_header();
     };
-    range_lock_ = std::make_unique<cache::RangeLock>(co_await asio::this_coro::executor);
-    file_end_ = file_->size();
+    // Refcounts know their own table and blocks; everything else is asked of the map.
+    refcounts_->placement_check = [this](uint64_t first, uint64_t count) {
+        return metadata_map_.find(first, count, 0, refcounts_.get());
+    };
+}
+
+std::optional<std::string> Image::refresh_metadata_map() {
     const uint32_t cb = geometry_.cluster_bits;
-    for (uint64_t raw : l1_) {
-        uint64_t l2 = raw & format::kL1OffsetMask;
-        if (l2) l2_tables_.insert(l2 >> cb);
+    const auto& h = meta_.header;
+    auto area = [&](uint64_t offset, uint64_t bytes, MetadataKind kind, std::string what) {
+        return MetadataMap::Area{offset >> cb, bytes ? ((offset + bytes - 1) >> cb) + 1 : offset >> cb, kind, std::move(what)};
+    };
+    std::vector<MetadataMap::Area> areas = bitmap_areas_;
+    areas.push_back({0, 1, kMetaHeader, "the image header"});
+    areas.push_back(area(h.l1_table_offset, uint64_t{h.l1_size} * 8, kMetaActiveL1, "the L1 table"));
+    if (h.nb_snapshots) {
+        areas.push_back(area(h.snapshots_offset, format::serialize_snapshot_table(snapshots_, h.version).size(),
+                             kMetaSnapshotTable, "the snapshot table"));
+        for (const auto& s : snapshots_)
+            areas.push_back(area(s.l1_table_offset, uint64_t{s.l1_size} * 8, kMetaSnapshotL1,
+                                 "snapshot " + s.id + "'s L1 table"));
     }
+    // Snapshots may share one L1 table: merge equal areas of that kind instead of calling them
+    // overlapping.
+    std::sort(areas.begin(), areas.end(), [](const auto& a, const auto& b) { return a.first < b.first || (a.first == b.first && a.end < b.end); });
+    areas.erase(std::unique(areas.begin(), areas.end(), [](const auto& a, const auto& b) {
+                    return a.first == b.first && a.end == b.end && a.kind == kMetaSnapshotL1 && b.kind == kMetaSnapshotL1;
+                }),
+                areas.end());
+    if (auto overlap = metadata_map_.set_fixed(std::move(areas))) return overlap;
+    // The refcount structure against the rest (Refcounts places nothing on metadata either).
+    for (const auto& a : metadata_map_.fixed())
+        if (a.kind != kMetaHeader && refcounts_->holds_refcount_metadata(a.first, a.end))
+            return a.what + " overlaps the refcount table or a refcount block";
+    return std::nullopt;
+}
+
+Task<uint64_t> Image::allocate_clusters(uint64_t count) {
+    std::string problem;
+    try {
+        co_return co_await refcounts_->allocate(count);
+    } catch (const std::system_error&) {
+        problem = refcounts_->placement_problem();
+        if (problem.empty()) throw;
+    }
+    co_await mark_corrupt(problem);
+    co_return 0;
 }
 
 void Image::check_writable() const {
@@ -107,36 +170,57 @@ Task<void> Image::prepare_write() {
     if (prepared_) co_return;
     lock_for_writing();  // nothing is written without QEMU's write locks
     auto& h = meta_.header;
+    const ScanLimits limits{options_.refcount_memory, options_.scan_limit};
     if (h.dirty()) {
         // Refcounts may be stale (a crash with lazy_refcounts): rebuild them before anything
         // allocates, as QEMU does when it opens a dirty image for writing.
-        auto result = co_await rebuild_refcounts(*file_, meta_, snapshots_,
-                                                 [this](uint64_t offset, uint32_t clusters) -> Task<void> {
-                                                     meta_.header.refcount_table_offset = offset;
-                                                     meta_.header.refcount_table_clusters = clusters;
-                                                     co_await write_header();
-                                                 });
-        (void)result;
+        std::string too_much;
+        try {
+            co_await rebuild_refcounts(*file_, meta_, snapshots_,
+                                       [this](uint64_t offset, uint32_t clusters) -> Task<void> {
+                                           meta_.header.refcount_table_offset = offset;
+                                           meta_.header.refcount_table_clusters = clusters;
+                                           co_await write_header();
+                                       },
+                                       limits);
+        } catch (const std::system_error& e) {
+            if (errno_of(e) != ECANCELED) throw;
+            too_much = reason_of(e);
+        }
+        if (!too_much.empty()) {
+            // Not corrupt, only too large for the limit: later writes are refused at once.
+            read_only_reason_ = "the dirty image needs a refcount rebuild, but " + too_much;
+            fail(EIO, read_only_reason_);
+        }
         auto fresh = std::make_unique<Refcounts>(*file_, h, 1u << 20);
         co_await fresh->load();
-        fresh->on_table_moved = std::move(refcounts_->on_table_moved);
         refcounts_ = std::move(fresh);
+        install_refcount_hooks();
         file_end_ = std::max(file_end_, file_->size());
-    } else if ((file_end_ >> geometry_.cluster_bits) <= kMaxVerifiedClusters) {
+    } else {
         // The allocator trusts refcounts: a used cluster whose refcount is too low would be handed
-        // out again and overwritten. Find that before the first write, not after.
-        std::vector<uint64_t> references;
+        // out again and overwritten. Find that before the first write, not after. Past the scan
+        // limit the check is skipped: the overlap check still keeps allocations off metadata.
+        std::optional<std::pair<uint64_t, uint64_t>> under;
         std::string bad;
         try {
-            references = co_await count_references(*file_, meta_, snapshots_);
+            co_await count_references(*file_, meta_, snapshots_, limits, refcounts_->block_entries(),
+                                      [&](uint64_t first, std::vector<uint64_t>& counts, bool) -> Task<void> {
+                                          if (!under) under = co_await refcounts_->find_undercounted(first, counts);
+                                      });
         } catch (const std::system_error& e) {
-            bad = reason_of(e);
+            if (errno_of(e) != ECANCELED) bad = reason_of(e);
         }
         if (!bad.empty()) co_await mark_corrupt(bad);
-        if (auto under = co_await refcounts_->find_undercounted(std::move(references)))
+        if (under)
             co_await mark_corrupt("cluster at " + hex(under->first << geometry_.cluster_bits) +
                                   " is in use but its refcount is " + std::to_string(under->second));
     }
+    // Active L2 tables are written in place by flushes: none may lie in other metadata (checked
+    // here once, whether or not the scan above ran; later tables are checked as they are made).
+    for (uint64_t c : metadata_map_.l2_tables())
+        if (auto what = metadata_map_.find(c, 1, kMetaActiveL2, refcounts_.get()))
+            co_await mark_corrupt("L2 table at " + hex(c << geometry_.cluster_bits) + " lies in " + *what);
     bool header_changed = false;
     if (meta_.extensions.bitmaps && (h.autoclear_features & format::kAutoclearBitmaps)) {
         // The bitmaps are not updated by qcowfs: tell QEMU they are inconsistent before the first
@@ -165,10 +249,9 @@ Task<void> Image::prepare_write() {
 }
 
 Task<void> Image::write_header() {
-    // Only the fixed part changes; extensions and the backing name stay as they are.
-    std::vector<std::byte> bytes = format::serialize_metadata(meta_);
-    size_t fixed = std::min<size_t>(meta_.header.header_length, bytes.size());
-    co_await file_->write_at(0, std::span<const std::byte>(bytes).first(fixed));
+    // Only the fixed fields qcowfs changes (one sector): the extensions, the backing name and its
+    // offset stay exactly where the image's creator put them.
+    co_await file_->write_at(0, format::serialize_fixed_header(meta_.header));
     co_await file_->flush();
 }
 
@@ -186,28 +269,15 @@ Task<void> Image::mark_corrupt(std::string reason) {
     corrupt(reason);
 }
 
-Task<void> Image::check_host_cluster(uint64_t host, const std::string& what) {
-    const uint32_t cb = geometry_.cluster_bits;
-    const uint64_t c = host >> cb;
-    const auto& h = meta_.header;
-    auto overlaps = [&](uint64_t offset, uint64_t bytes) {
-        return bytes && c >= (offset >> cb) && c <= ((offset + bytes - 1) >> cb);
-    };
+Task<void> Image::check_host_cluster(uint64_t host, const std::string& what, uint32_t ignore) {
+    const uint64_t c = host >> geometry_.cluster_bits;
     std::string problem;
     if (c == 0)
         problem = "points into the image header";
     else if (host >= file_end_)
         problem = "points beyond the end of the file (" + std::to_string(file_end_) + " bytes)";
-    else if (overlaps(h.l1_table_offset, uint64_t{h.l1_size} * 8))
-        problem = "points into the L1 table";
-    else if (refcounts_->is_refcount_metadata(c))
-        problem = "points into the refcount table or a refcount block";
-    else if (h.nb_snapshots && c == (h.snapshots_offset >> cb))
-        problem = "points into the snapshot table";
-    if (problem.empty())
-        for (const auto& s : snapshots_)
-            if (overlaps(s.l1_table_offset, uint64_t{s.l1_size} * 8)) problem = "points into snapshot " + s.id + "'s L1 table";
-    if (problem.empty() && what.rfind("L2 table", 0) != 0 && l2_tables_.count(c)) problem = "points into an L2 table";
+    else if (auto meta = metadata_map_.find(c, 1, ignore, refcounts_.get()))
+        problem = "points into " + *meta;
     if (problem.empty() && co_await refcounts_->get(c) == 0) problem = "is in use but its refcount is 0";
     if (!problem.empty()) co_await mark_corrupt(what + " at " + hex(host) + " " + problem);
 }
@@ -266,7 +336,7 @@ Task<uint64_t> Image::l2_for_write(uint64_t l1_index) {
     }
     if (!bad.empty()) co_await mark_corrupt(bad);
     if (e.l2_offset != 0) {
-        co_await check_host_cluster(e.l2_offset, "L2 table of L1 entry " + std::to_string(l1_index));
+        co_await check_host_cluster(e.l2_offset, "L2 table of L1 entry " + std::to_string(l1_index), kMetaActiveL2);
         if (e.copied) co_return e.l2_offset;
         if (co_await refcounts_->get(e.l2_offset >> cb) == 1) {
             // Only we use it (a snapshot that shared it is gone): just mark it ours.
@@ -276,7 +346,7 @@ Task<uint64_t> Image::l2_for_write(uint64_t l1_index) {
         }
     }
     // A new table: empty, or a copy of the one shared with a snapshot.
-    uint64_t table = co_await refcounts_->allocate(1);
+    uint64_t table = co_await allocate_clusters(1);
     file_end_ = std::max(file_end_, table + cs);
     for (uint64_t s = 0; s < cs; s += slice_bytes) {
         std::shared_ptr<const cache::Slice> old;
@@ -288,11 +358,11 @@ Task<uint64_t> Image::l2_for_write(uint64_t l1_index) {
         // The copy keeps the entries (their clusters are still shared: no COPIED flags), and
         // the snapshot keeps the old table, whose refcount drops once our L1 entry is on disk.
         free_later(e.l2_offset >> cb, 1);
-        l2_tables_.erase(e.l2_offset >> cb);
+        metadata_map_.remove_l2(e.l2_offset >> cb);
     }
     l1_[l1_index] = format::encode_l1({table, true});
     dirty_l1_.insert(l1_index);
-    l2_tables_.insert(table >> cb);
+    metadata_map_.add_l2(table >> cb);
     co_return table;
 }
 
@@ -413,7 +483,7 @@ Task<void> Image::write_in_table(uint64_t offset, std::span<const std::byte> dat
         for (auto& w : plan) co_await plan_cluster(w, l2_offset);
         for (auto& w : plan) allocated += w.needs_new;
         if (allocated) {
-            first_new = co_await refcounts_->allocate(allocated);
+            first_new = co_await allocate_clusters(allocated);
             file_end_ = std::max(file_end_, first_new + allocated * cs);
             uint64_t next = first_new;
             for (auto& w : plan)
@@ -449,10 +519,10 @@ Task<void> Image::write_in_table(uint64_t offset, std::span<const std::byte> dat
                 std::byte* base = buf.data() + (w.host + w.window_from - host_start) - w.window_from;
                 uint64_t guest = w.guest_cluster << cb;
                 if (w.window_from < w.from)
-                    co_await read_mapped(l1_, guest + w.window_from,
+                    co_await read_mapped(active_l1(), guest + w.window_from,
                                          std::span<std::byte>(base + w.window_from, w.from - w.window_from));
                 if (w.to < w.window_to)
-                    co_await read_mapped(l1_, guest + w.to, std::span<std::byte>(base + w.to, w.window_to - w.to));
+                    co_await read_mapped(active_l1(), guest + w.to, std::span<std::byte>(base + w.to, w.window_to - w.to));
                 std::memcpy(base + w.from, data.data() + (guest + w.from - offset), w.to - w.from);
             }
             co_await f.write_at(host_start, buf);
@@ -486,34 +556,41 @@ Task<void> Image::write_in_table(uint64_t offset, std::span<const std::byte> dat
 
 // ---- zeroing, allocation, resize ---------------------------------------------------------------
 
-Task<std::vector<uint64_t>> Image::zero_in_table(uint64_t first, uint64_t count, bool discard) {
+Task<std::vector<uint64_t>> Image::zero_in_table(uint64_t first, uint64_t count, bool discard, bool unmap) {
     const ClusterGeometry& g = geometry_;
     const uint32_t cb = g.cluster_bits;
     const bool v3 = meta_.header.version >= 3;
-    const bool shows_through = backing_ != nullptr;
+    // unmap: the clusters lie past the end of the disk or of the backing file, so unallocated
+    // reads as zeros there (or is never read) whatever the version.
+    const bool shows_through = backing_ != nullptr && !unmap;
     std::vector<uint64_t> need_data;
     const uint64_t l1_index = first / g.l2_entries();
     if (l1_index >= l1_.size()) co_return need_data;
-    if ((l1_[l1_index] & format::kL1OffsetMask) == 0 && !shows_through) co_return need_data;  // reads zeros already
-    if (!v3 && shows_through && !g.extended_l2) {
-        // v2 has no zero flag: only data can hide the backing file.
-        for (uint64_t c = first; c < first + count; ++c) need_data.push_back(c);
-        co_return need_data;
+    const bool mapped = (l1_[l1_index] & format::kL1OffsetMask) != 0;
+    if (!mapped && !shows_through) co_return need_data;  // reads zeros already
+    // v2 has no zero flag: only data can hide the backing file where it reaches; past its end an
+    // unallocated cluster reads as zeros.
+    auto backing_reaches = [&](uint64_t c) { return !v3 && shows_through && (c << cb) < backing_->size(); };
+    if (!v3) {
+        for (uint64_t c = first; c < first + count; ++c)
+            if (backing_reaches(c)) need_data.push_back(c);
+        if (!mapped) co_return need_data;  // the rest reads zeros already
     }
     uint64_t l2_offset = co_await l2_for_write(l1_index);
     for (uint64_t c = first; c < first + count; ++c) {
+        if (backing_reaches(c)) continue;  // gets zeros written as data by the caller
         uint64_t index = c % g.l2_entries();
         auto [raw, bitmap] = co_await load_l2_entry(l2_offset, index);
         format::L2Entry e = co_await decode_l2_checked(raw, bitmap, c << cb);
         bool keep = false;  // keep the host cluster as a preallocated zero cluster
         if (data_file_) {
             // Data clusters sit at their guest offset; a raw data file must read as the disk does.
-            keep = has_host(e);
+            keep = has_host(e) && !unmap;
             co_await data_file_->discard(c << cb, g.cluster_size());
         } else if (has_host(e)) {
             co_await check_host_cluster(e.host_offset, "data cluster of guest offset " + hex(c << cb));
             bool ours = e.copied || co_await refcounts_->get(e.host_offset >> cb) == 1;
-            keep = ours && !discard && v3;
+            keep = ours && !discard && v3 && !unmap;
             if (!keep) {
                 free_later(e.host_offset >> cb, 1);
                 // Give the space back now: only this entry uses it, and a crash before the new
@@ -525,7 +602,7 @@ Task<std::vector<uint64_t>> Image::zero_in_table(uint64_t first, uint64_t count,
             free_later(cf, cn);
         }
         uint64_t new_raw = 0, new_bitmap = 0;
-        bool zero = keep || shows_through || !discard;  // else unallocated reads as zeros too
+        bool zero = keep || shows_through || (!discard && !unmap);  // else unallocated reads as zeros too
         if (!v3) zero = false;
         if (g.extended_l2) {
             new_raw = keep ? format::encode_l2_standard(e.host_offset, true, false) : 0;
@@ -617,7 +694,7 @@ Task<void> Image::allocate(uint64_t offset, uint64_t length) {
             allocated_already = e.compressed || (has_host(e) && (!geometry_.extended_l2 || (bitmap & kAllocBitsAll) == kAllocBitsAll));
         }
         if (allocated_already) continue;
-        co_await read_mapped(l1_, at, std::span<std::byte>(buf).first(n));
+        co_await read_mapped(active_l1(), at, std::span<std::byte>(buf).first(n));
         {
             auto meta = co_await meta_mutex_.lock();
             check_writable();
@@ -636,7 +713,7 @@ Task<void> Image::grow_l1(uint64_t entries, uint64_t new_size) {
     uint64_t bytes = entries * 8;
     if (bytes > format::kMaxL1Bytes) fail(EFBIG, "the L1 table would exceed " + std::to_string(format::kMaxL1Bytes) + " bytes");
     uint64_t clusters = (bytes + cs - 1) / cs;
-    uint64_t table = co_await refcounts_->allocate(clusters);
+    uint64_t table = co_await allocate_clusters(clusters);
     file_end_ = std::max(file_end_, table + clusters * cs);
     std::vector<std::byte> raw(clusters * cs);
     for (size_t i = 0; i < l1_.size(); ++i) format::store_be64(raw.data() + 8 * i, l1_[i]);
@@ -654,6 +731,7 @@ Task<void> Image::grow_l1(uint64_t entries, uint64_t new_size) {
     // with the old L1 table).
     meta_.header.size = new_size;
     co_await write_header();
+    refresh_metadata_map();  // the new table lies where nothing was
     // The header no longer points at the old table: nothing references it.
     if (old_clusters) co_await refcounts_->update(old >> cb, old_clusters, -1);
 }
@@ -692,13 +770,15 @@ Task<void> Image::release_beyond(uint64_t new_size) {
             // A table shared with a snapshot is impossible here (shrinking needs no snapshots),
             // but if only its refcount says so, releasing the table alone is still right.
             free_later(l2 >> cb, 1);
-            l2_tables_.erase(l2 >> cb);
+            metadata_map_.remove_l2(l2 >> cb);
             l1_[l1_index] = 0;
             dirty_l1_.insert(l1_index);
             c += n;
             continue;
         }
-        co_await zero_in_table(c, n, true);
+        // Past the new end nothing shows through: the clusters become unallocated (v2 too, which
+        // has no zero flag), so that a later grow finds nothing stale there.
+        co_await zero_in_table(c, n, true, true);
         c += n;
     }
 }
@@ -738,9 +818,32 @@ Task<void> Image::resize(uint64_t new_size) {
         }
     }
     // The new part must read as zeros: the rest of the old last cluster may hold bytes from
-    // before an earlier shrink, and a longer backing file would show through.
-    uint64_t zero_to = std::min(new_size, std::max((old_size + cs - 1) / cs * cs, backing_ ? backing_->size() : 0));
+    // before an earlier shrink, and a longer backing file would show through. Whole clusters, so
+    // that no stale byte stays behind in the last one.
+    uint64_t shown = std::max((old_size + cs - 1) / cs * cs, backing_ ? backing_->size() : 0);
+    uint64_t zero_to = std::min(new_size, (shown + cs - 1) / cs * cs);
     if (zero_to > old_size) co_await zero_locked(old_size, zero_to - old_size, false);
+    // Beyond that, unallocated reads as zeros: L2 tables still mapped there (left by another
+    // writer's shrink) lose their entries.
+    co_await unmap_from(zero_to);
+}
+
+Task<void> Image::unmap_from(uint64_t from) {
+    const ClusterGeometry& g = geometry_;
+    const uint64_t cs = g.cluster_size();
+    const uint64_t table_clusters = g.l2_entries();
+    const uint64_t last = (size() + cs - 1) / cs;
+    for (uint64_t c = (from + cs - 1) / cs; c < last;) {
+        uint64_t l1_index = c / table_clusters;
+        uint64_t n = std::min(last - c, table_clusters - c % table_clusters);
+        if (l1_index >= l1_.size()) break;
+        if (l1_[l1_index] & format::kL1OffsetMask) {
+            auto meta = co_await meta_mutex_.lock();
+            check_writable();
+            co_await zero_in_table(c, n, true, true);
+        }
+        c += n;
+    }
 }
 
 // ---- flush -----------------------------------------------------------------------------------
@@ -811,11 +914,11 @@ Task<void> Image::close() {
 
 Task<void> Image::read_active(uint64_t offset, std::span<std::byte> buf) {
     if (!range_lock_) {
-        co_await read_mapped(l1_, offset, buf);
+        co_await read_mapped(active_l1(), offset, buf);
         co_return;
     }
     auto guard = co_await range_lock_->lock(offset, buf.size(), cache::RangeLock::Mode::shared);
-    co_await read_mapped(l1_, offset, buf);
+    co_await read_mapped(active_l1(), offset, buf);
 }
 
 }  // namespace qcowfs::qcow2

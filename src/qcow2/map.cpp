@@ -26,17 +26,17 @@ Task<MapRun> RawSource::map(uint64_t offset) {
 }
 
 Task<MapRun> View::map(uint64_t offset) {
-    if (l1_) co_return co_await image_->map_mapped(*l1_, offset, size_);
+    if (!active_) co_return co_await image_->map_mapped(Image::L1Table{nullptr, l1_offset_, l1_size_}, offset, size_);
     co_return co_await image_->map_active(offset);
 }
 
 Task<MapRun> Image::map_active(uint64_t offset) {
-    if (!range_lock_) co_return co_await map_mapped(l1_, offset, size());
+    if (!range_lock_) co_return co_await map_mapped(active_l1(), offset, size());
     // Shared, like a read: no write changes the entries of this range meanwhile.
     const uint64_t coverage = uint64_t{1} << (geometry_.cluster_bits + std::countr_zero(geometry_.l2_entries()));
     const uint64_t table_end = std::min(size(), (offset / coverage + 1) * coverage);
     auto guard = co_await range_lock_->lock(offset, table_end - offset, cache::RangeLock::Mode::shared);
-    co_return co_await map_mapped(l1_, offset, size());
+    co_return co_await map_mapped(active_l1(), offset, size());
 }
 
 Task<MapRun> Image::map_below(uint64_t offset, uint64_t end) {
@@ -46,16 +46,17 @@ Task<MapRun> Image::map_below(uint64_t offset, uint64_t end) {
     co_return below;
 }
 
-Task<MapRun> Image::map_mapped(const std::vector<uint64_t>& l1, uint64_t offset, uint64_t size) {
+Task<MapRun> Image::map_mapped(const L1Table& l1, uint64_t offset, uint64_t size) {
     const ClusterGeometry& g = geometry_;
     const uint64_t coverage_bits = g.cluster_bits + std::countr_zero(g.l2_entries());
     const uint64_t l1_index = offset >> coverage_bits;
     const uint64_t table_end = std::min(size, (l1_index + 1) << coverage_bits);
 
     uint64_t l2_offset = 0;
-    if (l1_index < l1.size()) {
+    if (l1_index < l1.size) {
+        const uint64_t raw = co_await l1_entry(l1, l1_index);
         try {
-            l2_offset = format::decode_l1(l1[l1_index], g.cluster_bits).l2_offset;
+            l2_offset = format::decode_l1(raw, g.cluster_bits).l2_offset;
         } catch (const std::system_error& e) {
             corrupt("L1 entry " + std::to_string(l1_index) + ": " + reason_of(e));
         }

@@ -2,7 +2,7 @@
 #include "qcowfs/qcow2/rebuild.hpp"
 
 #include <algorithm>
-#include <map>
+#include <optional>
 #include <string>
 
 #include "qcowfs/format/entries.hpp"
@@ -27,13 +27,46 @@ Task<void> read_exact(io::File& file, uint64_t offset, std::span<std::byte> buf,
                 file.name());
 }
 
-/// The references counted so far: one counter per host cluster of the file.
-class ReferenceCounts {
+/// One pass over every reference of the image, counting those that fall in one window of host
+/// clusters [lo, lo + counts.size()); the walk itself checks every reference (first pass).
+class ReferenceWalk {
 public:
-    ReferenceCounts(io::File& file, uint32_t cluster_bits)
-        : file_(file), cluster_bits_(cluster_bits), counts_(div_ceil(file.size(), uint64_t{1} << cluster_bits)) {
-        if (counts_.empty()) corrupt(file.name() + " is empty");
-        counts_[0] = 1;  // the header cluster
+    ReferenceWalk(io::File& file, const format::ImageMetadata& meta, const std::vector<format::Snapshot>& snapshots,
+                  const ScanLimits& limits, uint64_t& scanned)
+        : file_(file), meta_(meta), snapshots_(snapshots), limits_(limits), scanned_(scanned),
+          cluster_bits_(meta.header.cluster_bits), file_clusters_(div_ceil(file.size(), meta.header.cluster_size())) {
+        if (file_clusters_ == 0) corrupt(file.name() + " is empty");
+    }
+
+    /// Counts into `counts` (cleared first) the references to clusters [lo, lo + counts.size()).
+    Task<void> run(uint64_t lo, std::vector<uint64_t>& counts) {
+        lo_ = lo;
+        counts_ = &counts;
+        std::fill(counts.begin(), counts.end(), 0);
+        const format::Header& h = meta_.header;
+        if (lo == 0 && !counts.empty()) counts[0] = 1;  // the header cluster
+        co_await walk_l1(h.l1_table_offset, h.l1_size, "active L1 table");
+        if (h.nb_snapshots != 0) {
+            add(h.snapshots_offset, format::serialize_snapshot_table(snapshots_, h.version).size(), 1, "snapshot table");
+            for (const auto& s : snapshots_)
+                co_await walk_l1(s.l1_table_offset, s.l1_size, "L1 table of snapshot '" + s.name + "' (ID " + s.id + ")");
+        }
+        if (!bitmaps_) bitmaps_ = co_await bitmap_clusters(file_, meta_);
+        for (uint64_t offset : *bitmaps_) add(offset, meta_.header.cluster_size(), 1, "bitmap cluster");
+        for (const auto& x : meta_.extensions.unknown)
+            if (x.type == format::kExtCrypto && x.data.size() >= 16)
+                add(format::load_be64(x.data.data()), format::load_be64(x.data.data() + 8), 1, "encryption header");
+    }
+
+    uint64_t last_referenced() const { return last_; }
+
+private:
+    /// `bytes` of metadata are about to be read: ECANCELED past the limit.
+    void charge(uint64_t bytes) {
+        scanned_ += std::max<uint64_t>(bytes, 4096);
+        if (scanned_ > limits_.scan_bytes)
+            fail(ECANCELED, "counting references would read more than " + std::to_string(limits_.scan_bytes) +
+                                " bytes of metadata (-o scan_limit)");
     }
 
     /// Adds `times` references to every cluster that [offset, offset + bytes) touches. EIO naming
@@ -42,53 +75,57 @@ public:
         if (bytes == 0) return;
         const uint64_t first = offset >> cluster_bits_, last = (offset + bytes - 1) >> cluster_bits_;
         if (first == 0) corrupt(what + " at " + hex(offset) + " lies in cluster 0, the header");
-        if (last >= counts_.size() || offset + bytes < offset)
+        if (last >= file_clusters_ || offset + bytes < offset)
             corrupt(what + " at " + hex(offset) + " (" + std::to_string(bytes) + " bytes) lies beyond the end of " +
                     file_.name() + " (" + std::to_string(file_.size()) + " bytes)");
-        for (uint64_t c = first; c <= last; ++c) counts_[c] += times;
+        last_ = std::max(last_, last);
+        const uint64_t hi = lo_ + counts_->size();
+        for (uint64_t c = std::max(first, lo_); c <= last && c < hi; ++c) (*counts_)[c - lo_] += times;
     }
 
-    std::vector<uint64_t>& counts() { return counts_; }
-
-private:
-    io::File& file_;
-    uint32_t cluster_bits_;
-    std::vector<uint64_t> counts_;
-};
-
-/// Counts an L1 table and notes, per L2 table, how many L1 entries point at it.
-Task<void> count_l1(io::File& file, ReferenceCounts& refs, std::map<uint64_t, uint64_t>& l2_tables,
-                    uint64_t l1_offset, uint32_t l1_size, uint32_t cluster_bits, const std::string& what) {
-    const uint64_t bytes = uint64_t{l1_size} * 8;
-    refs.add(l1_offset, bytes, 1, what);
-    std::vector<std::byte> raw(std::min(bytes, kChunkBytes));
-    for (uint64_t done = 0; done < bytes; done += raw.size()) {
-        std::span<std::byte> part(raw.data(), std::min<uint64_t>(raw.size(), bytes - done));
-        co_await read_exact(file, l1_offset + done, part, what);
-        for (size_t k = 0; k < part.size() / 8; ++k) {
-            format::L1Entry e;
-            try {
-                e = format::decode_l1(format::load_be64(part.data() + 8 * k), cluster_bits);
-            } catch (const std::system_error& x) {
-                corrupt(what + " entry " + std::to_string((done + 8 * k) / 8) + ": " + reason_of(x));
+    /// Counts an L1 table, each L2 table once per L1 entry pointing at it and the L2 table's data
+    /// clusters as many times. 1 MiB of the L1 table at a time; L2 tables named more than once in
+    /// it are read once.
+    Task<void> walk_l1(uint64_t l1_offset, uint32_t l1_size, const std::string& what) {
+        const uint64_t bytes = uint64_t{l1_size} * 8;
+        add(l1_offset, bytes, 1, what);
+        std::vector<std::byte> raw(std::min(bytes, kChunkBytes));
+        std::vector<uint64_t> tables;
+        for (uint64_t done = 0; done < bytes; done += raw.size()) {
+            std::span<std::byte> part(raw.data(), std::min<uint64_t>(raw.size(), bytes - done));
+            charge(part.size());
+            co_await read_exact(file_, l1_offset + done, part, what);
+            tables.clear();
+            for (size_t k = 0; k < part.size() / 8; ++k) {
+                format::L1Entry e;
+                try {
+                    e = format::decode_l1(format::load_be64(part.data() + 8 * k), cluster_bits_);
+                } catch (const std::system_error& x) {
+                    corrupt(what + " entry " + std::to_string((done + 8 * k) / 8) + ": " + reason_of(x));
+                }
+                if (e.l2_offset != 0) tables.push_back(e.l2_offset);
             }
-            if (e.l2_offset != 0) ++l2_tables[e.l2_offset];
+            std::sort(tables.begin(), tables.end());
+            for (size_t i = 0; i < tables.size();) {
+                size_t j = i;
+                while (j < tables.size() && tables[j] == tables[i]) ++j;
+                co_await walk_l2(tables[i], j - i);
+                i = j;
+            }
         }
     }
-}
 
-/// Counts each L2 table once per L1 entry pointing at it, and its data clusters as many times.
-Task<void> count_l2_tables(io::File& file, ReferenceCounts& refs, const std::map<uint64_t, uint64_t>& l2_tables,
-                           const format::Header& h) {
-    const ClusterGeometry g = h.geometry();
-    const bool external = h.has_external_data_file();
-    std::vector<std::byte> table(g.cluster_size());
-    for (auto [offset, times] : l2_tables) {
+    Task<void> walk_l2(uint64_t offset, uint64_t times) {
+        const format::Header& h = meta_.header;
+        const ClusterGeometry g = h.geometry();
+        const bool external = h.has_external_data_file();
         const std::string what = "L2 table " + hex(offset);
-        refs.add(offset, g.cluster_size(), times, what);
-        co_await read_exact(file, offset, table, what);
+        add(offset, g.cluster_size(), times, what);
+        table_.resize(g.cluster_size());
+        charge(table_.size());
+        co_await read_exact(file_, offset, table_, what);
         for (uint64_t i = 0; i < g.l2_entries(); ++i) {
-            const std::byte* p = table.data() + i * g.l2_entry_size();
+            const std::byte* p = table_.data() + i * g.l2_entry_size();
             format::L2Entry e;
             try {
                 e = format::decode_l2(format::load_be64(p), g.extended_l2 ? format::load_be64(p + 8) : 0, g, h.version,
@@ -97,13 +134,25 @@ Task<void> count_l2_tables(io::File& file, ReferenceCounts& refs, const std::map
                 corrupt(what + " entry " + std::to_string(i) + ": " + reason_of(x));
             }
             if (e.compressed)
-                refs.add(e.host_offset, e.compressed_size, times,
-                         what + " entry " + std::to_string(i) + ": compressed cluster");
+                add(e.host_offset, e.compressed_size, times, what + " entry " + std::to_string(i) + ": compressed cluster");
             else if (e.host_offset != 0 && !external)
-                refs.add(e.host_offset, g.cluster_size(), times, what + " entry " + std::to_string(i) + ": data cluster");
+                add(e.host_offset, g.cluster_size(), times, what + " entry " + std::to_string(i) + ": data cluster");
         }
     }
-}
+
+    io::File& file_;
+    const format::ImageMetadata& meta_;
+    const std::vector<format::Snapshot>& snapshots_;
+    const ScanLimits& limits_;
+    uint64_t& scanned_;
+    const uint32_t cluster_bits_;
+    const uint64_t file_clusters_;
+    uint64_t lo_ = 0;
+    std::vector<uint64_t>* counts_ = nullptr;
+    uint64_t last_ = 0;
+    std::vector<std::byte> table_;
+    std::optional<std::vector<uint64_t>> bitmaps_;
+};
 
 /// First cluster after the old refcount table and every old refcount block inside the file: the
 /// new structure goes at or beyond it, so the old one stays intact until the header moves.
@@ -128,61 +177,73 @@ Task<uint64_t> end_of_old_structure(io::File& file, const format::Header& h) {
 
 }  // namespace
 
-Task<std::vector<uint64_t>> count_references(io::File& file, const format::ImageMetadata& meta,
-                                             const std::vector<format::Snapshot>& snapshots) {
+Task<uint64_t> count_references(io::File& file, const format::ImageMetadata& meta,
+                                const std::vector<format::Snapshot>& snapshots, const ScanLimits& limits,
+                                uint64_t align,
+                                const std::function<Task<void>(uint64_t first, std::vector<uint64_t>& counts, bool last)>& window) {
     const format::Header& h = meta.header;
-    const uint32_t bits = h.cluster_bits;
-    const uint64_t cs = h.cluster_size();
     if (snapshots.size() != h.nb_snapshots)
         fail(EINVAL, std::to_string(snapshots.size()) + " snapshots given for an image with " +
                          std::to_string(h.nb_snapshots));
-    ReferenceCounts refs(file, bits);
-    std::map<uint64_t, uint64_t> l2_tables;  // L2 table offset -> L1 entries pointing at it
-    co_await count_l1(file, refs, l2_tables, h.l1_table_offset, h.l1_size, bits, "active L1 table");
-    if (h.nb_snapshots != 0) {
-        refs.add(h.snapshots_offset, format::serialize_snapshot_table(snapshots, h.version).size(), 1,
-                 "snapshot table");
-        for (const auto& s : snapshots)
-            co_await count_l1(file, refs, l2_tables, s.l1_table_offset, s.l1_size, bits,
-                              "L1 table of snapshot '" + s.name + "' (ID " + s.id + ")");
+    align = std::max<uint64_t>(align, 1);
+    const uint64_t file_clusters = div_ceil(file.size(), h.cluster_size());
+    uint64_t width = std::max<uint64_t>(align, limits.counter_bytes / 8 / align * align);
+    uint64_t scanned = 0;
+    ReferenceWalk walk(file, meta, snapshots, limits, scanned);
+    std::vector<uint64_t> counts(std::min(width, std::max<uint64_t>(file_clusters, 1)));
+    // The first pass also finds the last referenced cluster, which bounds the other passes.
+    co_await walk.run(0, counts);
+    const uint64_t last = walk.last_referenced();
+    counts.resize(std::min<uint64_t>(counts.size(), last + 1));
+    co_await window(0, counts, last < width);
+    for (uint64_t lo = width; lo <= last; lo += width) {
+        counts.assign(std::min(width, last + 1 - lo), 0);
+        co_await walk.run(lo, counts);
+        co_await window(lo, counts, last - lo < width);
     }
-    co_await count_l2_tables(file, refs, l2_tables, h);
-    for (uint64_t offset : co_await bitmap_clusters(file, meta)) refs.add(offset, cs, 1, "bitmap cluster");
-    for (const auto& x : meta.extensions.unknown)
-        if (x.type == format::kExtCrypto && x.data.size() >= 16)
-            refs.add(format::load_be64(x.data.data()), format::load_be64(x.data.data() + 8), 1, "encryption header");
-
-    co_return std::move(refs.counts());
+    co_return last;
 }
 
 Task<RebuildResult> rebuild_refcounts(io::File& file, const format::ImageMetadata& meta,
                                       const std::vector<format::Snapshot>& snapshots,
-                                      std::function<Task<void>(uint64_t, uint32_t)> point_header_at) {
+                                      std::function<Task<void>(uint64_t, uint32_t)> point_header_at,
+                                      const ScanLimits& limits) {
     const format::Header& h = meta.header;
     const uint32_t bits = h.cluster_bits;
     const uint64_t cs = h.cluster_size();
 
-    // 1. Count every reference.
-    std::vector<uint64_t> counts = co_await count_references(file, meta, snapshots);
+    // 1. Count every reference, window by window (windows hold whole refcount blocks): find the
+    // last used cluster and the refcount blocks that describe a used cluster. With one window
+    // the counts are kept for step 3; with more, step 3 counts again.
     const uint64_t max = format::max_refcount(h.refcount_order);
-    uint64_t last_used = 0;
-    for (uint64_t c = 0; c < counts.size(); ++c) {
-        if (counts[c] == 0) continue;
-        if (counts[c] > max)
-            corrupt("cluster " + std::to_string(c) + " (host offset " + hex(c << bits) + ") has " +
-                    std::to_string(counts[c]) + " references, more than a " + std::to_string(1u << h.refcount_order) +
-                    "-bit refcount holds");
-        last_used = c;
-    }
+    const uint64_t per_block = format::refcount_block_entries(bits, h.refcount_order);
+    uint64_t last_used = 0, windows = 0;
+    std::vector<uint64_t> ranges;  // refcount table indexes that get a block, ascending
+    std::vector<uint64_t> kept;    // the counts of the only window
+    auto survey = [&](uint64_t lo, std::vector<uint64_t>& counts, bool last) -> Task<void> {
+        ++windows;
+        for (uint64_t i = 0; i < counts.size(); ++i) {
+            if (counts[i] == 0) continue;
+            const uint64_t c = lo + i;
+            if (counts[i] > max)
+                corrupt("cluster " + std::to_string(c) + " (host offset " + hex(c << bits) + ") has " +
+                        std::to_string(counts[i]) + " references, more than a " + std::to_string(1u << h.refcount_order) +
+                        "-bit refcount holds");
+            last_used = c;
+            if (ranges.empty() || ranges.back() != c / per_block) ranges.push_back(c / per_block);
+        }
+        if (lo == 0 && last) kept.swap(counts);  // the only window: no second count needed
+        co_return;
+    };
+    // Counting twice (several windows) reads the metadata twice: each count gets half the limit,
+    // so that the second, which runs while blocks are written, cannot be cut short.
+    const ScanLimits half{limits.counter_bytes, limits.scan_bytes / 2};
+    co_await count_references(file, meta, snapshots, half, per_block, survey);
 
     // 2. Layout, as Refcounts::grow_table does it: nb blocks then the table (tc clusters), from the
     // first cluster after everything in use and the old structure; the blocks describe
     // themselves and the table. Only ranges with a cluster in use get a block.
-    const uint64_t per_block = format::refcount_block_entries(bits, h.refcount_order);
     const uint64_t start = std::max(last_used + 1, co_await end_of_old_structure(file, h));
-    std::vector<uint64_t> ranges;  // refcount table indexes that get a block, ascending
-    for (uint64_t c = 0; c < counts.size(); ++c)
-        if (counts[c] != 0 && (ranges.empty() || ranges.back() != c / per_block)) ranges.push_back(c / per_block);
     const size_t used_ranges = ranges.size();
     uint64_t nb = 1, tc = 1;
     for (;;) {
@@ -196,26 +257,45 @@ Task<RebuildResult> rebuild_refcounts(io::File& file, const format::ImageMetadat
     }
     if (tc * cs > format::kMaxRefcountTableBytes)
         fail(ENOSPC, "the rebuilt refcount table of " + std::to_string(tc) + " clusters would exceed the 8 MiB limit");
-    counts.resize(start + nb + tc, 0);
-    for (uint64_t c = start; c < start + nb + tc; ++c) counts[c] = 1;
     const uint64_t table_offset = (start + nb) << bits;
+    const uint64_t new_first = start, new_end = start + nb + tc;  // the new structure: refcount 1 each
 
-    // 3. Blocks, in batches of contiguous clusters, then the table; sync.
+    // 3. Blocks, in batches of contiguous clusters, window by window, then the table; sync.
     std::vector<uint64_t> table(tc * cs / 8, 0);
+    for (uint64_t k = 0; k < nb; ++k) table[ranges[k]] = (start + k) << bits;
     const uint64_t batch_blocks = std::max<uint64_t>(1, kChunkBytes / cs);
     std::vector<std::byte> batch;
-    for (uint64_t k = 0; k < nb; k += batch_blocks) {
-        const uint64_t n = std::min(batch_blocks, nb - k);
-        batch.assign(n * cs, std::byte{0});
-        for (uint64_t j = 0; j < n; ++j) {
-            const uint64_t r = ranges[k + j];
-            table[r] = (start + k + j) << bits;
-            std::span<std::byte> block(batch.data() + j * cs, cs);
-            const uint64_t end = std::min<uint64_t>(counts.size(), (r + 1) * per_block);
-            for (uint64_t c = r * per_block; c < end; ++c)
-                if (counts[c] != 0) format::set_refcount(block, h.refcount_order, c - r * per_block, counts[c]);
+    uint64_t clusters_in_use = 0;
+    size_t next = 0;  // index into ranges of the next block to write
+    // Writes the blocks of ranges below `limit`, their counts from `counts` (clusters from `lo`).
+    auto write_blocks = [&](uint64_t lo, const std::vector<uint64_t>& counts, uint64_t limit) -> Task<void> {
+        while (next < ranges.size() && ranges[next] < limit) {
+            uint64_t n = 0;
+            while (next + n < ranges.size() && ranges[next + n] < limit && n < batch_blocks) ++n;
+            batch.assign(n * cs, std::byte{0});
+            for (uint64_t j = 0; j < n; ++j) {
+                const uint64_t r = ranges[next + j];
+                std::span<std::byte> block(batch.data() + j * cs, cs);
+                for (uint64_t c = r * per_block; c < (r + 1) * per_block; ++c) {
+                    uint64_t v = c >= new_first && c < new_end ? 1 : 0;
+                    if (c >= lo && c - lo < counts.size()) v += counts[c - lo];
+                    if (v == 0) continue;
+                    format::set_refcount(block, h.refcount_order, c - r * per_block, v);
+                    ++clusters_in_use;
+                }
+            }
+            co_await file.write_at((start + next) << bits, batch);
+            next += n;
         }
-        co_await file.write_at((start + k) << bits, batch);
+    };
+    if (windows <= 1) {
+        co_await write_blocks(0, kept, UINT64_MAX);
+    } else {
+        auto fill = [&](uint64_t lo, std::vector<uint64_t>& counts, bool) -> Task<void> {
+            co_await write_blocks(lo, counts, (lo + counts.size()) / per_block + ((lo + counts.size()) % per_block != 0));
+        };
+        co_await count_references(file, meta, snapshots, half, per_block, fill);
+        co_await write_blocks(0, {}, UINT64_MAX);  // the blocks past the last used cluster
     }
     batch.assign(tc * cs, std::byte{0});
     for (size_t i = 0; i < table.size(); ++i) format::store_be64(batch.data() + 8 * i, table[i]);
@@ -228,7 +308,7 @@ Task<RebuildResult> rebuild_refcounts(io::File& file, const format::ImageMetadat
     RebuildResult result;
     result.table_offset = table_offset;
     result.table_clusters = static_cast<uint32_t>(tc);
-    result.clusters_in_use = static_cast<uint64_t>(std::count_if(counts.begin(), counts.end(), [](uint64_t v) { return v != 0; }));
+    result.clusters_in_use = clusters_in_use;
     co_return result;
 }
 

@@ -145,6 +145,7 @@ Task<uint64_t> Refcounts::allocate(uint64_t count) {
     auto guard = co_await mutex_.lock();
     uint64_t first_free = 0;
     uint64_t first = co_await find_free(count, Range{}, &first_free);
+    check_placement(first, count, "new clusters");
     // Nothing below first_free is free; if the run starts there, nothing below its end is either.
     uint64_t old_hint = hint_;
     hint_ = first_free == first ? first + count : first_free;
@@ -224,6 +225,7 @@ Task<void> Refcounts::allocate_block(uint64_t table_index, Range exclude) {
 
 Task<void> Refcounts::create_block(uint64_t table_index, uint64_t cluster_index) {
     const bool self = cluster_index / block_entries_ == table_index;
+    check_placement(cluster_index, 1, "a new refcount block");
     // An existing block's entry first: the only step that can fail (reading it).
     if (!self) co_await set_refcount(cluster_index, 1);
     uint64_t offset = cluster_index << cluster_bits_;
@@ -274,6 +276,7 @@ Task<void> Refcounts::grow_table(uint64_t min_entries, Range exclude) {
     }
 
     const uint64_t area = r0 * block_entries_;
+    check_placement(area, nb + tc, "a new refcount table");
     const uint64_t new_offset = (area + nb) << cluster_bits_;
     const size_t slice_bytes = blocks_->slice_bytes();
     std::vector<uint64_t> table(tc * per_cluster, 0);
@@ -305,19 +308,21 @@ Task<void> Refcounts::grow_table(uint64_t min_entries, Range exclude) {
     co_await update_locked(old_first, old_clusters, -1);
 }
 
-Task<std::optional<std::pair<uint64_t, uint64_t>>> Refcounts::find_undercounted(std::vector<uint64_t> references) {
+Task<std::optional<std::pair<uint64_t, uint64_t>>> Refcounts::find_undercounted(uint64_t first,
+                                                                                 std::vector<uint64_t>& references) {
+    const uint64_t end = first + references.size();
     auto add = [&](uint64_t cluster) {
-        if (cluster >= references.size()) references.resize(cluster + 1, 0);
-        ++references[cluster];
+        if (cluster >= first && cluster < end) ++references[cluster - first];
     };
     for (uint64_t c = 0; c < table_clusters_; ++c) add((table_offset_ >> cluster_bits_) + c);
     for (uint64_t block : table_)
         if (block) add(block >> cluster_bits_);
     const size_t slice_bytes = blocks_->slice_bytes();
-    for (uint64_t c = 0; c < references.size();) {
+    for (uint64_t c = first; c < end;) {
         uint64_t i = c % slice_entries_;
-        uint64_t n = std::min<uint64_t>(slice_entries_ - i, references.size() - c);
-        if (std::all_of(references.begin() + c, references.begin() + c + n, [](uint64_t r) { return r == 0; })) {
+        uint64_t n = std::min<uint64_t>(slice_entries_ - i, end - c);
+        auto from = references.begin() + static_cast<ptrdiff_t>(c - first);
+        if (std::all_of(from, from + static_cast<ptrdiff_t>(n), [](uint64_t r) { return r == 0; })) {
             c += n;
             continue;
         }
@@ -326,16 +331,16 @@ Task<std::optional<std::pair<uint64_t, uint64_t>>> Refcounts::find_undercounted(
         if (block) slice = co_await blocks_->get(block + (c % block_entries_) / slice_entries_ * slice_bytes);
         for (uint64_t k = 0; k < n; ++k) {
             uint64_t have = slice ? format::get_refcount(slice->bytes, refcount_order_, i + k) : 0;
-            if (have < references[c + k]) co_return std::make_pair(c + k, have);
+            if (have < references[c - first + k]) co_return std::make_pair(c + k, have);
         }
         c += n;
     }
     co_return std::nullopt;
 }
 
-bool Refcounts::is_refcount_metadata(uint64_t cluster_index) const {
-    uint64_t first = table_offset_ >> cluster_bits_;
-    if (cluster_index >= first && cluster_index < first + table_clusters_) return true;
+bool Refcounts::holds_refcount_metadata(uint64_t first, uint64_t end) const {
+    uint64_t table_first = table_offset_ >> cluster_bits_;
+    if (first < table_first + table_clusters_ && table_first < end) return true;
     if (block_index_.empty()) {
         // Rebuilt after the table changed (rare); a write checks every cluster it touches.
         block_index_.push_back(0);  // never empty once built
@@ -343,7 +348,17 @@ bool Refcounts::is_refcount_metadata(uint64_t cluster_index) const {
             if (b) block_index_.push_back(b >> cluster_bits_);
         std::sort(block_index_.begin(), block_index_.end());
     }
-    return cluster_index != 0 && std::binary_search(block_index_.begin(), block_index_.end(), cluster_index);
+    auto it = std::lower_bound(block_index_.begin(), block_index_.end(), std::max<uint64_t>(first, 1));
+    return it != block_index_.end() && *it < end;
+}
+
+void Refcounts::check_placement(uint64_t first, uint64_t count, const char* use) {
+    if (!placement_check) return;
+    if (auto what = placement_check(first, count)) {
+        placement_problem_ = std::string(use) + " at " + hex(first << cluster_bits_) + " (" + std::to_string(count) +
+                             " clusters, refcount 0) would overwrite " + *what;
+        corrupt(placement_problem_);
+    }
 }
 
 Task<void> Refcounts::flush() {

@@ -405,3 +405,70 @@ TEST_CASE("serialize_metadata refuses what cannot be represented") {
     m.extensions.unknown = {{kExtEnd, {}}};
     CHECK(thrown_errno([&] { serialize_metadata(m); }) == EINVAL);
 }
+
+TEST_CASE("the fixed header rewrite keeps every byte it does not own") {
+    // Cluster 0 as another writer left it: a pre-1.0 v2 image with its backing name at offset 72
+    // (no extensions, no end marker), and a v3 image whose extension area fills cluster 0 and
+    // whose backing name sits away from the extensions.
+    SUBCASE("pre-1.0 v2: name at 72") {
+        ImageMetadata m;
+        m.header = v3_header();
+        m.header.version = 2;
+        m.header.refcount_order = 4;
+        m.header.header_length = kV2HeaderLength;
+        std::vector<std::byte> c0(m.header.cluster_size());
+        const std::string name = "/images/base.qcow2";
+        m.header.backing_file_offset = 72;
+        m.header.backing_file_size = static_cast<uint32_t>(name.size());
+        std::memcpy(c0.data() + 72, name.data(), name.size());
+        auto fixed = serialize_fixed_header(m.header);
+        REQUIRE(fixed.size() == 72);
+        std::copy(fixed.begin(), fixed.end(), c0.begin());
+        ImageMetadata back = parse_metadata(c0, kFileSize);
+        CHECK(back.backing_file == name);
+        CHECK(back.header.backing_file_offset == 72);
+        // A change of a field the writer owns keeps the name where it is.
+        back.header.size *= 2;
+        back.header.l1_size *= 2;
+        auto again = serialize_fixed_header(back.header);
+        std::copy(again.begin(), again.end(), c0.begin());
+        ImageMetadata third = parse_metadata(c0, kFileSize);
+        CHECK(third.backing_file == name);
+        CHECK(third.header.size == back.header.size);
+    }
+    SUBCASE("v3: extensions fill cluster 0, compression type and long header untouched") {
+        Header h = v3_header();
+        h.cluster_bits = 9;
+        h.l1_table_offset = 0x600;
+        h.refcount_table_offset = 0x200;
+        h.size = 1 << 20;
+        h.l1_size = 32;
+        h.header_length = 112;
+        h.incompatible_features = kIncompatCompressionType;
+        h.compression_type = CompressionType::zstd;
+        std::vector<std::byte> c0(512, std::byte{0});
+        auto first = serialize_fixed_header(h);
+        std::copy(first.begin(), first.end(), c0.begin());
+        c0[104] = std::byte{1};                       // zstd
+        c0[108] = std::byte{0x42};                    // a field past 104 this version does not know
+        const uint32_t len = 512 - 112 - 8;
+        store_be32(c0.data() + 112, 0x7e57da7a);
+        store_be32(c0.data() + 116, len);
+        std::memset(c0.data() + 120, 0x5a, len);
+        ImageMetadata m = parse_metadata(c0, kFileSize);
+        REQUIRE(m.extensions.unknown.size() == 1);
+        // Re-serializing the whole cluster cannot add the end marker: that is why writers rewrite
+        // the fixed part only.
+        CHECK(thrown_errno([&] { serialize_metadata(m); }) == EINVAL);
+        m.header.incompatible_features |= kIncompatDirty;
+        auto fixed = serialize_fixed_header(m.header);
+        REQUIRE(fixed.size() == kV3MinHeaderLength);
+        std::vector<std::byte> after = c0;
+        std::copy(fixed.begin(), fixed.end(), after.begin());
+        CHECK(std::equal(after.begin() + 104, after.end(), c0.begin() + 104));
+        ImageMetadata back = parse_metadata(after, kFileSize);
+        CHECK(back.header.dirty());
+        CHECK(back.header.compression_type == CompressionType::zstd);
+        CHECK(back.extensions.unknown.size() == 1);
+    }
+}

@@ -123,10 +123,11 @@ std::function<Task<void>(uint64_t, uint32_t)> header_updater(io::File& file, int
     };
 }
 
-qcow2::RebuildResult rebuild(io::File& file, asio::io_context& io, int* calls = nullptr) {
+qcow2::RebuildResult rebuild(io::File& file, asio::io_context& io, int* calls = nullptr,
+                             qcow2::ScanLimits limits = {}) {
     return run(io, [&]() -> Task<qcow2::RebuildResult> {
         Opened o = co_await open_metadata(file);
-        co_return co_await qcow2::rebuild_refcounts(file, o.meta, o.snapshots, header_updater(file, calls));
+        co_return co_await qcow2::rebuild_refcounts(file, o.meta, o.snapshots, header_updater(file, calls), limits);
     }());
 }
 
@@ -147,11 +148,15 @@ void rebuild_and_verify(const TempDir& dir, const std::string& path, bool stale)
     }
 
     const auto file_before = read_file(path);
+    // Counters for the whole file at once, and for one refcount block's worth of clusters at a
+    // time (as many passes over the metadata as the file has blocks' worth of used clusters).
+    for (qcow2::ScanLimits limits : {qcow2::ScanLimits{}, qcow2::ScanLimits{8, uint64_t{1} << 30}}) {
+    CAPTURE(limits.counter_bytes);
     io::MemFile file("img", file_before);
     asio::io_context io;
     const uint64_t size_before = file.size();
     int calls = 0;
-    auto result = rebuild(file, io, &calls);
+    auto result = rebuild(file, io, &calls, limits);
     CHECK(calls == 1);
 
     auto after_bytes = file.content();
@@ -173,6 +178,7 @@ void rebuild_and_verify(const TempDir& dir, const std::string& path, bool stale)
     CHECK(after_bytes.size() >= size_before);
     CHECK(result.clusters_in_use >= 3);
     CHECK(result.clusters_in_use <= after_bytes.size() / header.cluster_size() + 1);
+    }
 }
 
 std::string create_cmd(const std::string& path, const std::string& options, const std::string& size = "64M") {
@@ -485,4 +491,19 @@ TEST_CASE("rebuild time and memory scale with the file: a measured run") {
     write_file(dir / "big-after.qcow2", file.content());
     auto r = check(dir / "big-after.qcow2");
     CHECK_MESSAGE(r.exit_code == 0, r.output);
+}
+
+TEST_CASE("a rebuild that would read more metadata than the scan limit stops with ECANCELED, nothing written") {
+    if (!have_qemu()) return;
+    TempDir dir;
+    const std::string path = dir / "big.qcow2";
+    REQUIRE(sh(create_cmd(path, "lazy_refcounts=on,cluster_size=512")) == 0);
+    REQUIRE(qemu_io(path, {"write -P 1 0 1M", "write -P 2 32M 1M", "abort"}) != 0);
+    const auto before = read_file(path);
+    io::MemFile file("img", before);
+    asio::io_context io;
+    int calls = 0;
+    CHECK(test::thrown_errno([&] { rebuild(file, io, &calls, qcow2::ScanLimits{32u << 20, 64 * 1024}); }) == ECANCELED);
+    CHECK(calls == 0);
+    CHECK(file.content() == before);
 }

@@ -490,3 +490,35 @@ TEST_CASE("a power cut at any write or flush leaves at most leaks, never corrupt
     }
     MESSAGE("power cut checked at " << checked << " points");
 }
+
+TEST_CASE("the allocator asks placement_check and hands out nothing over metadata") {
+    if (!have_qemu()) return;
+    TempDir dir;
+    io::MemFile file("img", make_image(dir, 512, 16, "1M"));
+    asio::io_context io;
+    qcow2::Refcounts rc(file, header_of(file, io), 64 * 1024);
+    run_void(io, rc.load());
+    // The next free cluster, as the allocator would pick it, is declared metadata by the check
+    // (as an L1 table whose refcount is 0 would be).
+    uint64_t next = run(io, rc.allocate(1)) / 512;
+    run_void(io, rc.update(next, 1, -1));
+    rc.free_hint(next);
+    std::vector<std::pair<uint64_t, uint64_t>> asked;
+    rc.placement_check = [&](uint64_t first, uint64_t count) -> std::optional<std::string> {
+        asked.emplace_back(first, count);
+        if (first <= next && next < first + count) return std::string("the L1 table");
+        return std::nullopt;
+    };
+    std::string what;
+    CHECK(test::thrown_errno([&] { run(io, rc.allocate(2)); }, &what) == EIO);
+    CHECK(what.find("the L1 table") != std::string::npos);
+    CHECK(!rc.placement_problem().empty());
+    CHECK(what.find(rc.placement_problem()) != std::string::npos);
+    REQUIRE(!asked.empty());
+    CHECK(asked.front() == std::make_pair(next, uint64_t{2}));
+    CHECK(run(io, rc.get(next)) == 0);  // nothing changed
+    CHECK(run(io, rc.get(next + 1)) == 0);
+    // Elsewhere the allocator goes on as before.
+    rc.placement_check = [&](uint64_t, uint64_t) -> std::optional<std::string> { return std::nullopt; };
+    CHECK(run(io, rc.allocate(1)) / 512 == next);
+}

@@ -131,8 +131,19 @@ Header parse_header(std::span<const std::byte> bytes, uint64_t file_size);
 ImageMetadata parse_metadata(std::span<const std::byte> cluster0, uint64_t file_size);
 
 /// Serializes header + extensions + backing name into a cluster-0 image of `cluster_size` bytes
-/// (used by writers to rewrite the header; round-trips with parse_metadata).
+/// (round-trips with parse_metadata). The extensions are laid out afresh, with the backing name
+/// right after them: for creating images, not for rewriting an existing one (see below).
 std::vector<std::byte> serialize_metadata(const ImageMetadata& m);
+
+/// The bytes of the fixed header that a writer changes, as `h` holds them: [0, 72) for version 2,
+/// [0, 104) for version 3. backing_file_offset and backing_file_size are written as `h` has them
+/// (as parsed), header_length too; the compression type byte, any longer header, the extensions
+/// and the backing name are not part of it, so rewriting these bytes at offset 0 keeps every
+/// layout another writer chose (a backing name anywhere in cluster 0, the pre-1.0 v2 name at
+/// offset 72 without an end marker, an extension area that fills the cluster). Small enough for
+/// one sector, so a torn write cannot mix two headers. Throws std::system_error(EINVAL) for a
+/// header that cannot be written (as serialize_metadata).
+std::vector<std::byte> serialize_fixed_header(const Header& h);
 
 /// True if `bytes` starts with the qcow2 magic.
 bool has_qcow2_magic(std::span<const std::byte> bytes);

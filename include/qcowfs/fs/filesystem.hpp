@@ -54,6 +54,8 @@ struct FsOptions {
     /// -o force_share: images are read without taking or checking QEMU's image locks (QEMU's
     /// -U); the mount is then read-only.
     bool force_share = false;
+    size_t refcount_memory_bytes = 32u << 20;  // qcow2::OpenOptions::refcount_memory
+    size_t scan_limit_bytes = size_t{1} << 30; // qcow2::OpenOptions::scan_limit
     unsigned scan_interval_ms = 400;
     unsigned writeback_interval_ms = 5000;  // periodic durable write-back of changed images
 };

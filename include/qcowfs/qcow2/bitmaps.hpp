@@ -54,6 +54,15 @@ std::vector<BitmapDirectoryEntry> parse_bitmap_directory(std::span<const std::by
 /// read's error.
 Task<std::vector<uint64_t>> bitmap_clusters(io::File& file, const format::ImageMetadata& meta);
 
+/// The bitmap directory and each bitmap table, as (host offset, bytes, description); empty
+/// without an active bitmaps extension. Reads and validates the directory (not the tables).
+struct BitmapArea {
+    uint64_t offset = 0;
+    uint64_t bytes = 0;
+    std::string what;
+};
+Task<std::vector<BitmapArea>> bitmap_metadata_areas(io::File& file, const format::ImageMetadata& meta);
+
 /// Sets the in_use flag of every bitmap in the directory (rewritten in place) and flushes, so
 /// QEMU treats them as inconsistent instead of trusting stale bits. No-op without bitmaps or
 /// when the autoclear bitmaps bit is clear, and without any write when every bitmap is already

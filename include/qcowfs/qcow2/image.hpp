@@ -20,6 +20,7 @@
 #include "qcowfs/format/header.hpp"
 #include "qcowfs/format/snapshot.hpp"
 #include "qcowfs/io/file.hpp"
+#include "qcowfs/qcow2/overlap.hpp"
 #include "qcowfs/qcow2/refcount.hpp"
 #include "qcowfs/util/async_mutex.hpp"
 #include "qcowfs/util/task.hpp"
@@ -32,9 +33,16 @@ using FileOpener = std::function<std::unique_ptr<io::File>(const std::string& pa
 
 struct OpenOptions {
     FileOpener opener;                           // required
-    size_t l2_cache_bytes = 4u << 20;            // per image, bounds memory for L2 slices
+    size_t l2_cache_bytes = 4u << 20;            // per image, bounds memory for L2 (and read-only L1) slices
     size_t compressed_cache_bytes = 4u << 20;    // per image, decompressed clusters kept
     unsigned max_backing_depth = 256;
+    /// Memory for the reference counters of a refcount rebuild or check (8 bytes per host
+    /// cluster); more clusters are counted in several passes over the metadata.
+    uint64_t refcount_memory = 32u << 20;
+    /// Metadata a rebuild or check of the refcounts may read before the first write (every read
+    /// counts at least 4 KiB). Past it, a dirty image is not written (EIO), and a clean image is
+    /// written without the check (the overlap check still guards its metadata).
+    uint64_t scan_limit = uint64_t{1} << 30;
     /// Open the image (and its external data file) read-write so that the active disk can be
     /// written. Nothing on disk changes until the first write. Backing files stay read-only.
     bool writable = false;
@@ -75,8 +83,9 @@ class View final : public BlockSource, public cache::CacheTarget {
 public:
     /// The active disk of `image`.
     explicit View(std::shared_ptr<Image> image);
-    /// A snapshot: read through `l1`, `size` bytes.
-    View(std::shared_ptr<Image> image, std::shared_ptr<const std::vector<uint64_t>> l1, uint64_t size);
+    /// A snapshot: read through the L1 table at host offset `l1_offset` with `l1_size` entries
+    /// (read in slices through the image's metadata cache), `size` bytes.
+    View(std::shared_ptr<Image> image, uint64_t l1_offset, uint32_t l1_size, uint64_t size);
     /// The active disk's current size, or the snapshot's.
     uint64_t size() const override;
     Task<void> read(uint64_t offset, std::span<std::byte> buf) override;
@@ -85,13 +94,15 @@ public:
     Task<void> write(uint64_t offset, std::span<const std::byte> data) override;
     Task<void> write_zeroes(uint64_t offset, uint64_t length, bool discard) override;
     Task<void> flush() override;
-    bool is_active() const { return !l1_; }
+    bool is_active() const { return active_; }
     Image& image() { return *image_; }
 
 private:
     std::shared_ptr<Image> image_;
-    std::shared_ptr<const std::vector<uint64_t>> l1_;  // snapshots: host-endian raw L1 entries
-    uint64_t size_ = 0;                                // snapshots only
+    bool active_ = true;
+    uint64_t l1_offset_ = 0;  // snapshots only
+    uint32_t l1_size_ = 0;    // snapshots only
+    uint64_t size_ = 0;       // snapshots only
 };
 
 /// An open qcow2 image file. All methods run on one strand (the caller's); nothing is locked.
@@ -166,6 +177,14 @@ public:
     Image(Private, std::string path, OpenOptions options);
 
 private:
+    /// An L1 table to map through: the in-memory active table of a writable image (`entries`),
+    /// or one on disk read slice by slice through the metadata cache (bounded memory).
+    struct L1Table {
+        const std::vector<uint64_t>* entries = nullptr;
+        uint64_t offset = 0;  // on disk: host offset
+        uint32_t size = 0;    // entries
+    };
+
     /// A run of guest bytes with one source: read from a host offset, zeros, backing, compressed.
     struct Extent {
         enum class Kind { none, data, zero, backing, compressed } kind = Kind::none;
@@ -178,17 +197,23 @@ private:
     Task<void> open_impl(unsigned depth, std::vector<std::string> chain);
     Task<std::vector<uint64_t>> read_l1(uint64_t offset, uint32_t entries, const char* what);
     Task<void> read_snapshot_table();
+    /// EIO unless an L1 table of `entries` at `offset` is at most kMaxL1Bytes and inside the file.
+    void check_l1_inside(uint64_t offset, uint32_t entries, const char* what) const;
     Task<void> open_backing(unsigned depth, std::vector<std::string> chain);
     /// Opens a file the image depends on (backing or data file); failures become EIO (ENOTSUP stays).
     std::unique_ptr<io::File> open_dependency(const std::string& path, const char* what, bool writable = false);
 
     /// Reads guest range [offset, offset + buf.size()) mapped through `l1`; the range must lie
     /// inside the view's size.
-    Task<void> read_mapped(const std::vector<uint64_t>& l1, uint64_t offset, std::span<std::byte> buf);
+    Task<void> read_mapped(const L1Table& l1, uint64_t offset, std::span<std::byte> buf);
+    /// Raw entry `index` of `l1` (index < l1.size): from memory, or from its slice in l2_cache_.
+    Task<uint64_t> l1_entry(const L1Table& l1, uint64_t index);
+    /// The active L1 table: in memory when the image was opened writable, else on disk.
+    L1Table active_l1() const;
     /// read_mapped through the active L1 under a shared range lock (writes hold exclusive ones).
     Task<void> read_active(uint64_t offset, std::span<std::byte> buf);
     /// BlockSource::map through `l1` for a view of `size` bytes (map.cpp).
-    Task<MapRun> map_mapped(const std::vector<uint64_t>& l1, uint64_t offset, uint64_t size);
+    Task<MapRun> map_mapped(const L1Table& l1, uint64_t offset, uint64_t size);
     /// map_mapped through the active L1 under a shared range lock.
     Task<MapRun> map_active(uint64_t offset);
     /// The status of [offset, end) of this image's disk as the backing chain sees it.
@@ -219,8 +244,13 @@ private:
     /// that this image owns it alone (meta_mutex_ held). Returns its host offset.
     Task<uint64_t> l2_for_write(uint64_t l1_index);
     /// Makes whole clusters [first, first + count) of one L2 table read as zeros (meta_mutex_ held).
-    /// Returns the guest clusters that need zeros written as data (v2 images with a backing file).
-    Task<std::vector<uint64_t>> zero_in_table(uint64_t first, uint64_t count, bool discard);
+    /// Returns the guest clusters that need zeros written as data (v2 images where the backing
+    /// file reaches). `unmap`: the clusters lie where nothing shows through (past the end of the
+    /// disk or of the backing file): they become unallocated and their clusters are released.
+    Task<std::vector<uint64_t>> zero_in_table(uint64_t first, uint64_t count, bool discard, bool unmap = false);
+    /// After a grow: clusters from guest offset `from` (rounded up) to the end that still have an
+    /// L2 table become unallocated (range lock held, takes meta_mutex_ per table).
+    Task<void> unmap_from(uint64_t from);
     /// write_zeroes() with the range lock held.
     Task<void> zero_locked(uint64_t offset, uint64_t length, bool discard);
     /// Reads entry `index` of the L2 table at `l2_offset` (raw, bitmap).
@@ -231,7 +261,16 @@ private:
     Task<void> store_l2_entry(uint64_t l2_offset, uint64_t index, uint64_t raw, uint64_t bitmap);
     /// Host cluster `host` about to be written in place or used as an L2 table: EIO (and the
     /// corrupt bit) if it lies in other metadata, past the end of the file, or has refcount 0.
-    Task<void> check_host_cluster(uint64_t host, const std::string& what);
+    /// `ignore`: MetadataKind bits the cluster may be (an L2 table checked as one).
+    Task<void> check_host_cluster(uint64_t host, const std::string& what, uint32_t ignore = 0);
+    /// Points refcounts_ back at this image: header rewrite on table moves, overlap checks.
+    void install_refcount_hooks();
+    /// Refcounts::allocate(count), with the overlap check on what it hands out: refcounts that
+    /// call a metadata cluster free mark the image corrupt (EIO) before anything is written there.
+    Task<uint64_t> allocate_clusters(uint64_t count);
+    /// Rebuilds metadata_map_'s fixed areas from the header, snapshots and bitmap areas (after an
+    /// L1 or refcount table move). Returns two overlapping structures, or nullopt.
+    std::optional<std::string> refresh_metadata_map();
     /// Sets the corrupt bit, stops writes, reports, and throws EIO with `reason`.
     Task<void> mark_corrupt(std::string reason);
     /// Releases clusters once the L1/L2 change that dropped them is on disk (rule 4).
@@ -252,7 +291,7 @@ private:
     std::unique_ptr<io::File> data_file_;  // external data file, or null (then data is in file_)
     format::ImageMetadata meta_;
     ClusterGeometry geometry_;
-    std::vector<uint64_t> l1_;  // the active L1 table (host-endian raw entries)
+    std::vector<uint64_t> l1_;  // the active L1 table (host-endian raw entries); writable opens only
     std::vector<format::Snapshot> snapshots_;
     std::unique_ptr<cache::SliceCache> l2_cache_;
     std::shared_ptr<BlockSource> backing_;  // a RawSource, or the active View of the backing Image
@@ -270,7 +309,8 @@ private:
     std::set<uint64_t> dirty_l1_;   // L1 entries changed in memory, not yet on disk
     std::vector<std::pair<uint64_t, uint64_t>> pending_free_;  // (first cluster, count), rule 4
     uint64_t file_end_ = 0;  // bytes of the image file, counting clusters allocated but not yet written
-    std::set<uint64_t> l2_tables_;  // host cluster indexes of active L2 tables (overlap checks)
+    MetadataMap metadata_map_;  // where metadata lies, for the overlap checks
+    std::vector<MetadataMap::Area> bitmap_areas_;  // bitmap directory and tables (fixed while open)
     std::weak_ptr<View> active_view_;
 
     // Decompressed cluster cache: host offset -> cluster, LRU order in compressed_lru_.

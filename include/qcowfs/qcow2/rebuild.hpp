@@ -21,36 +21,34 @@ struct RebuildResult {
     uint64_t clusters_in_use = 0;  // clusters with a non-zero refcount, the new structure included
 };
 
-/// The number of references to every host cluster of `file` (index: cluster), counted as
-/// rebuild_refcounts() describes below; the refcount table and blocks are not counted. Throws
-/// as rebuild_refcounts() does for inconsistent metadata; writes nothing.
-Task<std::vector<uint64_t>> count_references(io::File& file, const format::ImageMetadata& meta,
-                                             const std::vector<format::Snapshot>& snapshots);
+/// What a reference count may cost: the memory for counters and the metadata it may read.
+struct ScanLimits {
+    /// Counters (8 bytes per host cluster) are kept for at most this many bytes' worth of
+    /// clusters at a time; a file with more referenced clusters is counted in several passes
+    /// over the metadata, one window of host clusters per pass.
+    uint64_t counter_bytes = 32u << 20;
+    /// Metadata read over all passes (L1 tables, L2 tables; each read counts at least 4 KiB), at
+    /// most. Beyond it the count stops with std::system_error(ECANCELED): the work is
+    /// proportional to the image's metadata, which a hostile image makes as large as it likes.
+    uint64_t scan_bytes = uint64_t{1} << 30;
+};
 
-/// Recomputes the refcount of every host cluster of `file` from everything that references it —
-/// cluster 0 (header, extensions, backing name), the active L1 table and every snapshot's L1
-/// table, each L2 table once per L1 entry pointing at it, data clusters once per L2 entry
-/// (standard, extended with host cluster incl. preallocated zero, compressed: every cluster the
-/// compressed bytes touch), the snapshot table, snapshot extra data if any, the bitmap directory,
-/// bitmap tables and bitmap data clusters — and writes a fresh refcount table and blocks after
-/// the last used cluster. Data clusters of an external data file are not counted (they live in
-/// the other file). Order: new blocks and table written and synced (File::flush), then
-/// `point_header_at(offset, clusters)` which must rewrite the header's refcount_table_offset /
-/// refcount_table_clusters and sync; the old refcount table and blocks are then free.
-/// Throws std::system_error: EIO naming the problem if metadata is inconsistent (an entry
-/// pointing beyond the end of the file or into cluster 0, a refcount overflowing the width),
-/// the I/O error otherwise.
-///
-/// Used when an image with the dirty bit set is opened for writing, before its first write. The
-/// old refcount table and blocks are never written: the new structure goes after both them and
-/// the last referenced cluster, so a crash at any point leaves the image as it was (dirty) or
-/// pointing at the complete new structure. Nothing is written when the counting fails.
-/// Memory: 8 bytes per host cluster of the file, one L2 table (a cluster) at a time, the largest
-/// L1 table, the new refcount table (at most format::kMaxRefcountTableBytes).
-/// `snapshots` must be the image's parsed snapshot table (header.nb_snapshots entries).
-/// A LUKS header's clusters (crypto header extension) are counted as well.
+/// Counts the references to every host cluster of `file`, as rebuild_refcounts() describes
+/// below; the refcount table and blocks are not counted. Calls `window(first, counts)` for
+/// consecutive windows of host clusters from cluster 0 up to the last referenced one, each at
+/// most limits.counter_bytes / 8 clusters (a multiple of `align` clusters), counts[i] being the
+/// references to cluster first + i; `last` is true for the last window (the callee may then take
+/// the vector's content). Throws as rebuild_refcounts() does for inconsistent metadata
+/// (before any window is reported for the first pass's problems); ECANCELED past
+/// limits.scan_bytes. Writes nothing. Returns the last referenced cluster.
+Task<uint64_t> count_references(io::File& file, const format::ImageMetadata& meta,
+                                const std::vector<format::Snapshot>& snapshots, const ScanLimits& limits,
+                                uint64_t align,
+                                const std::function<Task<void>(uint64_t first, std::vector<uint64_t>& counts, bool last)>& window);
+
 Task<RebuildResult> rebuild_refcounts(io::File& file, const format::ImageMetadata& meta,
                                       const std::vector<format::Snapshot>& snapshots,
-                                      std::function<Task<void>(uint64_t table_offset, uint32_t table_clusters)> point_header_at);
+                                      std::function<Task<void>(uint64_t table_offset, uint32_t table_clusters)> point_header_at,
+                                      const ScanLimits& limits = {});
 
 }  // namespace qcowfs::qcow2

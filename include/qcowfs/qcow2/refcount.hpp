@@ -88,17 +88,29 @@ public:
     /// writes the refcount table entries.
     cache::SliceCache& table_cache() { return *table_cache_; }
 
-    /// The first cluster whose refcount is below its number of references (`references[c]`,
-    /// plus one for the refcount table and each refcount block, which this object knows), as
-    /// (cluster, refcount); nullopt when every used cluster is counted at least as often as it
-    /// is used. Reads every refcount block.
-    Task<std::optional<std::pair<uint64_t, uint64_t>>> find_undercounted(std::vector<uint64_t> references);
+    /// The first cluster of [first, first + references.size()) whose refcount is below its
+    /// number of references (`references[i]` for cluster first + i, plus one for the refcount
+    /// table and each refcount block, which this object knows), as (cluster, refcount); nullopt
+    /// when every used cluster of the window is counted at least as often as it is used. Reads the
+    /// refcount blocks of the window.
+    Task<std::optional<std::pair<uint64_t, uint64_t>>> find_undercounted(uint64_t first, std::vector<uint64_t>& references);
 
     /// True if a refcount change is not yet on disk.
     bool dirty() const { return blocks_->dirty_slices() || table_cache_->dirty_slices(); }
 
     /// True if host cluster `cluster_index` holds the refcount table or a refcount block.
-    bool is_refcount_metadata(uint64_t cluster_index) const;
+    bool is_refcount_metadata(uint64_t cluster_index) const { return holds_refcount_metadata(cluster_index, cluster_index + 1); }
+    /// True if a host cluster in [first, end) holds the refcount table or a refcount block
+    /// (O(log blocks)).
+    bool holds_refcount_metadata(uint64_t first, uint64_t end) const;
+
+    /// Asked before clusters are handed out or used for a new refcount block or table, with the
+    /// cluster range: the metadata found there, or nullopt. When it names something, nothing is
+    /// changed, placement_problem() says what, and the operation throws std::system_error(EIO)
+    /// (refcounts that say "free" for a cluster in use: the image is inconsistent).
+    std::function<std::optional<std::string>(uint64_t first_cluster, uint64_t count)> placement_check;
+    /// The last problem placement_check reported (empty if none).
+    const std::string& placement_problem() const { return placement_problem_; }
 
     uint64_t table_offset() const { return table_offset_; }
     uint32_t table_clusters() const { return table_clusters_; }
@@ -125,6 +137,8 @@ private:
     Task<void> create_block(uint64_t table_index, uint64_t cluster_index);
     Task<void> store_table_entry(uint64_t table_index);
     Task<void> grow_table(uint64_t min_entries, Range exclude);
+    /// Runs placement_check on [first, first + count): throws EIO if it reports metadata there.
+    void check_placement(uint64_t first, uint64_t count, const char* use);
 
     io::File& file_;
     uint32_t cluster_bits_;
@@ -137,6 +151,7 @@ private:
     mutable std::vector<uint64_t> block_index_;  // sorted block cluster indexes; empty: rebuild
     std::unique_ptr<cache::SliceCache> blocks_;       // refcount block slices
     std::unique_ptr<cache::SliceCache> table_cache_;  // refcount table slices, written after blocks_
+    std::string placement_problem_;
     uint64_t hint_ = 1;  // no free cluster lies below this one (clusters only, not exact)
     AsyncMutex mutex_;  // serializes update/allocate/flush
 };
