@@ -15,5 +15,5 @@ if (($# > 0)); then
     for t in "$@"; do targets+=(--target "$t"); done
     cmake --build build-asan -j"$(nproc)" "${targets[@]}"
 else
-    cmake --build build-asan -j"$(nproc)" --target unit_pure unit_engine fuzz_format fuzz_entries fuzz_image
+    cmake --build build-asan -j"$(nproc)" --target unit_pure unit_engine unit_stream fuzz_format fuzz_entries fuzz_image
 fi
