@@ -167,6 +167,9 @@ private:
     /// register_*: a table names `host`. Already passed: taken from the retained store and used
     /// now (EIO if it is not there: it was used as something else). Still to come: remembered.
     /// EIO for offsets in the header, the L1 table or refcount metadata, or named twice.
+    /// EIO ("bad stream") unless `host` may become a newly named cluster: not the header, the L1
+    /// table, refcount structures, or a cluster another entry already names.
+    void check_new_cluster(uint64_t host, const std::string& what) const;
     void register_l2(uint64_t host, uint64_t l1_index);
     void parse_l2(uint64_t l1_index, uint64_t host, std::span<const std::byte> table);
     void register_data(uint64_t guest_cluster, uint64_t host, bool needs_data);
@@ -443,13 +446,17 @@ void Decoder::parse_l1() {
     advance();
 }
 
-void Decoder::register_l2(uint64_t host, uint64_t l1i) {
-    std::string what = "L2 table for L1 index " + std::to_string(l1i);
+void Decoder::check_new_cluster(uint64_t host, const std::string& what) const {
     if (host < cs_) bad(what + " points into the header (offset " + hex(host) + ")");
     if (in_l1_table(host)) bad(what + " at offset " + hex(host) + " overlaps the L1 table");
     check_not_refcount(host, what);
     if (l2_wanted_.count(host) || data_wanted_.count(host))
         bad(what + " at offset " + hex(host) + " is mapped twice");
+}
+
+void Decoder::register_l2(uint64_t host, uint64_t l1i) {
+    std::string what = "L2 table for L1 index " + std::to_string(l1i);
+    check_new_cluster(host, what);
     if (host < pos_) {
         std::vector<std::byte> table(cs_);
         take_past(host, table, what);
@@ -497,11 +504,7 @@ void Decoder::parse_l2(uint64_t l1i, uint64_t host, std::span<const std::byte> t
 
 void Decoder::register_data(uint64_t c, uint64_t host, bool needs_data) {
     std::string what = "data cluster for guest offset " + hex(c * cs_);
-    if (host < cs_) bad(what + " points into the header (offset " + hex(host) + ")");
-    if (in_l1_table(host)) bad(what + " at offset " + hex(host) + " overlaps the L1 table");
-    check_not_refcount(host, what);
-    if (l2_wanted_.count(host) || data_wanted_.count(host))
-        bad(what + " at offset " + hex(host) + " is mapped twice");
+    check_new_cluster(host, what);
     if (host < pos_) {
         if (!needs_data) {
             if (!store_->contains(host)) take_past(host, take_buf_, what);
