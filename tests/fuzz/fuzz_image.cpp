@@ -339,10 +339,15 @@ void verify_after_write(asio::io_context& io, Host& host, const Seen& seen, cons
     auto file = host.file(kImagePath);
     try {
         auto under = run(io, [&]() -> Task<std::optional<std::pair<uint64_t, uint64_t>>> {
-            auto refs = co_await qcow2::count_references(*file, image->metadata(), image->snapshots());
             qcow2::Refcounts refcounts(*file, h, 1 << 20);
             co_await refcounts.load();
-            co_return co_await refcounts.find_undercounted(std::move(refs));
+            std::optional<std::pair<uint64_t, uint64_t>> found;
+            co_await qcow2::count_references(
+                *file, image->metadata(), image->snapshots(), qcow2::ScanLimits{}, refcounts.block_entries(),
+                [&](uint64_t first, std::vector<uint64_t>& counts, bool) -> Task<void> {
+                    if (!found) found = co_await refcounts.find_undercounted(first, counts);
+                });
+            co_return found;
         }());
         FUZZ_EXPECT(!under, "cluster " + std::to_string(under->first) + " has refcount " +
                                 std::to_string(under->second) + ", below its references, after the write");
