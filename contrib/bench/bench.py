@@ -319,9 +319,11 @@ def mount_qcowfs(qcowfs_bin: str, src: Path, mnt: Path, logdir: Path, logname: s
     logfile = logdir / logname
     mnt.mkdir(exist_ok=True)
     with open(logfile, "a") as lf:
-        lf.write(f"=== {time.strftime('%H:%M:%S')} {qcowfs_bin} -f {src} {mnt}\n")
+        # Backing files of the copy-on-write job lie outside the mounted directory: allow them,
+        # as qemu-storage-daemon does (qcowfs keeps them inside SOURCE_DIR by default).
+        lf.write(f"=== {time.strftime('%H:%M:%S')} {qcowfs_bin} -f -o allow_dir=/ {src} {mnt}\n")
         lf.flush()
-        p = subprocess.Popen([qcowfs_bin, "-f", src.as_posix(), mnt.as_posix()], stdout=lf, stderr=lf,
+        p = subprocess.Popen([qcowfs_bin, "-f", "-o", "allow_dir=/", src.as_posix(), mnt.as_posix()], stdout=lf, stderr=lf,
                              stdin=subprocess.DEVNULL, start_new_session=True)
     CLEANUP.procs.append(p)
     CLEANUP.mounts.append(mnt)
