@@ -1,5 +1,6 @@
 // qcowfs command line: parse options, check the mount can work, mount, serve, unmount on signals.
 #include <fcntl.h>
+#include <malloc.h>
 #include <fuse_lowlevel.h>
 #include <sys/resource.h>
 #include <sys/stat.h>
@@ -254,6 +255,16 @@ int daemonize_wait() {
     return fds[1];
 }
 
+/// Request buffers of up to 1 MiB are allocated and freed all the time. glibc would serve each
+/// with a fresh mmap or give the heap's top back after it, so that every request paid page faults
+/// for its buffer (a third of the daemon's CPU time in sequential writes, measured with perf).
+/// Keep freed memory for reuse instead; the caches' own limits still bound what is in use.
+void tune_allocator() {
+    ::mallopt(M_MMAP_THRESHOLD, 32 << 20);
+    ::mallopt(M_TRIM_THRESHOLD, 64 << 20);
+    ::mallopt(M_TOP_PAD, 16 << 20);
+}
+
 void detach_stdio() {
     int null = ::open("/dev/null", O_RDWR);
     if (null < 0) return;
@@ -266,6 +277,7 @@ void detach_stdio() {
 }  // namespace
 
 int main(int argc, char** argv) {
+    tune_allocator();
     Options o = parse_args(argc, argv);
     o.source = absolute_dir(o.source, "source directory");
     o.mountpoint = absolute_dir(o.mountpoint, "mount point");

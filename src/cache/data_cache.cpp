@@ -24,6 +24,10 @@ namespace {
 // Largest single target write built from adjacent dirty data, and the size up to which a data
 // extent grows by appending the write that follows it.
 constexpr uint64_t kMaxWriteBytes = 1 << 20;
+// A write of at least this many bytes goes straight to the target instead of being cached:
+// caching it would copy it twice (into the cache, then into a write-back call) to save nothing,
+// as it is already as large as a coalesced write-back.
+constexpr uint64_t kWriteThroughBytes = 256 << 10;
 // Runs of one write-back in flight at once.
 constexpr size_t kParallelRuns = 16;
 // What one cached extent costs besides its buffer (map node, bookkeeping). Counted against the
@@ -240,6 +244,18 @@ struct DataCache::State {
         }
     }
 
+    /// A large write: to the target directly, under an exclusive lock on its range, then the
+    /// cached changes it overwrote are dropped. Goes out in target writes of at most
+    /// kMaxWriteBytes, like a write-back. If the target fails, they stay cached (they were
+    /// acknowledged; the failed write's range is undefined, as after any failed write).
+    Task<void> write_through(uint64_t offset, std::span<const std::byte> data) {
+        auto guard = co_await ranges(co_await asio::this_coro::executor)
+                         .lock(offset, data.size(), RangeLock::Mode::exclusive);
+        for (uint64_t done = 0; done < data.size(); done += kMaxWriteBytes)
+            co_await target_.write(offset + done, data.subspan(done, std::min<uint64_t>(kMaxWriteBytes, data.size() - done)));
+        carve(offset, offset + data.size());
+    }
+
     /// Writes back the cached changes in [from, to), in offset order, up to kParallelRuns runs
     /// at a time (runs are disjoint, so their order does not matter; the target overlaps their
     /// I/O). With `until_half`, stops once memory() is at most half the limit. The caller holds
@@ -336,6 +352,7 @@ Task<void> DataCache::write(uint64_t offset, std::span<const std::byte> data) {
     State& s = *state_;
     s.check_range(offset, data.size(), "write");
     if (data.empty()) co_return;
+    if (data.size() >= kWriteThroughBytes) co_return co_await s.write_through(offset, data);
     // Make room first, without holding our range: the write-back may need that range. If it
     // fails, this write is not cached and its caller gets the error.
     co_await s.make_room(data.size() + kExtentOverhead);

@@ -299,11 +299,6 @@ TEST_CASE("data cache: adjacent small writes reach the target as few large write
             apply(model, off, d);
         }
     }
-    SUBCASE("one write larger than the cap") {
-        auto d = pattern(4 * MiB, 3);
-        write_cache(io, c, 0, d);
-        apply(model, 0, d);
-    }
     CHECK(c.dirty_bytes() == 4 * MiB);
     flush_cache(io, c);
     CHECK(target.disk == model);
@@ -420,6 +415,52 @@ TEST_CASE("data cache: a failed write-back keeps the data dirty and a later flus
     CHECK(target.disk == model);
     CHECK(c.empty());
     CHECK(target.log.back() == "flush");
+    CHECK(target.conflicts == 0);
+}
+
+TEST_CASE("data cache: a large write goes to the target at once and replaces what was cached under it") {
+    asio::io_context io;
+    FakeTarget target(4 * MiB, 0x44);
+    auto model = target.disk;
+    cache::DataCache c(target, 16 * MiB);
+
+    // Two small cached writes, one inside the large write's range and one straddling its end.
+    auto a = pattern(8 * KiB, 1), b = pattern(8 * KiB, 2), big = pattern(1 * MiB, 3);
+    write_cache(io, c, 64 * KiB, a);
+    apply(model, 64 * KiB, a);
+    write_cache(io, c, 1 * MiB + 60 * KiB, b);
+    apply(model, 1 * MiB + 60 * KiB, b);
+    CHECK(target.writes == 0);
+
+    // The large write reaches the target before write() returns, in one call, and is not cached:
+    // only the part of b past its end stays dirty.
+    write_cache(io, c, 64 * KiB, big);
+    apply(model, 64 * KiB, big);
+    CHECK(target.writes == 1);
+    CHECK(target.largest_write == 1 * MiB);
+    CHECK(c.dirty_bytes() == 4 * KiB);
+    CHECK(read_cache(io, c, 0, 4 * MiB) == model);
+
+    // If the target fails it, the write fails and what was cached before stays cached.
+    auto d = pattern(4 * KiB, 4), big2 = pattern(512 * KiB, 5);
+    write_cache(io, c, 2 * MiB, d);
+    apply(model, 2 * MiB, d);
+    target.fail_next = 1;
+    CHECK(test::thrown_errno([&] { write_cache(io, c, 2 * MiB - 4 * KiB, big2); }) == EIO);
+    CHECK(c.dirty_bytes() == 8 * KiB);
+    CHECK(read_cache(io, c, 0, 4 * MiB) == model);
+
+    // A write larger than the largest target write goes out in pieces of that size, in order.
+    auto huge = pattern(3 * MiB, 6);
+    target.log.clear();
+    write_cache(io, c, 1 * MiB, huge);
+    apply(model, 1 * MiB, huge);
+    CHECK(joined(target.log) == "write 1048576+1048576 | write 2097152+1048576 | write 3145728+1048576");
+    CHECK(c.dirty_bytes() == 0);
+
+    flush_cache(io, c);
+    CHECK(target.disk == model);
+    CHECK(c.empty());
     CHECK(target.conflicts == 0);
 }
 

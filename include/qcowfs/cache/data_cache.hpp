@@ -32,7 +32,8 @@ public:
 
 /// Write-back cache of guest data for one disk, shared by every handle of that disk.
 ///
-/// write() copies the data into memory and returns; write_zeroes() records a known-zero range
+/// write() copies the data into memory and returns (a write of 256 KiB or more goes to the target
+/// at once instead: it is already as large as a coalesced write-back); write_zeroes() records a known-zero range
 /// without a buffer. read() returns the target's bytes with every cached change laid over them.
 /// Dirty data goes to the target coalesced (adjacent ranges in one target write, in offset order)
 /// when the cached data passes `limit_bytes` (the writer that pushed it over waits for the
@@ -54,7 +55,8 @@ public:
 
     /// Reads through the cache. `offset + buf.size()` may pass size(): that part reads as zeros.
     Task<void> read(uint64_t offset, std::span<std::byte> buf);
-    /// Caches `data` at `offset` (inside the target's size). May wait for a write-back.
+    /// Caches `data` at `offset` (inside the target's size). May wait for a write-back. A large
+    /// write is written to the target before this returns, replacing what was cached there.
     Task<void> write(uint64_t offset, std::span<const std::byte> data);
     /// Caches "reads as zeros" for the range (inside the target's size), no buffer kept; written
     /// back as target.write_zeroes(…, discard). A later write over part of it splits it.
