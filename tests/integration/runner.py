@@ -17,7 +17,9 @@ summary line and exit code ctest reads (0 pass, 77 skip, 1 fail).
     T.run()                                 # runs the selected tests, prints "N passed, M failed"
 
 Command line: `python3 test_x.py [-k PATTERN]... [--list]`. A test runs when its name contains
-one of the patterns (case does not matter); --list prints the names of the tests.
+one of the patterns (case does not matter); --list prints the names of the tests. An exception
+in a test, or in a fixture it uses, is one failed check named after the test. Module-level code
+runs for --list too (without the root check): make images in fixtures, not there.
 """
 
 import argparse

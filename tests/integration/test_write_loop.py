@@ -44,7 +44,7 @@ def doc_subset(dest, skip_files, max_files, max_bytes):
             sp = os.path.join(root, f)
             seen += 1
             if seen <= skip_files:
-                return
+                continue
             if nfiles >= max_files or nbytes >= max_bytes:
                 return nfiles, nbytes
             rel = os.path.relpath(sp, "/usr/share/doc")
@@ -56,7 +56,7 @@ def doc_subset(dest, skip_files, max_files, max_bytes):
                 shutil.copy2(sp, dp)
                 nbytes += os.path.getsize(dp)
             else:
-                return
+                continue
             nfiles += 1
     return nfiles, nbytes
 
