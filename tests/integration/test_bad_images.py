@@ -48,9 +48,11 @@ def bad(name, offsets=(0,), errnos=EIO, mention=None, whole=False, allow_zero=Fa
                        mention=mention, whole=whole, allow_zero=allow_zero))
 
 
+builders = []  # (name, function): what images() runs
+
+
 def build(name, fn):
-    with T.step("build %s" % name):
-        fn()
+    builders.append((name, fn))
 
 
 # ---- a good image -----------------------------------------------------------------------------
@@ -262,24 +264,30 @@ def encrypted():
 
 build("encrypted", encrypted)
 
-# names must not contain each other (log lines are matched by file name)
-names = [b["name"] for b in broken]
-for a in names:
-    for b in names:
-        assert a == b or a[:-6] not in b, (a, b)
 
-# ---- what qemu says (information only) ---------------------------------------------------------
-for b in broken:
-    if b["name"].startswith(("cycle-", "self-loop")):
-        print("  qemu on %s: (not asked: qemu-io hangs on backing loops)" % b["name"])
-        continue
-    try:
-        p = subprocess.run(["qemu-io", "-r", "-f", "qcow2", "-c", "read 0 64k", S(b["name"])],
-                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=5)
-        text = p.stdout.decode("utf-8", "replace").strip().splitlines()
-    except subprocess.TimeoutExpired:
-        text = ["(qemu-io hangs)"]
-    print("  qemu on %s: %s" % (b["name"], (text[-1] if text else "")[:150]), flush=True)
+@T.fixture
+def images():
+    """Builds every image above (each failure is one failed check)."""
+    T.build_all(builders)
+
+    # names must not contain each other (log lines are matched by file name)
+    names = [b["name"] for b in broken]
+    for a in names:
+        for b in names:
+            assert a == b or a[:-6] not in b, (a, b)
+
+    # ---- what qemu says (information only) ---------------------------------------------------------
+    for b in broken:
+        if b["name"].startswith(("cycle-", "self-loop")):
+            print("  qemu on %s: (not asked: qemu-io hangs on backing loops)" % b["name"])
+            continue
+        try:
+            p = subprocess.run(["qemu-io", "-r", "-f", "qcow2", "-c", "read 0 64k", S(b["name"])],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=5)
+            text = p.stdout.decode("utf-8", "replace").strip().splitlines()
+        except subprocess.TimeoutExpired:
+            text = ["(qemu-io hangs)"]
+        print("  qemu on %s: %s" % (b["name"], (text[-1] if text else "")[:150]), flush=True)
 
 
 # ---- the mount ------------------------------------------------------------------------------
@@ -297,74 +305,105 @@ for off in range(0, size, 65536):
 print(json.dumps({"ok": ok, "errs": errs}))
 """
 
-try:
+@T.fixture
+def mounted():
+    images()
     with H.Mount(SRC) as m:
-        with T.step("good image before"):
-            T.check_compare("good.raw equals qemu-img convert (before the bad ones)",
-                            m.path("good.raw"), GOOD_REF, nreads=60)
-        listing = H.listdir_safe(m.mnt)
-        print("  listing: %s" % " ".join(listing), flush=True)
-        with T.step("hidden"):
-            for name in hidden:
-                base = name[:-6]
-                T.check("bad magic %s is not listed" % name,
-                        base + ".raw" not in listing and name + ".raw" not in listing, listing)
-        for b in broken:
-            with T.step("broken %s" % b["name"]):
-                view = m.path(b["view"])
-                listed = b["view"] in listing
-                print("  %s: %s" % (b["name"], "listed" if listed else "not listed"), flush=True)
-                if listed:
-                    for off in b["offsets"]:
-                        r = H.child_read(view, off, 65536, timeout=10)
-                        zeros_ok = b["allow_zero"] and r.get("errno") == 0 and r.get("zero")
-                        b["read_zeros"] = bool(zeros_ok)
-                        T.check("%s: open/read at %d fails with %s%s" % (
-                            b["name"], off, "/".join(H.errname(e) for e in sorted(b["errnos"])),
-                            " (or reads zeros)" if b["allow_zero"] else ""),
-                            r.get("errno") in b["errnos"] or zeros_ok,
-                            "got %s at stage %s" % (H.errname(r.get("errno")), r.get("stage")))
-                    if b["whole"]:
-                        try:
-                            p = H.run([sys.executable, "-c", CHILD_SCAN, view], timeout=20, check=False)
-                            out = p.out.strip()
-                            T.check("%s: reading it all hits EIO somewhere" % b["name"],
-                                    '"5"' in out or ("open" in p.err and "Errno 5" in p.err),
-                                    out + p.err[-200:])
-                        except H.CmdError as e:
-                            T.check("%s: reading it all answers" % b["name"], False, str(e))
-                    # a second attempt fails the same way (no crash, no different state)
-                    r = H.child_read(view, b["offsets"][0], 4096, timeout=10)
-                    zeros_ok = b["allow_zero"] and r.get("errno") == 0 and r.get("zero")
-                    T.check("%s: second attempt fails too" % b["name"],
-                            r.get("errno") in b["errnos"] or zeros_ok,
-                            "got %s at stage %s" % (H.errname(r.get("errno")), r.get("stage")))
-                T.check("%s: qcowfs still running" % b["name"], m.alive(),
-                        "exit %s; log tail %s" % (m.proc.poll(), m.log_text()[-800:]))
-                if not m.alive():
-                    break
-        with T.step("good image after"):
-            if m.alive():
-                T.check_compare("good.raw still equals qemu-img convert after the bad ones",
-                                m.path("good.raw"), GOOD_REF, nreads=60)
-        time.sleep(2.5)  # at least two rescans: a rescan must not log the same problem again
-        log = m.log_text()
-        lines = log.splitlines()
-        with T.step("log lines"):
-            for b in broken:
-                if b.get("read_zeros"):
-                    continue  # tolerated like qemu does: no error, so no log line required
-                mine = [l for l in lines if b["name"] in l]
-                T.check("%s: log line naming the file" % b["name"], len(mine) >= 1,
-                        "log has %d lines, none names it" % len(lines))
-                if not b["name"].startswith("cycle-"):
-                    T.check("%s: exactly one log line" % b["name"], len(mine) <= 1,
-                            "%d lines: %s" % (len(mine), mine[:3]))
-                if b["mention"]:
-                    T.check("%s: log line mentions %r" % (b["name"], b["mention"]),
-                            any(b["mention"] in l.lower() for l in mine), mine[:3])
-        print("---- qcowfs log ----\n%s\n-------------------" % log[-6000:], flush=True)
-except H.MountError as e:
-    T.check("mount/unmount", False, str(e))
+        yield m
+        print("---- qcowfs log ----\n%s\n-------------------" % m.log_text()[-6000:], flush=True)
 
-T.finish()
+
+@T.test
+def test_good_image_before():
+    m = mounted()
+    T.check_compare("good.raw equals qemu-img convert (before the bad ones)",
+                    m.path("good.raw"), GOOD_REF, nreads=60)
+
+
+@T.test
+def test_bad_magic_hidden():
+    m = mounted()
+    listing = H.listdir_safe(m.mnt)
+    for name in hidden:
+        base = name[:-6]
+        T.check("bad magic %s is not listed" % name,
+                base + ".raw" not in listing and name + ".raw" not in listing, listing)
+
+
+@T.fixture
+def broken_read():
+    """Opens and reads every broken image (each one's failures are failed checks)."""
+    m = mounted()
+    listing = H.listdir_safe(m.mnt)
+    print("  listing: %s" % " ".join(listing), flush=True)
+    for b in broken:
+        with T.step("broken %s" % b["name"]):
+            view = m.path(b["view"])
+            listed = b["view"] in listing
+            print("  %s: %s" % (b["name"], "listed" if listed else "not listed"), flush=True)
+            if listed:
+                for off in b["offsets"]:
+                    r = H.child_read(view, off, 65536, timeout=10)
+                    zeros_ok = b["allow_zero"] and r.get("errno") == 0 and r.get("zero")
+                    b["read_zeros"] = bool(zeros_ok)
+                    T.check("%s: open/read at %d fails with %s%s" % (
+                        b["name"], off, "/".join(H.errname(e) for e in sorted(b["errnos"])),
+                        " (or reads zeros)" if b["allow_zero"] else ""),
+                        r.get("errno") in b["errnos"] or zeros_ok,
+                        "got %s at stage %s" % (H.errname(r.get("errno")), r.get("stage")))
+                if b["whole"]:
+                    try:
+                        p = H.run([sys.executable, "-c", CHILD_SCAN, view], timeout=20, check=False)
+                        out = p.out.strip()
+                        T.check("%s: reading it all hits EIO somewhere" % b["name"],
+                                '"5"' in out or ("open" in p.err and "Errno 5" in p.err),
+                                out + p.err[-200:])
+                    except H.CmdError as e:
+                        T.check("%s: reading it all answers" % b["name"], False, str(e))
+                # a second attempt fails the same way (no crash, no different state)
+                r = H.child_read(view, b["offsets"][0], 4096, timeout=10)
+                zeros_ok = b["allow_zero"] and r.get("errno") == 0 and r.get("zero")
+                T.check("%s: second attempt fails too" % b["name"],
+                        r.get("errno") in b["errnos"] or zeros_ok,
+                        "got %s at stage %s" % (H.errname(r.get("errno")), r.get("stage")))
+            T.check("%s: qcowfs still running" % b["name"], m.alive(),
+                    "exit %s; log tail %s" % (m.proc.poll(), m.log_text()[-800:]))
+            if not m.alive():
+                break
+
+
+@T.test
+def test_broken_images_fail():
+    broken_read()
+
+
+@T.test
+def test_good_image_after():
+    m = mounted()
+    broken_read()
+    if m.alive():
+        T.check_compare("good.raw still equals qemu-img convert after the bad ones",
+                        m.path("good.raw"), GOOD_REF, nreads=60)
+
+
+@T.test
+def test_log_lines():
+    m = mounted()
+    broken_read()
+    time.sleep(2.5)  # at least two rescans: a rescan must not log the same problem again
+    lines = m.log_text().splitlines()
+    for b in broken:
+        if b.get("read_zeros"):
+            continue  # tolerated like qemu does: no error, so no log line required
+        mine = [l for l in lines if b["name"] in l]
+        T.check("%s: log line naming the file" % b["name"], len(mine) >= 1,
+                "log has %d lines, none names it" % len(lines))
+        if not b["name"].startswith("cycle-"):
+            T.check("%s: exactly one log line" % b["name"], len(mine) <= 1,
+                    "%d lines: %s" % (len(mine), mine[:3]))
+        if b["mention"]:
+            T.check("%s: log line mentions %r" % (b["name"], b["mention"]),
+                    any(b["mention"] in l.lower() for l in mine), mine[:3])
+
+
+T.run()

@@ -2,6 +2,7 @@
 """The command line: --help/--version, errors for bad directories, daemon mode, unmounting by
 fusermount3/umount/SIGTERM/SIGINT, -o ro, -o allow_other, -d, --log."""
 
+import errno
 import os
 import shutil
 import re
@@ -20,7 +21,11 @@ BIN = H.qcowfs_bin()
 work = H.tempdir("cli")
 SRC = os.path.join(work, "src")
 os.makedirs(SRC)
-with T.step("build images"):
+
+
+@T.fixture
+def images():
+    global REF
     H.create(os.path.join(SRC, "one.qcow2"), 2 * MiB)
     H.qemu_io(os.path.join(SRC, "one.qcow2"), "write -P 0x61 0 1M", "write -P 0x62 1500000 3000")
     REF = H.to_raw(os.path.join(SRC, "one.qcow2"), os.path.join(work, "one.ref"))
@@ -84,7 +89,10 @@ def expect_error(what, args, mnt, mounts_before=0):
 
 
 # ---- --help, --version -------------------------------------------------------------------------
-with T.step("--help/--version"):
+
+
+@T.test
+def test_help_version():
     for opt in ("--help", "--version"):
         code, out, err = run_bin([opt], timeout=10)
         T.check("%s exits 0" % opt, code == 0, "exit %s, stderr %r" % (code, err[:300]))
@@ -96,8 +104,13 @@ with T.step("--help/--version"):
     T.check("--help mentions SOURCE_DIR/MOUNTPOINT usage", "qcowfs" in (out + err).lower(),
             (out + err)[:200])
 
+
 # ---- errors ----------------------------------------------------------------------------------
-with T.step("errors"):
+
+
+@T.test
+def test_errors():
+    images()
     mnt = H.tempdir("mnt")
     missing = os.path.join(work, "does-not-exist")
     expect_error("missing SOURCE_DIR (-f)", ["-f", missing, mnt], mnt)
@@ -125,8 +138,13 @@ with T.step("errors"):
     except H.MountError as e:
         T.check("busy mountpoint: first mount", False, str(e))
 
+
 # ---- daemon mode -----------------------------------------------------------------------------
-with T.step("daemon mode"):
+
+
+@T.test
+def test_daemon_mode():
+    images()
     mnt = H.tempdir("mnt")
     log = os.path.join(H.tempdir("log"), "d.log")
     t0 = time.monotonic()
@@ -152,7 +170,10 @@ with T.step("daemon mode"):
     finally:
         kill_strays(mnt)
 
-with T.step("daemon mode with relative paths"):
+
+@T.test
+def test_daemon_relative_paths():
+    images()
     mnt = H.tempdir("mnt")
     code, out, err = run_bin(["--log=d.log", "src", os.path.relpath(mnt, work)], timeout=20, cwd=work)
     try:
@@ -169,34 +190,44 @@ with T.step("daemon mode with relative paths"):
     finally:
         kill_strays(mnt)
 
+
 # ---- unmount by signal / umount ------------------------------------------------------------
-for how in ("SIGTERM", "SIGINT", "umount", "fusermount3 -u"):
-    with T.step("unmount by %s" % how):
-        m = H.Mount(SRC)
+def unmount_by(how):
+    images()
+    m = H.Mount(SRC)
+    try:
+        m.start()
+        T.check_compare("%s: read before" % how, m.path("one.raw"), REF, nreads=5, whole=False)
+        if how == "SIGTERM":
+            m.proc.send_signal(signal.SIGTERM)
+        elif how == "SIGINT":
+            m.proc.send_signal(signal.SIGINT)
+        elif how == "umount":
+            H.run(["umount", m.mnt])
+        else:
+            H.run(["fusermount3", "-u", m.mnt])
         try:
-            m.start()
-            T.check_compare("%s: read before" % how, m.path("one.raw"), REF, nreads=5, whole=False)
-            if how == "SIGTERM":
-                m.proc.send_signal(signal.SIGTERM)
-            elif how == "SIGINT":
-                m.proc.send_signal(signal.SIGINT)
-            elif how == "umount":
-                H.run(["umount", m.mnt])
-            else:
-                H.run(["fusermount3", "-u", m.mnt])
-            try:
-                code = m.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                code = "still running after 20 s"
-            T.check("%s: foreground process exits 0" % how, code == 0, "exit %s; output %s" % (
-                code, m.output_text()[-500:]))
-            ok, _ = H.wait_for(lambda: not H.is_mounted(m.mnt), timeout=2)
-            T.check("%s: unmounted" % how, ok)
-        finally:
-            m.force_cleanup()
+            code = m.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            code = "still running after 20 s"
+        T.check("%s: foreground process exits 0" % how, code == 0, "exit %s; output %s" % (
+            code, m.output_text()[-500:]))
+        ok, _ = H.wait_for(lambda: not H.is_mounted(m.mnt), timeout=2)
+        T.check("%s: unmounted" % how, ok)
+    finally:
+        m.force_cleanup()
+
+
+for how in ("SIGTERM", "SIGINT", "umount", "fusermount3 -u"):
+    T.add_test("test_unmount_by_%s" % how.split()[0].lower(), unmount_by, how)
+
 
 # ---- SIGTERM while reads are in flight -------------------------------------------------------
-with T.step("SIGTERM under load"):
+
+
+@T.test
+def test_sigterm_under_load():
+    images()
     import threading
     ref = open(REF, "rb").read()
     m = H.Mount(SRC)
@@ -254,8 +285,13 @@ with T.step("SIGTERM under load"):
     finally:
         m.force_cleanup()
 
+
 # ---- -o ro, -o allow_other ------------------------------------------------------------------
-with T.step("-o ro"):
+
+
+@T.test
+def test_read_only():
+    images()
     try:
         with H.Mount(SRC, args=["-o", "ro"]) as m:
             e = H.mountinfo_entry(m.mnt)
@@ -268,11 +304,14 @@ with T.step("-o ro"):
                 T.check("-o ro: open O_RDWR fails", False, "succeeded")
             except OSError as ex:
                 T.check("-o ro: open O_RDWR fails with EROFS/EACCES",
-                        ex.errno in (H.errno.EROFS, H.errno.EACCES), H.errname(ex.errno))
+                        ex.errno in (errno.EROFS, errno.EACCES), H.errname(ex.errno))
     except H.MountError as ex:
         T.check("-o ro: mount/unmount", False, str(ex))
 
-with T.step("-o allow_other"):
+
+@T.test
+def test_allow_other():
+    images()
     try:
         with H.Mount(SRC, args=["-o", "allow_other"]) as m:
             e = H.mountinfo_entry(m.mnt)
@@ -282,8 +321,13 @@ with T.step("-o allow_other"):
     except H.MountError as ex:
         T.check("-o allow_other: mount/unmount", False, str(ex))
 
+
 # ---- -d and --log -----------------------------------------------------------------------------
-with T.step("-d"):
+
+
+@T.test
+def test_debug():
+    images()
     log = os.path.join(H.tempdir("log"), "debug.log")
     with open(log, "w") as f:
         f.write("previous line\n")
@@ -302,7 +346,10 @@ with T.step("-d"):
     except H.MountError as ex:
         T.check("-d: mount/unmount", False, str(ex))
 
-with T.step("-f without --log logs to stderr"):
+
+@T.test
+def test_foreground_logs_to_stderr():
+    images()
     d = H.tempdir("log")
     mnt = H.tempdir("mnt")
     errf = os.path.join(d, "stderr")
@@ -326,8 +373,13 @@ with T.step("-f without --log logs to stderr"):
             p.wait()
         kill_strays(mnt)
 
+
 # ---- mountpoint inside SOURCE_DIR -------------------------------------------------------------
-with T.step("mountpoint inside SOURCE_DIR"):
+
+
+@T.test
+def test_mountpoint_inside_source():
+    images()
     inner = os.path.join(SRC, "inner-mnt")
     os.makedirs(inner)
     try:
@@ -344,4 +396,5 @@ with T.step("mountpoint inside SOURCE_DIR"):
     finally:
         kill_strays(inner)
 
-T.finish()
+
+T.run()

@@ -2,11 +2,9 @@
 """The directory view: names, subdirectories, attributes, snapshot names, images appearing and
 disappearing while mounted, open files surviving renames, du/ls, no namespace changes."""
 
-import errno
 import os
 import shutil
 import stat
-import subprocess
 import sys
 import time
 
@@ -41,7 +39,8 @@ def ref_of(path, snapshot=None):
     return out
 
 
-with T.step("build the source tree"):
+@T.fixture
+def source_tree():
     make(S("vm1.qcow2"), pattern=0x11)
     make(S("a.qcow"), pattern=0x12)
     make(S("disk.img"), pattern=0x13)              # qcow2 found by magic, any name
@@ -90,214 +89,252 @@ expected_root = sorted([
     "mode600.raw", "mode755.raw", "sparse.raw", "withdata.raw", "snaps.raw", "snaps@first.raw",
     "snaps@second.raw"])
 
-try:
+
+@T.fixture
+def mounted():
+    source_tree()
     with H.Mount(SRC) as m:
-        M = m.path
-
-        # ---- names ----------------------------------------------------------------------
-        with T.step("names"):
-            root = H.listdir_safe(m.mnt)
-            T.check("root listing is exactly the images, snapshots and subdirectories",
-                    root == expected_root, "got %s, expected %s" % (root, expected_root))
-            for hidden in ("notes.txt", "fake.raw", "fake.qcow2", "empty.raw", "plain.raw.img.raw",
-                           "notes.txt.raw"):
-                T.check("non-qcow2 %s hidden" % hidden, hidden not in root)
-            T.check("sub mirrored", H.listdir_safe(M("sub")) == sorted(
-                ["x.raw", "deeper", "emptytoo", "snapsub.raw", "snapsub@only.raw"]),
-                H.listdir_safe(M("sub")))
-            T.check("sub/deeper mirrored", H.listdir_safe(M("sub", "deeper")) == ["y.raw"],
-                    H.listdir_safe(M("sub", "deeper")))
-            T.check("empty directories mirrored",
-                    H.listdir_safe(M("emptydir")) == [] and H.listdir_safe(M("sub", "emptytoo")) == [],
-                    "%s %s" % (H.listdir_safe(M("emptydir")), H.listdir_safe(M("sub", "emptytoo"))))
-            T.check("directories are directories",
-                    all(stat.S_ISDIR(os.stat(M(p)).st_mode) for p in ("sub", "emptydir", "sub/deeper")))
-            cl = H.listdir_safe(M("clash"))
-            T.check("clash b.qcow2 + b.qcow -> b.raw + b.qcow.raw", cl == ["b.qcow.raw", "b.raw"], cl)
-            # contents of the clashing pair, whichever naming was chosen
-            full = [n for n in cl if n in ("b.qcow.raw", "b.qcow2.raw")]
-            if len(full) == 1 and "b.raw" in cl:
-                other = "b.qcow2" if full[0] == "b.qcow.raw" else "b.qcow"
-                T.check_compare("clash/%s shows clash/%s" % (full[0], full[0][:-4]),
-                                M("clash", full[0]), ref_of(S("clash", full[0][:-4])), nreads=20)
-                T.check_compare("clash/b.raw shows clash/%s" % other, M("clash", "b.raw"),
-                                ref_of(S("clash", other)), nreads=20)
-            T.check("missing name gives ENOENT", not os.path.exists(M("nope.raw")))
-            try:
-                os.stat(M("vm1.qcow2"))
-                T.check("the image's own name is not exposed", False, "vm1.qcow2 exists")
-            except FileNotFoundError:
-                T.check("the image's own name is not exposed", True)
-
-        # ---- contents by name -----------------------------------------------------------
-        with T.step("contents"):
-            for view, image in (("vm1.raw", "vm1.qcow2"), ("a.raw", "a.qcow"),
-                                ("disk.img.raw", "disk.img"), ("noext.raw", "noext"),
-                                ("sub/x.raw", "sub/x.qcow2"), ("sub/deeper/y.raw", "sub/deeper/y.qcow2"),
-                                ("withdata.raw", "withdata.qcow2")):
-                T.check_compare("%s shows %s" % (view, image), M(view), ref_of(S(image)), nreads=40)
-
-        # ---- attributes -----------------------------------------------------------------
-        with T.step("attributes"):
-            st = os.stat(M("attrs.raw"))
-            hs = os.stat(S("attrs.qcow2"))
-            T.check("attrs: regular file", stat.S_ISREG(st.st_mode), oct(st.st_mode))
-            T.check("attrs: st_size = virtual size 5 MiB", st.st_size == 5 * MiB, st.st_size)
-            T.check("attrs: uid/gid follow the image (1234/5678)",
-                    (st.st_uid, st.st_gid) == (1234, 5678), (st.st_uid, st.st_gid))
-            T.check("attrs: mode 0664 follows the image", stat.S_IMODE(st.st_mode) == 0o664, oct(st.st_mode))
-            T.check("attrs: mtime follows the image", int(st.st_mtime) == int(hs.st_mtime),
-                    "%s vs %s" % (st.st_mtime, hs.st_mtime))
-            T.check("attrs: mtime nanoseconds follow the image",
-                    st.st_mtime_ns == hs.st_mtime_ns, "%d vs %d" % (st.st_mtime_ns, hs.st_mtime_ns))
-            T.check("attrs: st_blocks = image's st_blocks", st.st_blocks == hs.st_blocks,
-                    "%d vs %d" % (st.st_blocks, hs.st_blocks))
-            for name, want in (("mode600", 0o600), ("mode755", 0o755), ("vm1", 0o644)):
-                mode = stat.S_IMODE(os.stat(M(name + ".raw")).st_mode)
-                T.check("%s: mode %o (the image's, write bits included)" % (name, want), mode == want, oct(mode))
-            st = os.stat(M("sparse.raw"))
-            hs = os.stat(S("sparse.qcow2"))
-            T.check("sparse: st_size 100G", st.st_size == 100 * 1024 ** 3, st.st_size)
-            T.check("sparse: st_blocks = image's", st.st_blocks == hs.st_blocks,
-                    "%d vs %d" % (st.st_blocks, hs.st_blocks))
-            st = os.stat(M("withdata.raw"))
-            a = os.stat(S("withdata.qcow2")).st_blocks
-            b = os.stat(S("withdata.bin")).st_blocks
-            T.check("data file image: st_blocks = image (+ data file)", st.st_blocks in (a, a + b),
-                    "%d, image %d, data file %d" % (st.st_blocks, a, b))
-
-        # ---- snapshots ------------------------------------------------------------------
-        with T.step("snapshots"):
-            for snap in ("first", "second"):
-                v = M("snaps@%s.raw" % snap)
-                st = os.stat(v)
-                T.check("snaps@%s.raw read-only" % snap, stat.S_IMODE(st.st_mode) & 0o222 == 0,
-                        oct(st.st_mode))
-                T.check_compare("snaps@%s.raw = qemu-img convert -l snapshot.name=%s" % (snap, snap),
-                                v, ref_of(S("snaps.qcow2"), snap), nreads=40)
-            T.check_compare("snaps.raw = current state", M("snaps.raw"), ref_of(S("snaps.qcow2")),
-                            nreads=40)
-            T.check_compare("sub/snapsub@only.raw", M("sub", "snapsub@only.raw"),
-                            ref_of(S("sub", "snapsub.qcow2"), "only"), nreads=40)
-
-        # ---- ls, du ---------------------------------------------------------------------
-        with T.step("ls -l, du"):
-            p = H.run(["ls", "-lR", m.mnt])
-            T.check("ls -lR works and lists names", "vm1.raw" in p.out and "y.raw" in p.out, p.out[:300])
-            du_v = H.run(["du", "-k", M("sparse.raw")]).out.split()[0]
-            du_i = H.run(["du", "-k", S("sparse.qcow2")]).out.split()[0]
-            T.check("du shows the real use of the 100G sparse image (%s KiB)" % du_i, du_v == du_i,
-                    "du view %s KiB, image %s KiB" % (du_v, du_i))
-            du_a = H.run(["du", "-b", "--apparent-size", M("sparse.raw")]).out.split()[0]
-            T.check("du --apparent-size = virtual size", du_a == str(100 * 1024 ** 3), du_a)
-            H.run(["du", "-sk", m.mnt])
-
-        # ---- the namespace is fixed (writing the disks is test_write_*'s business) -------
-        with T.step("no namespace changes"):
-            for what, fn in (
-                    ("create a file", lambda: os.close(os.open(M("new.raw"), os.O_CREAT | os.O_WRONLY, 0o644))),
-                    ("mkdir", lambda: os.mkdir(M("newdir"))),
-                    ("unlink", lambda: os.unlink(M("vm1.raw"))),
-                    ("rename", lambda: os.rename(M("vm1.raw"), M("vm2.raw")))):
-                try:
-                    fn()
-                    T.check("%s fails" % what, False, "succeeded")
-                except OSError as e:
-                    T.check("%s fails (%s)" % (what, H.errname(e.errno)), True)
-            T.check("the image is untouched", os.path.exists(S("vm1.qcow2")) and
-                    H.sha256_file(ref_of(S("vm1.qcow2"))) == H.sha256_file(M("vm1.raw")))
-
-        # ---- images appearing and disappearing ------------------------------------------
-        with T.step("add/remove while mounted"):
-            staged = make(os.path.join(STAGE, "new1.qcow2"), pattern=0x31)
-            ref_new1 = ref_of(staged)
-            os.rename(staged, S("new1.qcow2"))
-            ok, dt = H.wait_for(lambda: "new1.raw" in os.listdir(m.mnt))
-            T.check("image renamed into SOURCE_DIR appears within 1.5 s", ok, "after %.2fs: %s" % (
-                dt, H.listdir_safe(m.mnt)))
-            if ok:
-                print("  (appeared after %.2fs)" % dt)
-                T.check_compare("new1.raw reads correctly", M("new1.raw"), ref_new1, nreads=30)
-            ok, dt = H.wait_for(lambda: os.path.exists(M("new1.raw")), timeout=0.1)
-            T.check("new image reachable by lookup too", ok)
-
-            # created in place by qemu-img
-            make(S("sub", "deeper", "inplace.qcow2"), pattern=0x32)
-            ok, dt = H.wait_for(lambda: "inplace.raw" in os.listdir(M("sub", "deeper")))
-            T.check("image created in a subdirectory appears within 1.5 s", ok, "after %.2fs: %s" % (
-                dt, H.listdir_safe(M("sub", "deeper"))))
-            if ok:
-                T.check_compare("sub/deeper/inplace.raw reads correctly", M("sub", "deeper", "inplace.raw"),
-                                ref_of(S("sub", "deeper", "inplace.qcow2")), nreads=30)
-
-            # a new directory with an image
-            os.makedirs(os.path.join(STAGE, "newdir"))
-            make(os.path.join(STAGE, "newdir", "z.qcow2"), pattern=0x33)
-            ref_z = ref_of(os.path.join(STAGE, "newdir", "z.qcow2"))
-            os.rename(os.path.join(STAGE, "newdir"), S("newdir"))
-            ok, dt = H.wait_for(lambda: os.listdir(M("newdir")) == ["z.raw"])
-            T.check("new subdirectory with an image appears within 1.5 s", ok, "after %.2fs: %s" % (
-                dt, H.listdir_safe(m.mnt)))
-            if ok:
-                T.check_compare("newdir/z.raw reads correctly", M("newdir", "z.raw"), ref_z, nreads=20)
-
-            # snapshot added to a mounted image
-            H.qemu_img("snapshot", "-c", "late", S("vm1.qcow2"))
-            ok, dt = H.wait_for(lambda: "vm1@late.raw" in os.listdir(m.mnt))
-            T.check("snapshot taken while mounted appears within 1.5 s", ok, "after %.2fs" % dt)
-
-            os.unlink(S("new1.qcow2"))
-            ok, dt = H.wait_for(lambda: "new1.raw" not in os.listdir(m.mnt))
-            T.check("removed image disappears within 1.5 s", ok, "after %.2fs: %s" % (
-                dt, H.listdir_safe(m.mnt)))
-            ok, dt = H.wait_for(lambda: not os.path.exists(M("new1.raw")), timeout=0.2)
-            T.check("removed image no longer found by lookup", ok)
-            shutil.rmtree(S("newdir"))
-            ok, dt = H.wait_for(lambda: "newdir" not in os.listdir(m.mnt))
-            T.check("removed directory disappears within 1.5 s", ok, "after %.2fs" % dt)
-            H.qemu_img("snapshot", "-d", "late", S("vm1.qcow2"))
-            ok, dt = H.wait_for(lambda: "vm1@late.raw" not in os.listdir(m.mnt))
-            T.check("deleted snapshot disappears within 1.5 s", ok, "after %.2fs" % dt)
-
-        # ---- open file survives renames -------------------------------------------------
-        with T.step("open file across renames"):
-            make(S("moving.qcow2"), pattern=0x41, size=3 * MiB)
-            H.qemu_io(S("moving.qcow2"), "write -P 0x43 2M 1M")
-            ref_mv = ref_of(S("moving.qcow2"))
-            ok, _ = H.wait_for(lambda: "moving.raw" in os.listdir(m.mnt))
-            T.check("moving.raw appears", ok)
-            with open(ref_mv, "rb") as f:
-                expect = f.read()
-            fd = os.open(M("moving.raw"), os.O_RDONLY)
-            try:
-                T.check("read before rename", os.pread(fd, 100000, 1000) == expect[1000:101000])
-                os.rename(S("moving.qcow2"), S("moved.qcow2"))
-                ok, dt = H.wait_for(lambda: "moved.raw" in os.listdir(m.mnt) and
-                                    "moving.raw" not in os.listdir(m.mnt))
-                T.check("renamed image shows under its new name within 1.5 s", ok,
-                        H.listdir_safe(m.mnt))
-                got = H.pread_full(fd, 3 * MiB, 0)
-                T.check("open file reads correctly after the image is renamed", got == expect,
-                        "got %d bytes, equal=%s" % (len(got), got == expect))
-                os.rename(S("moved.qcow2"), S("sub", "moved-deeper.qcow2"))
-                ok, dt = H.wait_for(lambda: "moved-deeper.raw" in os.listdir(M("sub")))
-                T.check("image renamed into a subdirectory shows there within 1.5 s", ok,
-                        H.listdir_safe(M("sub")))
-                got = H.pread_full(fd, 3 * MiB, 0)
-                T.check("open file reads correctly after a rename into a subdirectory",
-                        got == expect, "got %d bytes" % len(got))
-                got = H.pread_full(fd, 5000, 2 * MiB - 2500)
-                T.check("unaligned read after renames", got == expect[2 * MiB - 2500:2 * MiB + 2500])
-            finally:
-                os.close(fd)
-            if ok:
-                T.check_compare("sub/moved-deeper.raw reads correctly", M("sub", "moved-deeper.raw"),
-                                ref_mv, nreads=20)
-
-        with T.step("still alive"):
-            T.check("qcowfs still running", m.alive())
+        yield m
+        T.check("qcowfs still running", m.alive())
         time.sleep(0.2)
-except H.MountError as e:
-    T.check("mount/unmount", False, str(e))
 
-T.finish()
+
+@T.test
+def test_names():
+    m = mounted()
+    M = m.path
+    root = H.listdir_safe(m.mnt)
+    T.check("root listing is exactly the images, snapshots and subdirectories",
+            root == expected_root, "got %s, expected %s" % (root, expected_root))
+    for hidden in ("notes.txt", "fake.raw", "fake.qcow2", "empty.raw", "plain.raw.img.raw",
+                   "notes.txt.raw"):
+        T.check("non-qcow2 %s hidden" % hidden, hidden not in root)
+    T.check("sub mirrored", H.listdir_safe(M("sub")) == sorted(
+        ["x.raw", "deeper", "emptytoo", "snapsub.raw", "snapsub@only.raw"]),
+        H.listdir_safe(M("sub")))
+    T.check("sub/deeper mirrored", H.listdir_safe(M("sub", "deeper")) == ["y.raw"],
+            H.listdir_safe(M("sub", "deeper")))
+    T.check("empty directories mirrored",
+            H.listdir_safe(M("emptydir")) == [] and H.listdir_safe(M("sub", "emptytoo")) == [],
+            "%s %s" % (H.listdir_safe(M("emptydir")), H.listdir_safe(M("sub", "emptytoo"))))
+    T.check("directories are directories",
+            all(stat.S_ISDIR(os.stat(M(p)).st_mode) for p in ("sub", "emptydir", "sub/deeper")))
+    cl = H.listdir_safe(M("clash"))
+    T.check("clash b.qcow2 + b.qcow -> b.raw + b.qcow.raw", cl == ["b.qcow.raw", "b.raw"], cl)
+    # contents of the clashing pair, whichever naming was chosen
+    full = [n for n in cl if n in ("b.qcow.raw", "b.qcow2.raw")]
+    if len(full) == 1 and "b.raw" in cl:
+        other = "b.qcow2" if full[0] == "b.qcow.raw" else "b.qcow"
+        T.check_compare("clash/%s shows clash/%s" % (full[0], full[0][:-4]),
+                        M("clash", full[0]), ref_of(S("clash", full[0][:-4])), nreads=20)
+        T.check_compare("clash/b.raw shows clash/%s" % other, M("clash", "b.raw"),
+                        ref_of(S("clash", other)), nreads=20)
+    T.check("missing name gives ENOENT", not os.path.exists(M("nope.raw")))
+    try:
+        os.stat(M("vm1.qcow2"))
+        T.check("the image's own name is not exposed", False, "vm1.qcow2 exists")
+    except FileNotFoundError:
+        T.check("the image's own name is not exposed", True)
+
+# ---- contents by name -----------------------------------------------------------
+
+
+@T.test
+def test_contents():
+    m = mounted()
+    M = m.path
+    for view, image in (("vm1.raw", "vm1.qcow2"), ("a.raw", "a.qcow"),
+                        ("disk.img.raw", "disk.img"), ("noext.raw", "noext"),
+                        ("sub/x.raw", "sub/x.qcow2"), ("sub/deeper/y.raw", "sub/deeper/y.qcow2"),
+                        ("withdata.raw", "withdata.qcow2")):
+        T.check_compare("%s shows %s" % (view, image), M(view), ref_of(S(image)), nreads=40)
+
+# ---- attributes -----------------------------------------------------------------
+
+
+@T.test
+def test_attributes():
+    m = mounted()
+    M = m.path
+    st = os.stat(M("attrs.raw"))
+    hs = os.stat(S("attrs.qcow2"))
+    T.check("attrs: regular file", stat.S_ISREG(st.st_mode), oct(st.st_mode))
+    T.check("attrs: st_size = virtual size 5 MiB", st.st_size == 5 * MiB, st.st_size)
+    T.check("attrs: uid/gid follow the image (1234/5678)",
+            (st.st_uid, st.st_gid) == (1234, 5678), (st.st_uid, st.st_gid))
+    T.check("attrs: mode 0664 follows the image", stat.S_IMODE(st.st_mode) == 0o664, oct(st.st_mode))
+    T.check("attrs: mtime follows the image", int(st.st_mtime) == int(hs.st_mtime),
+            "%s vs %s" % (st.st_mtime, hs.st_mtime))
+    T.check("attrs: mtime nanoseconds follow the image",
+            st.st_mtime_ns == hs.st_mtime_ns, "%d vs %d" % (st.st_mtime_ns, hs.st_mtime_ns))
+    T.check("attrs: st_blocks = image's st_blocks", st.st_blocks == hs.st_blocks,
+            "%d vs %d" % (st.st_blocks, hs.st_blocks))
+    for name, want in (("mode600", 0o600), ("mode755", 0o755), ("vm1", 0o644)):
+        mode = stat.S_IMODE(os.stat(M(name + ".raw")).st_mode)
+        T.check("%s: mode %o (the image's, write bits included)" % (name, want), mode == want, oct(mode))
+    st = os.stat(M("sparse.raw"))
+    hs = os.stat(S("sparse.qcow2"))
+    T.check("sparse: st_size 100G", st.st_size == 100 * 1024 ** 3, st.st_size)
+    T.check("sparse: st_blocks = image's", st.st_blocks == hs.st_blocks,
+            "%d vs %d" % (st.st_blocks, hs.st_blocks))
+    st = os.stat(M("withdata.raw"))
+    a = os.stat(S("withdata.qcow2")).st_blocks
+    b = os.stat(S("withdata.bin")).st_blocks
+    T.check("data file image: st_blocks = image (+ data file)", st.st_blocks in (a, a + b),
+            "%d, image %d, data file %d" % (st.st_blocks, a, b))
+
+# ---- snapshots ------------------------------------------------------------------
+
+
+@T.test
+def test_snapshots():
+    m = mounted()
+    M = m.path
+    for snap in ("first", "second"):
+        v = M("snaps@%s.raw" % snap)
+        st = os.stat(v)
+        T.check("snaps@%s.raw read-only" % snap, stat.S_IMODE(st.st_mode) & 0o222 == 0,
+                oct(st.st_mode))
+        T.check_compare("snaps@%s.raw = qemu-img convert -l snapshot.name=%s" % (snap, snap),
+                        v, ref_of(S("snaps.qcow2"), snap), nreads=40)
+    T.check_compare("snaps.raw = current state", M("snaps.raw"), ref_of(S("snaps.qcow2")),
+                    nreads=40)
+    T.check_compare("sub/snapsub@only.raw", M("sub", "snapsub@only.raw"),
+                    ref_of(S("sub", "snapsub.qcow2"), "only"), nreads=40)
+
+# ---- ls, du ---------------------------------------------------------------------
+
+
+@T.test
+def test_ls_du():
+    m = mounted()
+    M = m.path
+    p = H.run(["ls", "-lR", m.mnt])
+    T.check("ls -lR works and lists names", "vm1.raw" in p.out and "y.raw" in p.out, p.out[:300])
+    du_v = H.run(["du", "-k", M("sparse.raw")]).out.split()[0]
+    du_i = H.run(["du", "-k", S("sparse.qcow2")]).out.split()[0]
+    T.check("du shows the real use of the 100G sparse image (%s KiB)" % du_i, du_v == du_i,
+            "du view %s KiB, image %s KiB" % (du_v, du_i))
+    du_a = H.run(["du", "-b", "--apparent-size", M("sparse.raw")]).out.split()[0]
+    T.check("du --apparent-size = virtual size", du_a == str(100 * 1024 ** 3), du_a)
+    H.run(["du", "-sk", m.mnt])
+
+# ---- the namespace is fixed (writing the disks is test_write_*'s business) -------
+
+
+@T.test
+def test_no_namespace_changes():
+    m = mounted()
+    M = m.path
+    for what, fn in (
+            ("create a file", lambda: os.close(os.open(M("new.raw"), os.O_CREAT | os.O_WRONLY, 0o644))),
+            ("mkdir", lambda: os.mkdir(M("newdir"))),
+            ("unlink", lambda: os.unlink(M("vm1.raw"))),
+            ("rename", lambda: os.rename(M("vm1.raw"), M("vm2.raw")))):
+        try:
+            fn()
+            T.check("%s fails" % what, False, "succeeded")
+        except OSError as e:
+            T.check("%s fails (%s)" % (what, H.errname(e.errno)), True)
+    T.check("the image is untouched", os.path.exists(S("vm1.qcow2")) and
+            H.sha256_file(ref_of(S("vm1.qcow2"))) == H.sha256_file(M("vm1.raw")))
+
+# ---- images appearing and disappearing ------------------------------------------
+
+
+@T.test
+def test_add_remove_while_mounted():
+    m = mounted()
+    M = m.path
+    staged = make(os.path.join(STAGE, "new1.qcow2"), pattern=0x31)
+    ref_new1 = ref_of(staged)
+    os.rename(staged, S("new1.qcow2"))
+    ok, dt = H.wait_for(lambda: "new1.raw" in os.listdir(m.mnt))
+    T.check("image renamed into SOURCE_DIR appears within 1.5 s", ok, "after %.2fs: %s" % (
+        dt, H.listdir_safe(m.mnt)))
+    if ok:
+        print("  (appeared after %.2fs)" % dt)
+        T.check_compare("new1.raw reads correctly", M("new1.raw"), ref_new1, nreads=30)
+    ok, dt = H.wait_for(lambda: os.path.exists(M("new1.raw")), timeout=0.1)
+    T.check("new image reachable by lookup too", ok)
+
+    # created in place by qemu-img
+    make(S("sub", "deeper", "inplace.qcow2"), pattern=0x32)
+    ok, dt = H.wait_for(lambda: "inplace.raw" in os.listdir(M("sub", "deeper")))
+    T.check("image created in a subdirectory appears within 1.5 s", ok, "after %.2fs: %s" % (
+        dt, H.listdir_safe(M("sub", "deeper"))))
+    if ok:
+        T.check_compare("sub/deeper/inplace.raw reads correctly", M("sub", "deeper", "inplace.raw"),
+                        ref_of(S("sub", "deeper", "inplace.qcow2")), nreads=30)
+
+    # a new directory with an image
+    os.makedirs(os.path.join(STAGE, "newdir"))
+    make(os.path.join(STAGE, "newdir", "z.qcow2"), pattern=0x33)
+    ref_z = ref_of(os.path.join(STAGE, "newdir", "z.qcow2"))
+    os.rename(os.path.join(STAGE, "newdir"), S("newdir"))
+    ok, dt = H.wait_for(lambda: os.listdir(M("newdir")) == ["z.raw"])
+    T.check("new subdirectory with an image appears within 1.5 s", ok, "after %.2fs: %s" % (
+        dt, H.listdir_safe(m.mnt)))
+    if ok:
+        T.check_compare("newdir/z.raw reads correctly", M("newdir", "z.raw"), ref_z, nreads=20)
+
+    # snapshot added to a mounted image
+    H.qemu_img("snapshot", "-c", "late", S("vm1.qcow2"))
+    ok, dt = H.wait_for(lambda: "vm1@late.raw" in os.listdir(m.mnt))
+    T.check("snapshot taken while mounted appears within 1.5 s", ok, "after %.2fs" % dt)
+
+    os.unlink(S("new1.qcow2"))
+    ok, dt = H.wait_for(lambda: "new1.raw" not in os.listdir(m.mnt))
+    T.check("removed image disappears within 1.5 s", ok, "after %.2fs: %s" % (
+        dt, H.listdir_safe(m.mnt)))
+    ok, dt = H.wait_for(lambda: not os.path.exists(M("new1.raw")), timeout=0.2)
+    T.check("removed image no longer found by lookup", ok)
+    shutil.rmtree(S("newdir"))
+    ok, dt = H.wait_for(lambda: "newdir" not in os.listdir(m.mnt))
+    T.check("removed directory disappears within 1.5 s", ok, "after %.2fs" % dt)
+    H.qemu_img("snapshot", "-d", "late", S("vm1.qcow2"))
+    ok, dt = H.wait_for(lambda: "vm1@late.raw" not in os.listdir(m.mnt))
+    T.check("deleted snapshot disappears within 1.5 s", ok, "after %.2fs" % dt)
+
+# ---- open file survives renames -------------------------------------------------
+
+
+@T.test
+def test_open_file_across_renames():
+    m = mounted()
+    M = m.path
+    make(S("moving.qcow2"), pattern=0x41, size=3 * MiB)
+    H.qemu_io(S("moving.qcow2"), "write -P 0x43 2M 1M")
+    ref_mv = ref_of(S("moving.qcow2"))
+    ok, _ = H.wait_for(lambda: "moving.raw" in os.listdir(m.mnt))
+    T.check("moving.raw appears", ok)
+    with open(ref_mv, "rb") as f:
+        expect = f.read()
+    fd = os.open(M("moving.raw"), os.O_RDONLY)
+    try:
+        T.check("read before rename", os.pread(fd, 100000, 1000) == expect[1000:101000])
+        os.rename(S("moving.qcow2"), S("moved.qcow2"))
+        ok, dt = H.wait_for(lambda: "moved.raw" in os.listdir(m.mnt) and
+                            "moving.raw" not in os.listdir(m.mnt))
+        T.check("renamed image shows under its new name within 1.5 s", ok,
+                H.listdir_safe(m.mnt))
+        got = H.pread_full(fd, 3 * MiB, 0)
+        T.check("open file reads correctly after the image is renamed", got == expect,
+                "got %d bytes, equal=%s" % (len(got), got == expect))
+        os.rename(S("moved.qcow2"), S("sub", "moved-deeper.qcow2"))
+        ok, dt = H.wait_for(lambda: "moved-deeper.raw" in os.listdir(M("sub")))
+        T.check("image renamed into a subdirectory shows there within 1.5 s", ok,
+                H.listdir_safe(M("sub")))
+        got = H.pread_full(fd, 3 * MiB, 0)
+        T.check("open file reads correctly after a rename into a subdirectory",
+                got == expect, "got %d bytes" % len(got))
+        got = H.pread_full(fd, 5000, 2 * MiB - 2500)
+        T.check("unaligned read after renames", got == expect[2 * MiB - 2500:2 * MiB + 2500])
+    finally:
+        os.close(fd)
+    if ok:
+        T.check_compare("sub/moved-deeper.raw reads correctly", M("sub", "moved-deeper.raw"),
+                        ref_mv, nreads=20)
+
+
+T.run()

@@ -66,7 +66,9 @@ def apply_ref(ref, fn):
 
 # ---- 1. v2 overlays: what reads as zeros is zeros ------------------------------------------
 
-with T.step("v2 shrink, grow, punch and zero over a backing file"):
+
+@T.test
+def test_v2_overlay_zeros():
     base_dir = fresh_dir("v2base")
     src = fresh_dir("v2src")
     base = H.create(os.path.join(base_dir, "b.qcow2"), 10 * MiB)
@@ -107,6 +109,7 @@ with T.step("v2 shrink, grow, punch and zero over a backing file"):
     clean(img, "v2")
     same(img, ref, "v2")
 
+
 # ---- 2. header layouts qcowfs does not own ---------------------------------------------------
 
 
@@ -142,7 +145,8 @@ def full_cluster0(src):
     return img
 
 
-with T.step("header rewrites keep backing names and extensions where they are"):
+@T.test
+def test_header_rewrites_keep_names():
     base_dir = fresh_dir("hdrbase")
     src = fresh_dir("hdrsrc")
     base = H.create(os.path.join(base_dir, "b.qcow2"), 4 * MiB)
@@ -185,6 +189,7 @@ with T.step("header rewrites keep backing names and extensions where they are"):
         head = f.read(16)
     T.check("full: the extension filling cluster 0 is untouched", head[:4] == b"\x7e\x57\xda\x7a" and head[8:] == b"\x5a" * 8,
             head.hex())
+
 
 # ---- 3. no cluster handed out over metadata ------------------------------------------------
 
@@ -239,14 +244,21 @@ def overlap_case(name, size_of_file, mount_args):
         T.check("%s: guest data still reads" % name, f.read(8) == b"\x33" * 8)
 
 
-with T.step("an L1 table with refcount 0 is never handed out (check before the first write skipped)"):
+@T.test
+def test_l1_refcount_zero_unchecked():
     overlap_case("overlap_nocheck", 0, ["-o", "scan_limit=4k"])
-with T.step("an L1 table with refcount 0 is never handed out (16M+ host clusters)"):
+
+
+@T.test
+def test_l1_refcount_zero_16m_clusters():
     overlap_case("overlap_big", 9 * GiB, [])
+
 
 # ---- 4. memory bounded by options ----------------------------------------------------------
 
-with T.step("refcount rebuild of a dirty image spread over a 32 GiB sparse file, in 1 MiB of counters"):
+
+@T.test
+def test_rebuild_in_bounded_memory():
     src = fresh_dir("rebuild")
     img = H.create(os.path.join(src, "dirty.qcow2"), 64 * MiB, "cluster_size=512,lazy_refcounts=on")
     H.qemu_io(img, "write -P 0x55 0 4k", "write -P 0x56 1M 4k")
@@ -282,7 +294,9 @@ with T.step("refcount rebuild of a dirty image spread over a 32 GiB sparse file,
     clean(img, "rebuild")
     same(img, ref, "rebuild")
 
-with T.step("a backing chain of images with 32 MiB L1 tables is read in bounded memory"):
+
+@T.test
+def test_backing_chain_bounded_memory():
     src = fresh_dir("chain")
     prev = None
     for i in range(4):
@@ -292,7 +306,7 @@ with T.step("a backing chain of images with 32 MiB L1 tables is read in bounded 
         prev = p
     top = os.path.join(src, "top.qcow2")
     H.create(top, 1 * GiB, "cluster_size=512", backing=prev)
-    ref = reference(top, "chain")
+    reference(top, "chain")
     with H.Mount(src, args=["-o", "l2_cache=1M"]) as m:
         with open(m.path("top.raw"), "rb") as f:
             for i in range(4):
@@ -304,7 +318,9 @@ with T.step("a backing chain of images with 32 MiB L1 tables is read in bounded 
         # Whole L1 tables would take 4 x 32 MiB.
         T.check("chain: daemon peak RSS under 96 MiB", 0 < hwm < 96 * 1024, "%d KiB" % hwm)
 
-with T.step("a 4M-entry L1 table naming 4M L2 tables: the first write answers early"):
+
+@T.test
+def test_huge_l1_first_write_early():
     src = fresh_dir("bigl1")
     img = H.create(os.path.join(src, "h.qcow2"), 1 * MiB, "cluster_size=512")
     n = 4 * MiB
@@ -336,4 +352,5 @@ with T.step("a 4M-entry L1 table naming 4M L2 tables: the first write answers ea
         T.check("big L1: answered within 30 s", dt < 30, "%.1f s" % dt)
         T.check("big L1: the daemon is alive", m.alive())
 
-T.finish()
+
+T.run()

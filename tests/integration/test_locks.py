@@ -7,12 +7,10 @@ are locked as QEMU locks them, and -o force_share reads a locked image read-only
 import errno
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness as H  # noqa: E402
 import trusthelp as TH  # noqa: E402
-import writehelp as W  # noqa: E402
 
 MiB = H.MiB
 T = H.TestRun("locks", deadline=300)
@@ -32,7 +30,8 @@ def closed_by_qcowfs(img, timeout=15):
     return ok
 
 
-with T.step("images"):
+@T.fixture
+def images():
     H.create(S("vm.qcow2"), 4 * MiB)
     H.qemu_io(S("vm.qcow2"), "write -P 0x21 0 1M")
     H.create(S("base.qcow2"), 4 * MiB)
@@ -42,31 +41,37 @@ with T.step("images"):
     H.create(S("ext.qcow2"), 4 * MiB, "data_file=%s,data_file_raw=on" % os.path.join(SRC, "data", "ext.raw"))
     H.qemu_io(S("ext.qcow2"), "write -P 0x41 0 1M")
 
-with T.step("QEMU first, then qcowfs"):
+
+@T.test
+def test_qemu_first():
+    images()
     with H.Mount(SRC) as m:
         holder = TH.QemuHolder(S("vm.qcow2"))
         try:
             T.check("vm.raw still listed while QEMU writes it", "vm.raw" in os.listdir(m.mnt))
             T.check("stat works", os.stat(m.path("vm.raw")).st_size == 4 * MiB)
-            T.check("open for reading: EBUSY", W.open_errno(m.path("vm.raw"), os.O_RDONLY) == errno.EBUSY)
-            T.check("open for writing: EBUSY", W.open_errno(m.path("vm.raw"), os.O_RDWR) == errno.EBUSY)
+            T.check("open for reading: EBUSY", H.open_errno(m.path("vm.raw"), os.O_RDONLY) == errno.EBUSY)
+            T.check("open for writing: EBUSY", H.open_errno(m.path("vm.raw"), os.O_RDWR) == errno.EBUSY)
             log = m.log_text()
             T.check("one log line names the image and the lock",
                     len([l for l in log.splitlines() if "vm.qcow2" in l]) == 1 and "lock" in log, log[-800:])
-            T.check("other images still open", W.open_errno(m.path("base.raw"), os.O_RDONLY) == 0)
+            T.check("other images still open", H.open_errno(m.path("base.raw"), os.O_RDONLY) == 0)
         finally:
             holder.stop()
-        T.check("once QEMU is gone, vm.raw opens for writing", W.open_errno(m.path("vm.raw"), os.O_RDWR) == 0)
+        T.check("once QEMU is gone, vm.raw opens for writing", H.open_errno(m.path("vm.raw"), os.O_RDWR) == 0)
 
         # qemu-io read-only beside: qcowfs may read, not write.
         holder = TH.QemuHolder(S("vm.qcow2"), read_only=True)
         try:
-            T.check("QEMU reading: qcowfs reads", W.open_errno(m.path("vm.raw"), os.O_RDONLY) == 0)
-            T.check("QEMU reading: qcowfs write open EBUSY", W.open_errno(m.path("vm.raw"), os.O_RDWR) == errno.EBUSY)
+            T.check("QEMU reading: qcowfs reads", H.open_errno(m.path("vm.raw"), os.O_RDONLY) == 0)
+            T.check("QEMU reading: qcowfs write open EBUSY", H.open_errno(m.path("vm.raw"), os.O_RDWR) == errno.EBUSY)
         finally:
             holder.stop()
 
-with T.step("qcowfs first, then QEMU"):
+
+@T.test
+def test_qcowfs_first():
+    images()
     with H.Mount(SRC) as m:
         fd = os.open(m.path("vm.raw"), os.O_RDWR)
         try:
@@ -127,14 +132,17 @@ with T.step("qcowfs first, then QEMU"):
         head = f.read(2 * MiB)
     T.check("both writes are in the image", head[:65536] == b"\x77" * 65536 and head[MiB:MiB + 65536] == b"\x66" * 65536)
 
-with T.step("force_share"):
+
+@T.test
+def test_force_share():
+    images()
     holder = TH.QemuHolder(S("vm.qcow2"))
     try:
         with H.Mount(SRC, args=["-o", "force_share"]) as m:
             ref = os.path.join(work, "vm-U.ref")
             H.run(["qemu-img", "convert", "-U", "-f", "qcow2", "-O", "raw", S("vm.qcow2"), ref])
             T.check_compare("force_share reads the image QEMU holds", m.path("vm.raw"), ref, nreads=10)
-            T.check("force_share: writes refused", W.open_errno(m.path("vm.raw"), os.O_RDWR) in (errno.EROFS, errno.EACCES))
+            T.check("force_share: writes refused", H.open_errno(m.path("vm.raw"), os.O_RDWR) in (errno.EROFS, errno.EACCES))
             os.close(os.open(m.path("vm.raw"), os.O_RDONLY))
             fd = os.open(m.path("vm.raw"), os.O_RDONLY)
             held = TH.lock_bytes(S("vm.qcow2"))
@@ -145,4 +153,5 @@ with T.step("force_share"):
     finally:
         holder.stop()
 
-T.finish()
+
+T.run()

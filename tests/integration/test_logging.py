@@ -10,7 +10,6 @@ import os
 import struct
 import subprocess
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness as H  # noqa: E402
@@ -20,8 +19,10 @@ T = H.TestRun("logging", deadline=300)
 
 work = H.tempdir("logging")
 
-# ---- ENOSPC: a small tmpfs holds the image -----------------------------------------------------
-with T.step("ENOSPC write-back"):
+
+@T.test
+def test_enospc_write_back():
+    """A small tmpfs holds the image."""
     small = os.path.join(work, "small")
     os.makedirs(small)
     H.run(["mount", "-t", "tmpfs", "-o", "size=3M", "qcowfs-it-small", small])
@@ -62,10 +63,16 @@ with T.step("ENOSPC write-back"):
     finally:
         subprocess.run(["umount", "-l", small])
 
+
 # ---- refusals are notices; real errors still show; renames; huge snapshot ------------------------
 SRC = os.path.join(work, "src")
 os.makedirs(SRC)
-with T.step("images"):
+
+
+@T.fixture
+def mounted():
+    """snap.qcow2 (a snapshot, a damaged L2 entry), huge.qcow2 (a snapshot claiming 2^63 bytes)
+    and moving.qcow2, mounted."""
     snap = os.path.join(SRC, "snap.qcow2")
     H.create(snap, 4 * MiB)
     H.qemu_io(snap, "write -P 0x44 0 1M", "write -P 0x45 2M 64k")
@@ -79,10 +86,8 @@ with T.step("images"):
     H.create(huge, 4 * MiB)
     H.qemu_img("snapshot", "-c", "ok", huge)
     H.qemu_img("snapshot", "-c", "big", huge)
-    table = H.snapshot_table(huge)
     off = H.read_field(huge, "snapshots_offset")
     # Second entry: skip the first, then its disk_size sits 8 bytes into its extra data.
-    first = table[0]
     with open(huge, "rb") as f:
         f.seek(off)
         h = f.read(40)
@@ -91,51 +96,64 @@ with T.step("images"):
     H.patch(huge, second + 40 + 8, struct.pack(">Q", 1 << 63))
 
     H.create(os.path.join(SRC, "moving.qcow2"), MiB)
-
-with T.step("mount"):
     with H.Mount(SRC) as m:
+        yield m
+
+
+@T.test
+def test_refusal_is_a_notice():
+    m = mounted()
+    try:
+        fd = os.open(m.path("snap.raw"), os.O_WRONLY | os.O_TRUNC)
+        os.close(fd)
+        trunc = 0
+    except OSError as e:
+        trunc = e.errno
+    T.check("O_TRUNC on an image with snapshots: EOPNOTSUPP", trunc == errno.EOPNOTSUPP, H.errname(trunc))
+    r = H.child_read(m.path("snap.raw"), 2 * MiB, 65536)
+    T.check("the damaged cluster reads EIO", r.get("errno") == errno.EIO, r)
+    log = m.log_text()
+    mine = [l for l in log.splitlines() if "snap.qcow2" in l]
+    T.check("the O_TRUNC refusal is a notice", any("info" in l and "O_TRUNC" in l for l in mine), mine)
+    T.check("the real error after it is logged as an error",
+            any(" error: " in l and "beyond the end" in l for l in mine), mine)
+
+
+@T.test
+def test_huge_snapshot():
+    """The bad snapshot is left out, the rest works."""
+    m = mounted()
+    names = sorted(os.listdir(m.mnt))
+    T.check("the 2^63-byte snapshot is not shown", "huge@big.raw" not in names, names)
+    T.check("the good snapshot is shown and stat works",
+            "huge@ok.raw" in names and os.stat(m.path("huge@ok.raw")).st_size == 4 * MiB, names)
+    T.check("stat of every entry works", all(os.stat(m.path(n)).st_size >= 0 for n in names))
+    T.check("one log line about the huge snapshot",
+            len([l for l in m.log_text().splitlines() if "huge.qcow2" in l and "2^63" in l]) == 1,
+            m.log_text()[-600:])
+
+
+@T.test
+def test_open_racing_rename():
+    """Opens racing a rename: the kernel still knows the name, the host file is gone."""
+    m = mounted()
+    before = m.log_text()
+    answers = []
+    for i in range(10):
+        src = os.path.join(SRC, "moving.qcow2" if i % 2 == 0 else "moved.qcow2")
+        dst = os.path.join(SRC, "moved.qcow2" if i % 2 == 0 else "moving.qcow2")
+        view = "moving.raw" if i % 2 == 0 else "moved.raw"
+        H.wait_for(lambda: os.path.exists(m.path(view)), timeout=3)
+        os.stat(m.path(view))
+        os.rename(src, dst)
         try:
-            fd = os.open(m.path("snap.raw"), os.O_WRONLY | os.O_TRUNC)
-            os.close(fd)
-            trunc = 0
+            os.close(os.open(m.path(view), os.O_RDONLY))
+            answers.append(0)
         except OSError as e:
-            trunc = e.errno
-        T.check("O_TRUNC on an image with snapshots: EOPNOTSUPP", trunc == errno.EOPNOTSUPP, H.errname(trunc))
-        r = H.child_read(m.path("snap.raw"), 2 * MiB, 65536)
-        T.check("the damaged cluster reads EIO", r.get("errno") == errno.EIO, r)
-        log = m.log_text()
-        mine = [l for l in log.splitlines() if "snap.qcow2" in l]
-        T.check("the O_TRUNC refusal is a notice", any("info" in l and "O_TRUNC" in l for l in mine), mine)
-        T.check("the real error after it is logged as an error",
-                any(" error: " in l and "beyond the end" in l for l in mine), mine)
+            answers.append(e.errno)
+    T.check("racing opens answer ENOENT or succeed", set(answers) <= {0, errno.ENOENT}, answers)
+    after = m.log_text()[len(before):]
+    T.check("racing opens log nothing", "moving" not in after and "moved" not in after, after[-600:])
 
-        # huge: the bad snapshot is left out, the rest works.
-        names = sorted(os.listdir(m.mnt))
-        T.check("the 2^63-byte snapshot is not shown", "huge@big.raw" not in names, names)
-        T.check("the good snapshot is shown and stat works",
-                "huge@ok.raw" in names and os.stat(m.path("huge@ok.raw")).st_size == 4 * MiB, names)
-        T.check("stat of every entry works", all(os.stat(m.path(n)).st_size >= 0 for n in names))
-        T.check("one log line about the huge snapshot",
-                len([l for l in m.log_text().splitlines() if "huge.qcow2" in l and "2^63" in l]) == 1,
-                m.log_text()[-600:])
 
-        # Opens racing a rename: the kernel still knows the name, the host file is gone.
-        before = m.log_text()
-        answers = []
-        for i in range(10):
-            src = os.path.join(SRC, "moving.qcow2" if i % 2 == 0 else "moved.qcow2")
-            dst = os.path.join(SRC, "moved.qcow2" if i % 2 == 0 else "moving.qcow2")
-            view = "moving.raw" if i % 2 == 0 else "moved.raw"
-            H.wait_for(lambda: os.path.exists(m.path(view)), timeout=3)
-            os.stat(m.path(view))
-            os.rename(src, dst)
-            try:
-                os.close(os.open(m.path(view), os.O_RDONLY))
-                answers.append(0)
-            except OSError as e:
-                answers.append(e.errno)
-        T.check("racing opens answer ENOENT or succeed", set(answers) <= {0, errno.ENOENT}, answers)
-        after = m.log_text()[len(before):]
-        T.check("racing opens log nothing", "moving" not in after and "moved" not in after, after[-600:])
-
-T.finish()
+T.run()

@@ -7,7 +7,6 @@ import filecmp
 import os
 import random
 import shutil
-import subprocess
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -16,47 +15,13 @@ import harness as H  # noqa: E402
 KiB, MiB = H.KiB, H.MiB
 T = H.TestRun("loop_mount", deadline=300)
 
-
-def skip(reason):
-    print("SKIP: %s" % reason, flush=True)
-    H._cleanup()
-    sys.exit(H.SKIP)
-
-
-for tool in ("losetup", "mkfs.ext4", "mount", "umount"):
-    if shutil.which(tool) is None:
-        skip("%s missing" % tool)
-if not os.path.exists("/dev/loop-control"):
-    skip("no /dev/loop-control")
-
 work = H.tempdir("loop")
 TREE = os.path.join(work, "tree")
 SRC = os.path.join(work, "src")
 os.makedirs(SRC)
-
-# probe: can we attach a loop device at all?
-probe = os.path.join(work, "probe.img")
-with open(probe, "wb") as f:
-    f.truncate(1 * MiB)
-p = subprocess.run(["losetup", "-f", "--show", probe], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-if p.returncode != 0:
-    skip("losetup not possible: %s" % p.stderr.decode().strip())
-subprocess.run(["losetup", "-d", p.stdout.decode().strip()])
-os.unlink(probe)
-
-loops = []       # attached loop devices, detached at the end
-mounted = []     # block-device mounts, unmounted at the end
-
-
-def cleanup_loops():
-    for d in reversed(mounted):
-        subprocess.run(["umount", d], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        if H.is_mounted(d):
-            subprocess.run(["umount", "-l", d], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    mounted.clear()
-    for l in reversed(loops):
-        subprocess.run(["losetup", "-d", l], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    loops.clear()
+if not T.args.list:
+    H.require_loop_devices(work)
+L = H.LoopDevices()
 
 
 # ---- the tree to copy ---------------------------------------------------------------------------
@@ -102,56 +67,52 @@ def tree_diff(a, b):
     return problems
 
 
-try:
-    with T.step("build ext4 image"):
-        make_tree()
-        raw = os.path.join(work, "fs.img")
-        with open(raw, "wb") as f:
-            f.truncate(48 * MiB)
-        H.run(["mkfs.ext4", "-q", "-F", raw])
-        dev = H.run(["losetup", "-f", "--show", raw]).out.strip()
-        loops.append(dev)
-        fsdir = os.path.join(work, "fs")
-        os.makedirs(fsdir)
-        H.run(["mount", dev, fsdir])
-        mounted.append(fsdir)
-        H.run(["cp", "-a", TREE + "/.", fsdir + "/"])
-        probs = tree_diff(TREE, fsdir)
-        T.check("copy into the ext4 image is faithful (sanity)", not probs, probs[:3])
-        cleanup_loops()
-        H.qemu_img("convert", "-f", "raw", "-O", "qcow2", raw, os.path.join(SRC, "fs.qcow2"))
-        H.qemu_img("convert", "-c", "-f", "raw", "-O", "qcow2", raw, os.path.join(SRC, "fsc.qcow2"))
-        H.qemu_img("convert", "-c", "-f", "raw", "-O", "qcow2", "-o",
-                   "compression_type=zstd,cluster_size=4k", raw, os.path.join(SRC, "fsz.qcow2"))
-        raw_sha = H.sha256_file(raw)
+@T.fixture
+def images():
+    """An ext4 file system holding TREE, as fs.qcow2, fsc.qcow2 (zlib) and fsz.qcow2 (zstd, 4k
+    clusters) in SRC; returns the sha256 of the raw file system."""
+    make_tree()
+    raw = os.path.join(work, "fs.img")
+    _dev, fsdir = L.ext4_with(raw, 48 * MiB, TREE, os.path.join(work, "fs"))
+    probs = tree_diff(TREE, fsdir)
+    T.check("copy into the ext4 image is faithful (sanity)", not probs, probs[:3])
+    L.cleanup()
+    H.qemu_img("convert", "-f", "raw", "-O", "qcow2", raw, os.path.join(SRC, "fs.qcow2"))
+    H.qemu_img("convert", "-c", "-f", "raw", "-O", "qcow2", raw, os.path.join(SRC, "fsc.qcow2"))
+    H.qemu_img("convert", "-c", "-f", "raw", "-O", "qcow2", "-o",
+               "compression_type=zstd,cluster_size=4k", raw, os.path.join(SRC, "fsz.qcow2"))
+    return H.sha256_file(raw)
 
+
+@T.fixture
+def qcowfs_mount():
+    images()
+    # the loop devices may hold the file a moment after losetup -d (autoclear); Mount.__exit__
+    # retries fusermount3 -u while busy
     with H.Mount(SRC) as m:
-        for name in ("fs", "fsc", "fsz"):
-            with T.step("loop mount %s.raw" % name):
-                view = m.path(name + ".raw")
-                T.check("%s.raw: same sha256 as the raw ext4 image" % name,
-                        H.sha256_file(view) == raw_sha)
-                dev = H.run(["losetup", "-r", "-f", "--show", view]).out.strip()
-                loops.append(dev)
-                fsck = H.run(["e2fsck", "-fn", dev], check=False)
-                T.check("%s.raw: e2fsck -fn clean" % name, fsck.returncode == 0,
-                        "exit %d: %s" % (fsck.returncode, (fsck.out + fsck.err)[-400:]))
-                d = os.path.join(work, "ro-" + name)
-                os.makedirs(d)
-                H.run(["mount", "-o", "ro", dev, d])
-                mounted.append(d)
-                probs = tree_diff(TREE, d)
-                T.check("%s.raw: tree read through the loop device equals the original" % name,
-                        not probs, "; ".join(probs[:4]))
-                H.run(["umount", d])
-                mounted.remove(d)
-                H.run(["losetup", "-d", dev])
-                loops.remove(dev)
-        # the loop devices may hold the file a moment after losetup -d (autoclear); Mount.__exit__
-        # retries fusermount3 -u while busy
-except H.MountError as e:
-    T.check("mount/unmount", False, str(e))
-finally:
-    cleanup_loops()
+        yield m
 
-T.finish()
+
+def loop_mount(name):
+    raw_sha = images()
+    m = qcowfs_mount()
+    view = m.path(name + ".raw")
+    T.check("%s.raw: same sha256 as the raw ext4 image" % name,
+            H.sha256_file(view) == raw_sha)
+    dev = L.attach(view, ro=True)
+    fsck = H.run(["e2fsck", "-fn", dev], check=False)
+    T.check("%s.raw: e2fsck -fn clean" % name, fsck.returncode == 0,
+            "exit %d: %s" % (fsck.returncode, (fsck.out + fsck.err)[-400:]))
+    d = L.mount(dev, os.path.join(work, "ro-" + name), ro=True)
+    probs = tree_diff(TREE, d)
+    T.check("%s.raw: tree read through the loop device equals the original" % name,
+            not probs, "; ".join(probs[:4]))
+    L.umount(d)
+    L.detach(dev)
+
+
+for name in ("fs", "fsc", "fsz"):
+    T.add_test("test_loop_mount_%s" % name, loop_mount, name)
+T.at_end(L.cleanup)
+
+T.run()

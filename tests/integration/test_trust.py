@@ -8,7 +8,6 @@ enter, FIFOs, devices and the mount's own files as image, backing or data file. 
 must fail quickly with the decoy unread and unchanged (content, mode, owner, atime), the daemon
 alive, the good image fine and the unmount clean; -o allow_dir lets the intended files through."""
 
-import errno
 import os
 import sys
 import time
@@ -34,7 +33,6 @@ os.chmod(MNT_PARENT, 0o755)
 MNT = os.path.join(MNT_PARENT, "mnt")
 os.makedirs(MNT)
 
-UID, GID = TH.make_user("trust")
 SECRET = b"TOP-SECRET-" * 6000
 
 
@@ -48,7 +46,13 @@ def give(path):
 
 # ---- decoys and images --------------------------------------------------------------------------
 decoys = {}
-with T.step("decoys"):
+
+
+@T.fixture
+def make_decoys():
+    """The unprivileged user (UID, GID) and the files they must not reach."""
+    global secret_img, UID, GID
+    UID, GID = TH.make_user("trust")
     decoys["raw"] = TH.Decoy(os.path.join(OUT, "decoy.raw"), SECRET + b"\0" * (MiB - len(SECRET)))
     decoys["data"] = TH.Decoy(os.path.join(OUT, "dd.raw"), b"D" * MiB)
     # A root-only image elsewhere (what a swapped symlink would point at).
@@ -60,7 +64,11 @@ with T.step("decoys"):
     decoys["secret_img"].path = secret_img
     decoys["secret_img"].before = decoys["secret_img"].state()
 
-with T.step("images"):
+
+@T.fixture
+def images():
+    global planted_backing, rootimg
+    make_decoys()
     good = S("good.qcow2")
     H.create(good, 2 * MiB)
     H.qemu_io(good, "write -P 0x11 0 1M")
@@ -163,7 +171,11 @@ def wait_visible(m, name):
 
 
 # ---- the default mount: allow_other, nothing allowed outside SRC --------------------------------
-with T.step("default mount"):
+
+
+@T.test
+def test_default_mount():
+    images()
     with H.Mount(SRC, mnt=MNT, args=["-o", "allow_other"]) as m:
         T.check("user sees the listing", "good.raw" in TH.as_user(UID, GID, "list", MNT).get("names", []))
 
@@ -242,14 +254,25 @@ with T.step("default mount"):
         good_still_fine(m, "default mount")
     T.check("default mount: unmounted cleanly", True)
 
+
 # ---- allow_dir=/: only the regular-file and own-mount rules remain --------------------------------
-with T.step("allow_dir=/ mount"):
+
+
+@T.fixture
+def own_mount_backings():
+    """Images whose backing file is the mount's own file, /dev/zero, or a loop of them."""
     own = S("own.qcow2")
     H.qemu_img("create", "-f", "qcow2", "-u", "-b", os.path.join(MNT, "good.raw"), "-F", "raw", own, str(MiB))
     inner = S("inner.qcow2")  # the mount point lies inside SRC here
     H.qemu_img("create", "-f", "qcow2", "-u", "-b", "mnt_in/good.raw", "-F", "raw", inner, str(MiB))
     H.qemu_img("create", "-f", "qcow2", "-u", "-b", "/dev/zero", "-F", "raw", S("zero.qcow2"), str(MiB))
     H.qemu_img("create", "-f", "qcow2", "-u", "-b", "own.qcow2", "-F", "qcow2", S("self.qcow2"), str(MiB))
+
+
+@T.test
+def test_allow_dir_root():
+    images()
+    own_mount_backings()
     with H.Mount(SRC, mnt=MNT, args=["-o", "allow_other,allow_dir=/"]) as m:
         for name in ("own", "zero"):
             t0 = time.monotonic()
@@ -267,7 +290,11 @@ with T.step("allow_dir=/ mount"):
     os.utime(decoys["raw"].path, ns=(decoys["raw"].before["atime"], decoys["raw"].before["mtime"]))
     decoys["raw"].before = decoys["raw"].state()
 
-with T.step("mount point inside SRC"):
+
+@T.test
+def test_mount_point_inside_src():
+    images()
+    own_mount_backings()
     mnt_in = S("mnt_in")
     os.makedirs(mnt_in)
     with H.Mount(SRC, mnt=mnt_in, args=["-o", "allow_other"]) as m:
@@ -288,8 +315,13 @@ with T.step("mount point inside SRC"):
         T.check("SIGTERM ends the daemon (exit 0) and unmounts", code == 0 and not H.is_mounted(mnt_in),
                 "exit %s, mounted %s" % (code, H.is_mounted(mnt_in)))
 
+
 # ---- allow_dir lets the intended files through --------------------------------------------------
-with T.step("allow_dir=OUT"):
+
+
+@T.test
+def test_allow_dir_out():
+    images()
     shared = TH.Decoy(os.path.join(OUT, "shared.raw"), b"S" * MiB, mode=0o644)
     H.qemu_img("create", "-f", "qcow2", "-u", "-b", shared.path, "-F", "raw", S("sh.qcow2"), str(MiB))
     give(S("sh.qcow2"))
@@ -307,4 +339,5 @@ with T.step("allow_dir=OUT"):
     decoys["raw"].before = decoys["raw"].state()
     decoys_untouched("after all mounts")
 
-T.finish()
+
+T.run()

@@ -18,10 +18,10 @@ everything back at unmount. Then:
   refcounts rebuilt before that), unmounts cleanly and leaves a clean image: no dirty bit, no
   corruption, and no more leaked clusters than the crash left (none at all after a rebuild).
 
-H5_ROUNDS=N runs only the first N rounds, H5_ONLY=3,7 only those; H5_SEED=S changes all seeds.
+Each round is a test (test_round_03_snapshot_delay, ...): `-k round_03` runs one. H5_ROUNDS=N
+runs only the first N rounds, H5_ONLY=3,7 only those; H5_SEED=S changes all seeds.
 """
 
-import hashlib
 import os
 import random
 import shutil
@@ -32,7 +32,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness as H  # noqa: E402
-import writehelp as W  # noqa: E402
+import journal as J  # noqa: E402
 
 KiB, MiB = H.KiB, H.MiB
 T = H.TestRun("write_crash", deadline=800)
@@ -112,8 +112,8 @@ def build(work, v, seed):
         extra["snap_sha"] = H.sha256_file(extra["snap_ref"])
     initial = None
     if v.get("backing") or v.get("snapshot"):
-        initial = W.read_raw(img, os.path.join(work, "initial.raw"))
-    c = W.qcheck(img)
+        initial = H.read_raw(img, os.path.join(work, "initial.raw"))
+    c = H.qcheck(img)
     if not c.clean():
         raise RuntimeError("the fresh image is not clean: " + c.summary())
     return src, img, initial, extra
@@ -158,13 +158,13 @@ def run_round(idx, variant, mode):
     if mode == "fsync":
         for c in cfgs:
             c["sizes"] = "big" if c["wid"] == 0 else c["sizes"]
-    procs = [W.start_writer(c) for c in cfgs]
+    procs = [J.start_writer(c) for c in cfgs]
     umount_proc = None
     how = ""
     # the clock starts once every writer has the file open (python start-up is not the point)
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline and not all(p.poll() is not None for p in procs):
-        if all(W.Journal(c["journal"], c).opened for c in cfgs):
+        if all(J.Journal(c["journal"], c).opened for c in cfgs):
             break
         time.sleep(0.005)
     if mode in ("delay", "alloc"):
@@ -177,7 +177,7 @@ def run_round(idx, variant, mode):
         deadline = time.monotonic() + 8
         how = "after %.2fs warm-up, no fsync caught in flight" % warm
         while time.monotonic() < deadline and not all(p.poll() is not None for p in procs):
-            js = [W.Journal(c["journal"], c) for c in cfgs]
+            js = [J.Journal(c["journal"], c) for c in cfgs]
             hit = [j.cfg["wid"] for j in js if j.in_fsync()]
             if hit:
                 how = "while writer(s) %s were in fsync" % hit
@@ -189,7 +189,7 @@ def run_round(idx, variant, mode):
         deadline = time.monotonic() + 120
         caught = None
         while time.monotonic() < deadline and not all(p.poll() is not None for p in procs):
-            js = [W.Journal(c["journal"], c) for c in cfgs]
+            js = [J.Journal(c["journal"], c) for c in cfgs]
             hit = [j.cfg["wid"] for j in js if j.closing and not j.ended]
             if hit and rnd.random() < 0.5:
                 caught = hit
@@ -229,9 +229,9 @@ def run_round(idx, variant, mode):
     log1 = m.log_text()
     m.force_cleanup()
 
-    journals = [W.Journal(c["journal"], c) for c in cfgs]
+    journals = [J.Journal(c["journal"], c) for c in cfgs]
     for p, j in zip(procs, journals):
-        out = W.dec(p.stdout.read()) if p.stdout else ""
+        out = H.dec(p.stdout.read()) if p.stdout else ""
         print("  writer %d: %d ops issued, last fsync covers ops < %d, %d fsyncs ok, errors %s%s" % (
             j.cfg["wid"], len(j.ops), j.sync_point(), len(j.synced),
             [(s, H.errname(e), w) for s, e, t, w in j.errors],
@@ -244,15 +244,15 @@ def run_round(idx, variant, mode):
             sum(len(j.ops) for j in journals) > 0, "no writer opened the file")
 
     # ---- the image as the crash left it
-    f = W.features(img)
-    dirty = bool(f["inc"] & W.INCOMPAT_DIRTY)
+    f = H.features(img)
+    dirty = bool(f["inc"] & H.INCOMPAT_DIRTY)
     print("  header after the crash: incompatible 0x%x compatible 0x%x autoclear 0x%x" % (
         f["inc"], f["compat"], f["autoclear"]), flush=True)
-    T.check("%s: corrupt bit not set by the crash" % name, not f["inc"] & W.INCOMPAT_CORRUPT, f)
+    T.check("%s: corrupt bit not set by the crash" % name, not f["inc"] & H.INCOMPAT_CORRUPT, f)
     if dirty and not lazy:
         T.check("%s: dirty bit only on lazy_refcounts images" % name, False,
                 "incompatible features 0x%x on an image without lazy_refcounts" % f["inc"])
-    c = W.qcheck(img)
+    c = H.qcheck(img)
     print("  " + c.summary(), flush=True)
     if clean_exit:
         # the unmount finished before the kill: closing must have left the image clean
@@ -265,7 +265,7 @@ def run_round(idx, variant, mode):
                 c.js is not None and c.check_errors == 0 and not bad, c.summary())
         cp = os.path.join(work, "repair-copy.qcow2")
         shutil.copyfile(img, cp)
-        r = W.qcheck(cp, "all")
+        r = H.qcheck(cp, "all")
         T.check("%s: dirty lazy image: `qemu-img check -r all` on a copy repairs everything (exit 0)" % name,
                 r.rc == 0, r.summary())
         os.unlink(cp)
@@ -274,8 +274,8 @@ def run_round(idx, variant, mode):
                 c.summary())
         leaks_before = c.leaks
     after_raw = os.path.join(work, "after.raw")
-    actual = W.read_raw(img, after_raw)
-    model = W.Model(initial, size, max_size, journals)
+    actual = H.read_raw(img, after_raw)
+    model = J.Model(initial, size, max_size, journals)
     probs = model.verify(actual)
     T.check("%s: everything fsynced reads back (qemu-img convert)" % name, not probs,
             "%s [%d ops required, %d issued after the last fsyncs]" % (
@@ -301,22 +301,22 @@ def run_round(idx, variant, mode):
             cfg2["path"] = m2.path("disk.raw")
             T.check_compare("%s: remounted qcowfs reads what qemu-img convert reads" % name,
                             m2.path("disk.raw"), after_raw, nreads=40,
-                            cluster_size=W.cluster_size(img))
+                            cluster_size=H.cluster_size(img))
             if "snap_ref" in extra:
                 T.check_compare("%s: snapshot view reads the snapshot" % name,
                                 m2.path("disk@%s.raw" % v["snapshot"]), extra["snap_ref"], nreads=20)
-            p = W.start_writer(cfg2)
+            p = J.start_writer(cfg2)
             try:
                 p.wait(timeout=120)
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait()
-            j2 = W.Journal(j2path, cfg2)
+            j2 = J.Journal(j2path, cfg2)
             T.check("%s: writing again after the crash works (60 ops, fsync, close)" % name,
                     p.returncode == 0 and j2.ended and not j2.errors,
                     "exit %s, errors %s, output %s; log tail %s" % (
                         p.returncode, [(s, H.errname(e), w) for s, e, t, w in j2.errors],
-                        W.dec(p.stdout.read()).strip()[-300:], m2.log_text()[-1500:]))
+                        H.dec(p.stdout.read()).strip()[-300:], m2.log_text()[-1500:]))
             if lazy and dirty:
                 print("  lazy image was dirty at mount: qcowfs must have rebuilt its refcounts "
                       "before that write", flush=True)
@@ -324,12 +324,12 @@ def run_round(idx, variant, mode):
     except H.MountError as e:
         T.check("%s: remount and clean unmount (exit 0)" % name, False, str(e))
         return
-    f2 = W.features(img)
+    f2 = H.features(img)
     T.check("%s: after the clean unmount the dirty bit is clear" % name,
-            not f2["inc"] & W.INCOMPAT_DIRTY, "incompatible 0x%x" % f2["inc"])
+            not f2["inc"] & H.INCOMPAT_DIRTY, "incompatible 0x%x" % f2["inc"])
     T.check("%s: after the clean unmount the corrupt bit is clear" % name,
-            not f2["inc"] & W.INCOMPAT_CORRUPT, "incompatible 0x%x" % f2["inc"])
-    c2 = W.qcheck(img)
+            not f2["inc"] & H.INCOMPAT_CORRUPT, "incompatible 0x%x" % f2["inc"])
+    c2 = H.qcheck(img)
     print("  after remount+write+unmount: " + c2.summary(), flush=True)
     if lazy and dirty:
         T.check("%s: dirty image rebuilt before its first write: check exit 0, no leaks" % name,
@@ -343,8 +343,8 @@ def run_round(idx, variant, mode):
             if c2.leaks:
                 print("  NOTE: %d leaked clusters from the crash remain after a clean remount cycle"
                       % c2.leaks, flush=True)
-    final = W.read_raw(img, os.path.join(work, "final.raw"))
-    m2model = W.Model(actual, len(actual), len(actual), [W.Journal(j2path, cfg2)])
+    final = H.read_raw(img, os.path.join(work, "final.raw"))
+    m2model = J.Model(actual, len(actual), len(actual), [J.Journal(j2path, cfg2)])
     probs = m2model.verify(final)
     T.check("%s: the writes after the remount read back exactly" % name,
             not probs and m2model.n_alt == 0, "; ".join(probs) + " [%d later ops]" % m2model.n_alt)
@@ -362,16 +362,25 @@ def run_round(idx, variant, mode):
 
 
 synced_rounds = []
-ran = 0
+ran_rounds = []
 ONLY = {int(x) for x in os.environ.get("H5_ONLY", "").split(",") if x.strip()}
-for i, (variant, mode) in enumerate(ROUNDS):
-    if ONLY and i not in ONLY:
-        continue
-    ran += 1
-    with T.step("round %d %s/%s" % (i, variant, mode)):
-        if run_round(i, variant, mode):
-            synced_rounds.append(i)
-T.check("fsynced data was there to verify in at least half of the rounds (%d of %d)" % (
-    len(synced_rounds), ran), 2 * len(synced_rounds) >= ran, synced_rounds)
 
-T.finish()
+
+def crash_round(i, variant, mode):
+    ran_rounds.append(i)
+    if run_round(i, variant, mode):
+        synced_rounds.append(i)
+
+
+for i, (variant, mode) in enumerate(ROUNDS):
+    if not ONLY or i in ONLY:
+        T.add_test("test_round_%02d_%s_%s" % (i, variant, mode), crash_round, i, variant, mode)
+
+
+@T.at_end
+def enough_rounds_verified():
+    T.check("fsynced data was there to verify in at least half of the rounds (%d of %d)" % (
+        len(synced_rounds), len(ran_rounds)), 2 * len(synced_rounds) >= len(ran_rounds), synced_rounds)
+
+
+T.run()
