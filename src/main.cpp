@@ -9,6 +9,7 @@
 
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/signal_set.hpp>
+#include <algorithm>
 #include <climits>
 #include <csignal>
 #include <cstdio>
@@ -19,6 +20,7 @@
 #include <sstream>
 #include <string>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include "qcowfs/format/error.hpp"
@@ -101,6 +103,16 @@ size_t parse_size(const std::string& key, const std::string& text) {
     return static_cast<size_t>(v);
 }
 
+/// The -o options that take a SIZE, and where each goes.
+constexpr std::pair<const char*, size_t Options::*> kSizeOptions[] = {
+    {"l2_cache", &Options::l2_cache},
+    {"readahead", &Options::readahead},
+    {"compressed_cache", &Options::compressed_cache},
+    {"write_cache", &Options::write_cache},
+    {"refcount_memory", &Options::refcount_memory},
+    {"scan_limit", &Options::scan_limit},
+};
+
 void parse_o(Options& o, const std::string& list) {
     std::stringstream ss(list);
     std::string opt;
@@ -108,23 +120,15 @@ void parse_o(Options& o, const std::string& list) {
         if (opt.empty()) continue;
         auto eq = opt.find('=');
         std::string key = opt.substr(0, eq), value = eq == std::string::npos ? "" : opt.substr(eq + 1);
+        auto size_option = std::find_if(std::begin(kSizeOptions), std::end(kSizeOptions),
+                                        [&](const auto& entry) { return key == entry.first; });
         if (opt == "ro") {
             o.read_only = true;
             o.fuse_options.push_back("ro");
         } else if (key == "threads") {
             o.threads = static_cast<unsigned>(parse_size(key, value));
-        } else if (key == "l2_cache") {
-            o.l2_cache = parse_size(key, value);
-        } else if (key == "readahead") {
-            o.readahead = parse_size(key, value);
-        } else if (key == "compressed_cache") {
-            o.compressed_cache = parse_size(key, value);
-        } else if (key == "write_cache") {
-            o.write_cache = parse_size(key, value);
-        } else if (key == "refcount_memory") {
-            o.refcount_memory = parse_size(key, value);
-        } else if (key == "scan_limit") {
-            o.scan_limit = parse_size(key, value);
+        } else if (size_option != std::end(kSizeOptions)) {
+            o.*(size_option->second) = parse_size(key, value);
         } else if (key == "log") {
             o.log_file = value;
         } else if (key == "allow_dir") {
@@ -274,26 +278,23 @@ void detach_stdio() {
     if (null > 2) ::close(null);
 }
 
-}  // namespace
 
-int main(int argc, char** argv) {
-    tune_allocator();
-    Options o = parse_args(argc, argv);
+/// Makes the paths absolute and checks what must hold before mounting; sets up logging.
+void check_before_mounting(Options& o) {
     o.source = absolute_dir(o.source, "source directory");
     o.mountpoint = absolute_dir(o.mountpoint, "mount point");
     for (auto& d : o.allow_dirs) d = absolute_dir(d, "allow_dir");
     if (is_mount_point(o.mountpoint)) die("mount point " + o.mountpoint + " is busy: something is already mounted there");
     if (::access("/dev/fuse", R_OK | W_OK) != 0) die(std::string("cannot open /dev/fuse: ") + std::strerror(errno));
-
     try {
         if (!o.log_file.empty()) log::configure(log::Sink::file, o.log_file);
     } catch (const std::system_error& e) {
         die(e.what());
     }
     log::set_debug(o.debug);
+}
 
-    int ready_fd = o.foreground ? -1 : daemonize_wait();
-
+fs::FsOptions fs_options_of(const Options& o) {
     fs::FsOptions fs_options;
     fs_options.source_dir = o.source;
     fs_options.mountpoint = o.mountpoint;
@@ -305,15 +306,11 @@ int main(int argc, char** argv) {
     fs_options.force_share = o.force_share;
     fs_options.refcount_memory_bytes = o.refcount_memory;
     fs_options.scan_limit_bytes = o.scan_limit;
+    return fs_options;
+}
 
-    asio::io_context io;
-    fs::Filesystem filesystem(io, fs_options);
-    try {
-        filesystem.initial_scan();
-    } catch (const std::system_error& e) {
-        die("source directory " + o.source + ": " + reason_of(e));
-    }
-
+/// A FUSE session serving `filesystem`, mounted on o.mountpoint; dies if that fails.
+fuse_session* mount(const Options& o, fs::Filesystem& filesystem) {
     // FUSE options: ours first, the user's after them so they can override.
     std::vector<std::string> args = {"qcowfs", "-o", "default_permissions,fsname=" + o.source + ",subtype=qcowfs"};
     for (const auto& opt : o.fuse_options) {
@@ -330,8 +327,13 @@ int main(int argc, char** argv) {
         fuse_session_destroy(se);
         die("cannot mount on " + o.mountpoint);
     }
+    return se;
+}
 
-    if (ready_fd >= 0) {
+/// Once mounted: a daemon leaves its terminal; the mount's device, readahead and the descriptor
+/// limit are set up.
+void after_mounting(const Options& o, fs::Filesystem& filesystem, bool daemon) {
+    if (daemon) {
         if (o.log_file.empty()) log::configure(log::Sink::syslog);
         if (::chdir("/") != 0) { /* nothing depends on the working directory */ }
         detach_stdio();
@@ -345,6 +347,41 @@ int main(int argc, char** argv) {
     log::info("serving " + o.source + " on " + o.mountpoint);
     if (o.force_share)
         log::info("force_share: images are read without taking or checking QEMU's image locks; the mount is read-only");
+}
+
+/// Tells the parent of a daemon that the mount is live.
+void report_ready(int ready_fd) {
+    if (ready_fd < 0) return;
+    char ok = 0;
+    if (::write(ready_fd, &ok, 1) != 1) { /* the parent is gone; keep serving */ }
+    ::close(ready_fd);
+}
+
+/// Runs `io` on `threads` threads (this one included) until it stops.
+void run_threads(asio::io_context& io, unsigned threads) {
+    std::vector<std::thread> pool;
+    for (unsigned i = 1; i < threads; ++i) pool.emplace_back([&io] { io.run(); });
+    io.run();
+    for (auto& t : pool) t.join();
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+    tune_allocator();
+    Options o = parse_args(argc, argv);
+    check_before_mounting(o);
+    int ready_fd = o.foreground ? -1 : daemonize_wait();
+
+    asio::io_context io;
+    fs::Filesystem filesystem(io, fs_options_of(o));
+    try {
+        filesystem.initial_scan();
+    } catch (const std::system_error& e) {
+        die("source directory " + o.source + ": " + reason_of(e));
+    }
+    fuse_session* se = mount(o, filesystem);
+    after_mounting(o, filesystem, ready_fd >= 0);
 
     asio::signal_set signals(io, SIGINT, SIGTERM, SIGHUP);
     signals.async_wait([&](const boost::system::error_code& ec, int sig) {
@@ -356,17 +393,8 @@ int main(int argc, char** argv) {
         signals.cancel();
         io.stop();
     });
-    if (ready_fd >= 0) {
-        char ok = 0;
-        if (::write(ready_fd, &ok, 1) != 1) { /* the parent is gone; keep serving */ }
-        ::close(ready_fd);
-    }
-
-    unsigned threads = o.threads ? o.threads : std::max(2u, std::thread::hardware_concurrency());
-    std::vector<std::thread> pool;
-    for (unsigned i = 1; i < threads; ++i) pool.emplace_back([&io] { io.run(); });
-    io.run();
-    for (auto& t : pool) t.join();
+    report_ready(ready_fd);
+    run_threads(io, o.threads ? o.threads : std::max(2u, std::thread::hardware_concurrency()));
 
     fuse_session_unmount(se);
     fuse_session_destroy(se);

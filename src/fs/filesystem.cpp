@@ -8,7 +8,6 @@
 #include <boost/asio/as_tuple.hpp>
 #include <algorithm>
 #include <boost/asio/co_spawn.hpp>
-#include <boost/asio/detached.hpp>
 #include <boost/asio/posix/stream_descriptor.hpp>
 #include <boost/asio/post.hpp>
 #include <boost/asio/steady_timer.hpp>
@@ -16,36 +15,20 @@
 #include <chrono>
 #include <cstring>
 
-#include "qcowfs/cache/data_cache.hpp"
 #include "qcowfs/format/error.hpp"
 #include "qcowfs/io/file.hpp"
-#include "qcowfs/qcow2/image.hpp"
+#include "qcowfs/qcow2/disk.hpp"
 #include "qcowfs/util/log.hpp"
 
 namespace qcowfs::fs {
-
-namespace {
-
-/// "N bytes of cached writes in M ranges (0x..+len, ...) are lost: WHY".
-std::string lost_writes(const cache::DataCache& cache, const std::string& why) {
-    constexpr size_t kShown = 16;
-    auto ranges = cache.dirty_ranges(kShown + 1);
-    std::string list;
-    for (size_t i = 0; i < ranges.size() && i < kShown; ++i)
-        list += (i ? ", " : "") + hex(ranges[i].first) + "+" + std::to_string(ranges[i].second);
-    if (ranges.size() > kShown) list += ", and more";
-    return std::to_string(cache.dirty_bytes()) + " bytes of cached writes (guest ranges " + list +
-           ") are lost: " + why;
-}
-
-}  // namespace
 
 Filesystem::Filesystem(asio::io_context& io, FsOptions options)
     : io_(io),
       options_(std::move(options)),
       scanner_(options_.source_dir, ScanOptions{&policy_, options_.mountpoint, !options_.read_only}),
       images_(io),
-      serve_strand_(asio::make_strand(io)) {
+      serve_strand_(asio::make_strand(io)),
+      requests_(serve_strand_) {
     policy_.allowed_dirs.push_back(options_.source_dir);
     for (const auto& d : options_.allow_dirs) policy_.allowed_dirs.push_back(d);
     policy_.own_mount = options_.mountpoint;
@@ -53,12 +36,27 @@ Filesystem::Filesystem(asio::io_context& io, FsOptions options)
 }
 
 Filesystem::~Filesystem() {
+    stop_scanner();
+    if (scan_thread_.joinable()) scan_thread_.join();
+}
+
+void Filesystem::stop_scanner() {
     {
         std::lock_guard lock(scan_mutex_);
         scan_stop_ = true;
     }
     scan_cv_.notify_all();
-    if (scan_thread_.joinable()) scan_thread_.join();
+}
+
+void Filesystem::log_failure(const std::string& what, std::exception_ptr error) {
+    if (!error) return;
+    try {
+        std::rethrow_exception(error);
+    } catch (const std::exception& e) {
+        log::error(what + " failed: " + e.what());
+    } catch (...) {
+        log::error(what + " failed");
+    }
 }
 
 void Filesystem::initial_scan() {
@@ -96,17 +94,14 @@ void Filesystem::start(fuse_session* session, std::function<void()> on_finished)
     on_finished_ = std::move(on_finished);
     scan_thread_ = std::thread([this] { scanner_loop(); });
     writeback_timer_ = std::make_unique<asio::steady_timer>(serve_strand_);
-    asio::co_spawn(serve_strand_, writeback_loop(), asio::detached);
+    asio::co_spawn(serve_strand_, writeback_loop(),
+                   [](std::exception_ptr error) { log_failure("the periodic write-back", error); });
     asio::co_spawn(serve_strand_, serve(), [this](std::exception_ptr error) {
         // serve() handles its own errors; anything escaping still ends the mount cleanly.
         if (!error) return;
-        try {
-            std::rethrow_exception(error);
-        } catch (const std::exception& e) {
-            log::error(std::string("request loop failed: ") + e.what());
-        }
+        log_failure("request loop", error);
         stopping_ = true;
-        asio::co_spawn(serve_strand_, drain(), asio::detached);
+        asio::co_spawn(serve_strand_, drain(), [](std::exception_ptr e) { log_failure("shutdown", e); });
     });
 }
 
@@ -151,30 +146,16 @@ Task<void> Filesystem::serve() {
     co_await drain();
 }
 
-Task<bool> Filesystem::wait_idle(std::chrono::seconds limit) {
-    asio::steady_timer timer(serve_strand_);
-    auto deadline = std::chrono::steady_clock::now() + limit;
-    while (inflight_.load() > 0 && std::chrono::steady_clock::now() < deadline) {
-        timer.expires_after(std::chrono::milliseconds(5));
-        co_await timer.async_wait(asio::use_awaitable);
-    }
-    co_return inflight_.load() == 0;
-}
-
 Task<void> Filesystem::drain() {
     if (writeback_timer_) writeback_timer_->cancel();  // writeback_loop sees stopping_ and ends
-    if (!co_await wait_idle(std::chrono::seconds(60)))
-        log::error("gave up waiting for " + std::to_string(inflight_.load()) + " requests");
+    if (!co_await requests_.wait_empty(std::chrono::seconds(60)))
+        log::error("gave up waiting for " + std::to_string(requests_.count()) + " requests");
     // Unmounted or stopped with images still open (the kernel sends no more releases): close each
     // as the last release would, so every image is left written back and clean.
     for (const auto& slot : images_.all()) spawn(slot->strand, close_slot(slot, true));
-    if (!co_await wait_idle(std::chrono::seconds(120)))
-        log::error("gave up waiting for " + std::to_string(inflight_.load()) + " image closes");
-    {
-        std::lock_guard lock(scan_mutex_);
-        scan_stop_ = true;
-    }
-    scan_cv_.notify_all();
+    if (!co_await requests_.wait_empty(std::chrono::seconds(120)))
+        log::error("gave up waiting for " + std::to_string(requests_.count()) + " image closes");
+    stop_scanner();
     if (on_finished_) on_finished_();
 }
 
@@ -191,15 +172,27 @@ Task<void> Filesystem::writeback_loop() {
 
 Task<void> Filesystem::ensure_open(std::shared_ptr<ImageSlot> slot, bool writable_wanted,
                                    const io::Credentials& user) {
-    // One open or close per image at a time; later handles share the Image.
+    // One open or close per image at a time; later handles share the Disk.
     auto guard = co_await slot->lifecycle.lock();
-    if (slot->image) co_return;
+    if (slot->disk) co_return;
+    auto files = std::make_shared<std::vector<io::HostFile>>();
+    qcow2::OpenOptions options = open_options(slot, user, files);
+    options.writable = writable_wanted && !slot->corrupt;
+    qcow2::DiskOptions disk_options;
+    disk_options.write_cache_bytes = options_.write_cache_bytes;
+    disk_options.on_resize = [&live_size = slot->live_size](uint64_t size) { live_size = size; };
+    slot->disk = co_await qcow2::Disk::open(slot->path, std::move(options), std::move(disk_options));
+    slot->live_size = slot->disk->size();
+    slot->files = std::move(*files);
+}
+
+qcow2::OpenOptions Filesystem::open_options(const std::shared_ptr<ImageSlot>& slot, const io::Credentials& user,
+                                            std::shared_ptr<std::vector<io::HostFile>> files) {
     qcow2::OpenOptions options;
     // Every file goes through the host policy; each one opened is recorded for the access checks
     // of later requests. The image is the file the scan saw; any other path is a file it depends
     // on: its data file when opened for writing (only the top image's is), else a backing file or
     // a read-only data file, which get the same rules.
-    auto files = std::make_shared<std::vector<io::HostFile>>();
     options.opener = [this, slot, files, user](const std::string& path, bool writable) {
         io::HostOpen request;
         request.path = path;
@@ -232,30 +225,7 @@ Task<void> Filesystem::ensure_open(std::shared_ptr<ImageSlot> slot, bool writabl
         // The failing request and the close that follow add no more lines (but loss lines).
         images_.report_corrupt(s->path, reason);
     };
-    std::shared_ptr<qcow2::Image> image;
-    if (writable_wanted && !slot->corrupt) {
-        options.writable = true;
-        int denied = 0;
-        try {
-            image = co_await qcow2::Image::open(slot->path, options);
-        } catch (const std::system_error& e) {
-            denied = errno_of(e);
-            if (denied != EACCES && denied != EROFS && denied != EPERM) throw;
-        }
-        if (denied) {
-            log::debug(slot->path + ": cannot be opened for writing (" + std::strerror(denied) + "), read-only");
-            options.writable = false;
-        }
-    }
-    if (!image) image = co_await qcow2::Image::open(slot->path, options);
-    if (options.writable && image->read_only_reason().empty()) {
-        slot->active = image->active();
-        slot->cache = std::make_unique<cache::DataCache>(*slot->active, options_.write_cache_bytes);
-    }
-    slot->changes = slot->flushed_changes = 0;
-    slot->live_size = image->size();
-    slot->image = std::move(image);
-    slot->files = std::move(*files);
+    return options;
 }
 
 Task<void> Filesystem::open_for(std::shared_ptr<ImageSlot> slot, bool writable_wanted, const io::Credentials& user,
@@ -263,7 +233,7 @@ Task<void> Filesystem::open_for(std::shared_ptr<ImageSlot> slot, bool writable_w
     co_await ensure_open(slot, writable_wanted, user);
     // Whoever opened the image first, this user gets only what the host would give them.
     io::check_user_access(policy_, user, slot->files, for_writing);
-    if (for_writing && slot->cache && !slot->corrupt) slot->image->lock_for_writing();
+    if (for_writing && slot->disk->writable() && !slot->corrupt) slot->disk->image().lock_for_writing();
 }
 
 io::HostFile Filesystem::host_file_of(const Node& node) {
@@ -281,37 +251,34 @@ Task<void> Filesystem::close_slot(std::shared_ptr<ImageSlot> slot, bool force) {
         // An open that came in since the last release keeps the image (it waited for this lock
         // and finds it open); a close that forced its way at shutdown needs no second try.
         if (!force && images_.handles(slot) > 0) co_return;
-        if (slot->image) {
-            if (slot->cache) {
-                try {
-                    co_await slot->cache->write_back();
-                } catch (const std::system_error& e) {
-                    // What the cache still holds is dropped with it: say exactly what.
-                    images_.report_loss(slot->path, lost_writes(*slot->cache, "writing back at close failed: " + describe(e)));
-                }
-            }
-            try {
-                co_await slot->image->close();
-            } catch (const std::system_error& e) {
-                images_.report(slot->path, "closing the image failed: " + describe(e));
-            }
-            images_.closed(*slot, slot->image->size());
-            slot->cache.reset();
-            slot->active.reset();
-            slot->image.reset();
-            slot->live_size = ImageSlot::kUnknownSize;
-        }
+        if (slot->disk) co_await close_disk(*slot);
     }
     if (!force) images_.remove_if_unused(slot);
 }
 
+Task<void> Filesystem::close_disk(ImageSlot& slot) {
+    qcow2::Disk& disk = *slot.disk;
+    try {
+        co_await disk.write_back();
+    } catch (const std::system_error& e) {
+        // What the cache still holds is dropped with it: say exactly what.
+        images_.report_loss(slot.path, disk.lost_writes("writing back at close failed: " + describe(e)));
+    }
+    try {
+        co_await disk.close();
+    } catch (const std::system_error& e) {
+        images_.report(slot.path, "closing the image failed: " + describe(e));
+    }
+    images_.closed(slot, disk.size());
+    slot.disk.reset();  // the cache, then the active view, then the image
+    slot.live_size = ImageSlot::kUnknownSize;
+}
+
 Task<void> Filesystem::flush_slot(std::shared_ptr<ImageSlot> slot) {
     auto guard = co_await slot->lifecycle.lock();
-    if (!slot->cache || (slot->cache->empty() && slot->changes == slot->flushed_changes)) co_return;
-    uint64_t changes = slot->changes;
+    if (!slot->disk || !slot->disk->changed_since_flush()) co_return;
     try {
-        co_await slot->cache->flush();
-        slot->flushed_changes = std::max(slot->flushed_changes, changes);
+        co_await slot->disk->flush();
     } catch (const std::system_error& e) {
         images_.report(slot->path, "periodic write-back failed (the data stays cached, retried later): " + describe(e));
     }

@@ -6,17 +6,15 @@
 #include <sys/statvfs.h>
 #include <unistd.h>
 
-#include <boost/asio/co_spawn.hpp>
-#include <boost/asio/detached.hpp>
+#include <boost/asio/post.hpp>
 #include <cstring>
 #include <limits>
 #include <optional>
 #include <vector>
 
-#include "qcowfs/cache/data_cache.hpp"
 #include "qcowfs/format/error.hpp"
 #include "qcowfs/fs/filesystem.hpp"
-#include "qcowfs/qcow2/image.hpp"
+#include "qcowfs/qcow2/disk.hpp"
 #include "qcowfs/util/log.hpp"
 
 namespace qcowfs::fs {
@@ -31,8 +29,13 @@ constexpr mode_t kWriteBits = S_IWUSR | S_IWGRP | S_IWOTH;
 struct OpenFile {
     std::shared_ptr<ImageSlot> slot;
     std::shared_ptr<qcow2::BlockSource> view;
-    bool active = false;    // the active disk (reads go through slot->cache when there is one)
-    bool writable = false;  // opened for writing (then slot->cache exists)
+    bool active = false;    // the active disk (reads go through the disk's cache when there is one)
+    bool writable = false;  // opened for writing (then the disk is writable)
+};
+
+/// run()'s default: nothing to undo before replying to a failed request.
+struct NoCleanup {
+    void operator()() const {}
 };
 
 /// Replies to `req` with the error `e` carries, after logging it (rate-limited per image and
@@ -85,7 +88,6 @@ void trace(const char* op, fuse_ino_t ino, const std::string& more = {}) {
     if (log::debug_enabled()) log::debug(std::string(op) + " ino=" + std::to_string(ino) + more);
 }
 
-
 }  // namespace
 
 struct stat Filesystem::attr_of(const Tree& tree, const Node& node) const {
@@ -109,11 +111,71 @@ std::string Filesystem::write_refusal(const Node& node) const {
 }
 
 struct Filesystem::Handlers {
-    /// The key and last attributes of `ino`; replies ENOENT and returns false if it is unknown.
-    static bool resolve(fuse_req_t req, Filesystem& fs, fuse_ino_t ino, NodeKey& key, struct stat& st) {
-        if (fs.inodes_->get(ino, key, st)) return true;
-        fuse_reply_err(req, ENOENT);
-        return false;
+    /// An inode of a request: its key and last attributes, the current tree, and the node there
+    /// (nullptr when it is gone from the view, e.g. an image deleted while open).
+    struct Resolved {
+        NodeKey key;
+        struct stat attr {};
+        std::shared_ptr<const Tree> tree;
+        const Node* node = nullptr;
+    };
+
+    /// Resolves `ino`; replies ENOENT and returns nullopt if it is unknown.
+    static std::optional<Resolved> resolve(fuse_req_t req, Filesystem& fs, fuse_ino_t ino) {
+        Resolved r;
+        if (!fs.inodes_->get(ino, r.key, r.attr)) {
+            fuse_reply_err(req, ENOENT);
+            return std::nullopt;
+        }
+        r.tree = fs.tree();
+        r.node = r.tree->find(r.key);
+        return r;
+    }
+
+    /// Replies EROFS and returns true if `node` may not be written (`op` names the request in the
+    /// -d trace).
+    static bool refuse_write(fuse_req_t req, const Filesystem& fs, const Node& node, const char* op, fuse_ino_t ino) {
+        std::string why = fs.write_refusal(node);
+        if (why.empty()) return false;
+        trace(op, ino, ": EROFS, " + why);
+        fuse_reply_err(req, EROFS);
+        return true;
+    }
+
+    /// Runs `body` (a function returning Task<int>) as a coroutine on `slot`'s strand (through
+    /// Filesystem::spawn, so shutdown waits for it) and gives `req` exactly one reply: the body
+    /// replies itself and returns 0, or returns an errno to answer (an expected answer, not
+    /// logged); a std::system_error it throws is answered by reply_error, anything else by EIO
+    /// with its message logged. `on_failure` runs before every reply the body did not give (open
+    /// and truncate give back the handle they took).
+    template <class Body, class OnFailure = NoCleanup>
+    static void run(fuse_req_t req, std::shared_ptr<ImageSlot> slot, Body body, OnFailure on_failure = {}) {
+        Filesystem& fs = *fs_of(req);
+        fs.spawn(slot->strand, [&fs, req, slot, body = std::move(body),
+                                on_failure = std::move(on_failure)]() mutable -> Task<void> {
+            int code = EIO;
+            try {
+                code = co_await body();
+                if (code == 0) co_return;
+            } catch (const std::system_error& e) {
+                on_failure();
+                reply_error(req, fs.images_, slot->path, e);
+                co_return;
+            } catch (const std::exception& e) {
+                fs.images_.report(slot->path, e.what());
+            }
+            on_failure();
+            fuse_reply_err(req, code);
+        });
+    }
+
+    /// run() for a request that changes the disk: `body(disk)` if `fi`'s file was opened for
+    /// writing, else EBADF.
+    template <class Body>
+    static void run_write(fuse_req_t req, fuse_file_info* fi, Body body) {
+        auto* of = reinterpret_cast<OpenFile*>(fi->fh);
+        if (!of->writable || !of->slot->disk->writable()) return void(fuse_reply_err(req, EBADF));
+        run(req, of->slot, [of, body = std::move(body)]() mutable { return body(*of->slot->disk); });
     }
 
     static void init(void*, fuse_conn_info* conn) {
@@ -133,14 +195,12 @@ struct Filesystem::Handlers {
     static void lookup(fuse_req_t req, fuse_ino_t parent, const char* name) {
         Filesystem& fs = *fs_of(req);
         trace("lookup", parent, std::string(" name=") + name);
-        NodeKey parent_key;
-        struct stat ignored;
-        if (!resolve(req, fs, parent, parent_key, ignored)) return;
-        auto tree = fs.tree();
-        const Node* node = tree->child(parent_key, name);
+        auto dir = resolve(req, fs, parent);
+        if (!dir) return;
+        const Node* node = dir->tree->child(dir->key, name);
         if (!node) return void(fuse_reply_err(req, ENOENT));
         fuse_entry_param e{};
-        e.attr = fs.attr_of(*tree, *node);
+        e.attr = fs.attr_of(*dir->tree, *node);
         e.ino = fs.inodes_->ref(node->key, e.attr);
         e.attr.st_ino = e.ino;
         e.attr_timeout = kAttrTimeout;
@@ -163,13 +223,12 @@ struct Filesystem::Handlers {
     static void getattr(fuse_req_t req, fuse_ino_t ino, fuse_file_info*) {
         Filesystem& fs = *fs_of(req);
         trace("getattr", ino);
-        NodeKey key;
-        struct stat st;
-        if (!resolve(req, fs, ino, key, st)) return;
-        auto tree = fs.tree();
-        if (const Node* node = tree->find(key)) {
-            st = fs.attr_of(*tree, *node);
-            fs.inodes_->update(key, st);
+        auto r = resolve(req, fs, ino);
+        if (!r) return;
+        struct stat st = r->attr;
+        if (r->node) {
+            st = fs.attr_of(*r->tree, *r->node);
+            fs.inodes_->update(r->key, st);
         } else if (ino == FUSE_ROOT_ID) {
             return void(fuse_reply_err(req, ENOENT));
         }
@@ -178,21 +237,14 @@ struct Filesystem::Handlers {
         fuse_reply_attr(req, &st, kAttrTimeout);
     }
 
-    static void opendir(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi) {
-        Filesystem& fs = *fs_of(req);
-        trace("opendir", ino);
-        NodeKey key;
-        struct stat st;
-        if (!resolve(req, fs, ino, key, st)) return;
-        auto tree = fs.tree();
-        const Node* dir = tree->find(key);
-        if (!dir) return void(fuse_reply_err(req, ENOENT));
-        if (key.kind != NodeKey::Kind::directory) return void(fuse_reply_err(req, ENOTDIR));
+    /// The entries of directory `dir` (inode `ino`) as readdir hands them out: ".", "..", then
+    /// the children in name order.
+    static std::unique_ptr<OpenDir> list_dir(Filesystem& fs, const Tree& tree, const Node& dir, fuse_ino_t ino) {
         auto od = std::make_unique<OpenDir>();
         od->entries.push_back({".", ino, S_IFDIR});
         od->entries.push_back({"..", FUSE_ROOT_ID, S_IFDIR});
-        for (const auto& [name, child_key] : dir->children) {
-            const Node* child = tree->find(child_key);
+        for (const auto& [name, child_key] : dir.children) {
+            const Node* child = tree.find(child_key);
             if (!child) continue;
             // readdir creates no inodes (no forget would ever free them): d_ino is the FUSE inode
             // when the kernel holds one, else the host's.
@@ -203,7 +255,17 @@ struct Filesystem::Handlers {
             }
             od->entries.push_back({name, child_ino, child->attr.st_mode});
         }
-        fi->fh = reinterpret_cast<uint64_t>(od.release());
+        return od;
+    }
+
+    static void opendir(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi) {
+        Filesystem& fs = *fs_of(req);
+        trace("opendir", ino);
+        auto r = resolve(req, fs, ino);
+        if (!r) return;
+        if (!r->node) return void(fuse_reply_err(req, ENOENT));
+        if (r->key.kind != NodeKey::Kind::directory) return void(fuse_reply_err(req, ENOTDIR));
+        fi->fh = reinterpret_cast<uint64_t>(list_dir(fs, *r->tree, *r->node, ino).release());
         if (fuse_reply_open(req, fi) != 0) delete reinterpret_cast<OpenDir*>(fi->fh);
     }
 
@@ -230,174 +292,103 @@ struct Filesystem::Handlers {
         fuse_reply_err(req, 0);
     }
 
+    /// What an open hands to its coroutine (libfuse's `fi` does not outlive the callback).
+    struct OpenRequest {
+        fuse_file_info info;
+        std::string snapshot_id;  // "": the active disk
+        io::Credentials user;
+        bool for_writing;     // the handle may write (or has O_TRUNC)
+        bool writable_image;  // open the image writable (it is shared by every handle)
+    };
+
     static void open(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi) {
         Filesystem& fs = *fs_of(req);
         trace("open", ino, " flags=" + std::to_string(fi->flags));
-        NodeKey key;
-        struct stat st;
-        if (!resolve(req, fs, ino, key, st)) return;
-        if (key.kind == NodeKey::Kind::directory) return void(fuse_reply_err(req, EISDIR));
-        auto tree = fs.tree();
-        const Node* node = tree->find(key);
-        if (!node || !node->image) return void(fuse_reply_err(req, ENOENT));
+        auto r = resolve(req, fs, ino);
+        if (!r) return;
+        if (r->key.kind == NodeKey::Kind::directory) return void(fuse_reply_err(req, EISDIR));
+        if (!r->node || !r->node->image) return void(fuse_reply_err(req, ENOENT));
         // O_TRUNC arrives here (FUSE_CAP_ATOMIC_O_TRUNC), with any access mode: the truncation is a
-        // write, refused like one, and done below once the image is open.
+        // write, refused like one, and done by open_file once the image is open.
         const bool for_writing = (fi->flags & O_ACCMODE) != O_RDONLY || (fi->flags & O_TRUNC);
-        if (for_writing) {
-            std::string why = fs.write_refusal(*node);
-            if (!why.empty()) {
-                trace("open", ino, ": EROFS, " + why);
-                return void(fuse_reply_err(req, EROFS));
+        if (for_writing && refuse_write(req, fs, *r->node, "open", ino)) return;
+        // Open the image writable whenever the image may be written, whatever this handle wants:
+        // it is shared by every handle, and a later one may write.
+        const ImageInfo& image = *r->node->image;
+        const bool writable_image = !fs.options_.read_only && image.read_only_reason.empty();
+        auto slot = fs.images_.acquire(r->key.dev, r->key.ino, image.path, image.path_is_symlink);
+        OpenRequest rq{*fi, r->key.snapshot_id, credentials_of(req), for_writing, writable_image};
+        run(
+            req, slot, [&fs, req, slot, rq] { return open_file(fs, req, slot, rq); },
+            [&fs, slot] { fs.release_slot(slot); });
+    }
+
+    /// The coroutine of open: opens the image or shares it, refuses a writer the disk cannot take
+    /// (EROFS), empties the disk for O_TRUNC, and replies with a new OpenFile.
+    static Task<int> open_file(Filesystem& fs, fuse_req_t req, std::shared_ptr<ImageSlot> slot, OpenRequest rq) {
+        co_await fs.open_for(slot, rq.writable_image, rq.user, rq.for_writing);
+        qcow2::Disk& disk = *slot->disk;
+        if (rq.for_writing && (!disk.writable() || slot->corrupt)) {
+            // Opened read-only after all (no write permission on the host file, or the image
+            // itself refuses writes): EROFS is an answer, not an image error.
+            trace("open", 0, " " + slot->path + ": EROFS, " +
+                                 (slot->corrupt ? std::string("marked corrupt") : disk.image().read_only_reason()));
+            co_return EROFS;
+        }
+        if ((rq.info.flags & O_TRUNC) && rq.snapshot_id.empty()) {
+            try {
+                co_await disk.resize(0);
+            } catch (const std::system_error& e) {
+                if (errno_of(e) != ENOTSUP) throw;
+                // An image with snapshots cannot shrink: an answer.
+                fs.images_.report(slot->path, "O_TRUNC refused: " + reason_of(e), ImageRegistry::Severity::notice);
+                co_return ENOTSUP;
             }
         }
-        // Open the Image writable whenever the image may be written, whatever this handle wants:
-        // it is shared by every handle, and a later one may write.
-        const bool writable_image = !fs.options_.read_only && node->image->read_only_reason.empty();
-        auto slot = fs.images_.acquire(key.dev, key.ino, node->image->path, node->image->path_is_symlink);
-        fuse_file_info info = *fi;  // *fi does not outlive this call
-        std::string snapshot_id = key.snapshot_id;
-        io::Credentials user = credentials_of(req);
-        fs.spawn(slot->strand, [&fs, req, slot, info, snapshot_id, for_writing, writable_image,
-                                user]() mutable -> Task<void> {
-            try {
-                co_await fs.open_for(slot, writable_image, user, for_writing);
-                if (for_writing && (!slot->cache || slot->corrupt)) {
-                    // Opened read-only after all (no write permission on the host file, or the
-                    // image itself refuses writes): EROFS is an answer, not an image error.
-                    trace("open", 0, " " + slot->path + ": EROFS, " +
-                                         (slot->corrupt ? std::string("marked corrupt")
-                                                        : slot->image->read_only_reason()));
-                    fs.release_slot(slot);
-                    fuse_reply_err(req, EROFS);
-                    co_return;
-                }
-                if ((info.flags & O_TRUNC) && snapshot_id.empty()) {
-                    int refused = 0;
-                    try {
-                        co_await resize(*slot, 0);
-                    } catch (const std::system_error& e) {
-                        if (errno_of(e) != ENOTSUP) throw;
-                        refused = ENOTSUP;  // an image with snapshots cannot shrink: an answer
-                        fs.images_.report(slot->path, "O_TRUNC refused: " + reason_of(e),
-                                          ImageRegistry::Severity::notice);
-                    }
-                    if (refused) {
-                        fs.release_slot(slot);
-                        fuse_reply_err(req, refused);
-                        co_return;
-                    }
-                }
-                auto of = std::make_unique<OpenFile>();
-                of->slot = slot;
-                of->active = snapshot_id.empty();
-                of->writable = for_writing;
-                if (of->active)
-                    of->view = slot->image->active();
-                else
-                    of->view = co_await slot->image->snapshot(snapshot_id);
-                info.fh = reinterpret_cast<uint64_t>(of.get());
-                info.keep_cache = 0;
-                if (fuse_reply_open(req, &info) == 0) of.release();
-                else fs.release_slot(slot);
-            } catch (const std::system_error& e) {
-                fs.release_slot(slot);
-                reply_error(req, fs.images_, slot->path, e);
-            } catch (const std::exception& e) {
-                fs.images_.report(slot->path, e.what());
-                fs.release_slot(slot);
-                fuse_reply_err(req, EIO);
-            }
-        });
+        auto of = std::make_unique<OpenFile>();
+        of->slot = slot;
+        of->active = rq.snapshot_id.empty();
+        of->writable = rq.for_writing;
+        of->view = co_await disk.view(rq.snapshot_id);
+        rq.info.fh = reinterpret_cast<uint64_t>(of.get());
+        rq.info.keep_cache = 0;
+        if (fuse_reply_open(req, &rq.info) == 0) of.release();
+        else fs.release_slot(slot);
+        co_return 0;
     }
 
     static void read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, fuse_file_info* fi) {
-        Filesystem& fs = *fs_of(req);
         trace("read", ino, " off=" + std::to_string(off) + " size=" + std::to_string(size));
         auto* of = reinterpret_cast<OpenFile*>(fi->fh);
-        fs.spawn(of->slot->strand, [&fs, req, of, size, off]() -> Task<void> {
-            try {
-                uint64_t vsize = of->view->size();
-                uint64_t offset = static_cast<uint64_t>(off);
-                if (offset >= vsize || size == 0) {
-                    fuse_reply_buf(req, nullptr, 0);
-                    co_return;
-                }
-                size_t n = static_cast<size_t>(std::min<uint64_t>(size, vsize - offset));
-                std::unique_ptr<std::byte[]> buf(new std::byte[n]);
-                std::span<std::byte> out(buf.get(), n);
-                // The active disk of a writable image reads through its cache: cached writes show.
-                if (of->active && of->slot->cache)
-                    co_await of->slot->cache->read(offset, out);
-                else
-                    co_await of->view->read(offset, out);
-                fuse_reply_buf(req, reinterpret_cast<const char*>(buf.get()), n);
-            } catch (const std::system_error& e) {
-                fs.images_.report(of->slot->path, describe(e));
-                fuse_reply_err(req, errno_of(e));
-            } catch (const std::exception& e) {
-                fs.images_.report(of->slot->path, e.what());
-                fuse_reply_err(req, EIO);
+        run(req, of->slot, [req, of, size, off]() -> Task<int> {
+            const uint64_t vsize = of->view->size(), offset = static_cast<uint64_t>(off);
+            if (offset >= vsize || size == 0) {
+                fuse_reply_buf(req, nullptr, 0);
+                co_return 0;
             }
+            const size_t n = static_cast<size_t>(std::min<uint64_t>(size, vsize - offset));
+            std::unique_ptr<std::byte[]> buf(new std::byte[n]);
+            // The active disk of a writable image reads through its cache: cached writes show.
+            co_await of->slot->disk->read(*of->view, offset, std::span<std::byte>(buf.get(), n));
+            fuse_reply_buf(req, reinterpret_cast<const char*>(buf.get()), n);
+            co_return 0;
         });
-    }
-
-    /// Runs `body` on the image strand of `fi`'s file if it was opened for writing, replying
-    /// EBADF otherwise; the body's std::system_error becomes the reply (logged once per image).
-    template <class Body>
-    static void spawn_write(fuse_req_t req, fuse_file_info* fi, Body body) {
-        Filesystem& fs = *fs_of(req);
-        auto* of = reinterpret_cast<OpenFile*>(fi->fh);
-        if (!of->writable || !of->slot->cache) return void(fuse_reply_err(req, EBADF));
-        fs.spawn(of->slot->strand, [&fs, req, of, body = std::move(body)]() mutable -> Task<void> {
-            try {
-                co_await body(*of->slot);
-            } catch (const std::system_error& e) {
-                reply_error(req, fs.images_, of->slot->path, e);
-            } catch (const std::exception& e) {
-                fs.images_.report(of->slot->path, e.what());
-                fuse_reply_err(req, EIO);
-            }
-        });
-    }
-
-    /// Changes the disk's size to `new_size` rounded up to a multiple of 512 bytes (QEMU reads a
-    /// qcow2 size in whole sectors). Cached data is written back before a shrink (so a refused
-    /// shrink loses nothing) and changes past the new end are dropped; then the image is resized.
-    /// `grow_only`: leaves a disk that is already at least that big alone. On the image's strand.
-    static Task<void> resize(ImageSlot& slot, uint64_t new_size, bool grow_only = false) {
-        if (new_size > std::numeric_limits<uint64_t>::max() - 511) fail(EFBIG, "disk size too large");
-        new_size = (new_size + 511) / 512 * 512;
-        auto exclusive = co_await slot.size_lock.lock(0, 1, cache::RangeLock::Mode::exclusive);
-        const uint64_t old_size = slot.image->size();
-        if (new_size == old_size || (grow_only && new_size < old_size)) co_return;
-        if (new_size < old_size) {
-            co_await slot.cache->write_back();
-            slot.cache->truncate(new_size);
-        }
-        ++slot.changes;
-        co_await slot.image->resize(new_size);
-        slot.live_size = slot.image->size();
     }
 
     static void write(fuse_req_t req, fuse_ino_t ino, const char* buf, size_t size, off_t off, fuse_file_info* fi) {
         trace("write", ino, " off=" + std::to_string(off) + " size=" + std::to_string(size));
         // libfuse owns `buf` only until this callback returns.
         std::vector<std::byte> data(reinterpret_cast<const std::byte*>(buf), reinterpret_cast<const std::byte*>(buf) + size);
-        spawn_write(req, fi, [req, data = std::move(data), off](ImageSlot& slot) -> Task<void> {
-            if (off < 0) co_return void(fuse_reply_err(req, EINVAL));
-            if (data.empty()) co_return void(fuse_reply_write(req, 0));
-            const uint64_t offset = static_cast<uint64_t>(off), end = offset + data.size();
-            // Like a regular file (and as cp onto NAME.raw needs), a write past the end grows the
-            // disk first: to the end of the write, rounded up to a whole sector.
-            if (end > slot.image->size()) co_await resize(slot, end, true);
-            auto shared = co_await slot.size_lock.lock(0, 1, cache::RangeLock::Mode::shared);
-            const uint64_t disk = slot.image->size();
-            // Only a shrink that came in between leaves the write (partly) past the end.
-            if (offset >= disk) co_return void(fuse_reply_err(req, ENOSPC));
-            size_t n = static_cast<size_t>(std::min<uint64_t>(data.size(), disk - offset));
-            ++slot.changes;
-            co_await slot.cache->write(offset, std::span<const std::byte>(data).first(n));
+        run_write(req, fi, [req, data = std::move(data), off](qcow2::Disk& disk) -> Task<int> {
+            if (off < 0) co_return EINVAL;
+            if (data.empty()) {
+                fuse_reply_write(req, 0);
+                co_return 0;
+            }
+            const size_t n = co_await disk.write(static_cast<uint64_t>(off), data);
+            if (n == 0) co_return ENOSPC;  // a shrink that came in between left it past the end
             fuse_reply_write(req, n);
+            co_return 0;
         });
     }
 
@@ -406,33 +397,22 @@ struct Filesystem::Handlers {
         auto* of = reinterpret_cast<OpenFile*>(fi->fh);
         if (!of->writable) return void(fuse_reply_err(req, 0));
         // close(2): write the cached data back so that errors reach the closing program.
-        spawn_write(req, fi, [req](ImageSlot& slot) -> Task<void> {
-            co_await slot.cache->write_back();
+        run_write(req, fi, [req](qcow2::Disk& disk) -> Task<int> {
+            co_await disk.write_back();
             fuse_reply_err(req, 0);
+            co_return 0;
         });
     }
 
     static void fsync(fuse_req_t req, fuse_ino_t ino, int datasync, fuse_file_info* fi) {
         trace("fsync", ino, " datasync=" + std::to_string(datasync));
-        Filesystem& fs = *fs_of(req);
         auto* of = reinterpret_cast<OpenFile*>(fi->fh);
         if (!of->active) return void(fuse_reply_err(req, 0));  // snapshots never change
         // Any handle of the active disk may sync it (fsync on an O_RDONLY descriptor is allowed).
-        fs.spawn(of->slot->strand, [&fs, req, of]() -> Task<void> {
-            ImageSlot& slot = *of->slot;
-            try {
-                if (slot.cache) {
-                    uint64_t changes = slot.changes;
-                    co_await slot.cache->flush();  // write-back, then Image::flush: durable
-                    slot.flushed_changes = std::max(slot.flushed_changes, changes);
-                }
-                fuse_reply_err(req, 0);
-            } catch (const std::system_error& e) {
-                reply_error(req, fs.images_, slot.path, e);
-            } catch (const std::exception& e) {
-                fs.images_.report(slot.path, e.what());
-                fuse_reply_err(req, EIO);
-            }
+        run(req, of->slot, [req, of]() -> Task<int> {
+            co_await of->slot->disk->flush();  // write-back, then Image::flush: durable
+            fuse_reply_err(req, 0);
+            co_return 0;
         });
     }
 
@@ -445,26 +425,14 @@ struct Filesystem::Handlers {
         const int op = mode & ~FALLOC_FL_KEEP_SIZE;
         if (op != 0 && op != FALLOC_FL_ZERO_RANGE && !(op == FALLOC_FL_PUNCH_HOLE && keep_size))
             return void(fuse_reply_err(req, EOPNOTSUPP));
-        spawn_write(req, fi, [req, op, keep_size, off, length](ImageSlot& slot) -> Task<void> {
-            const uint64_t begin = static_cast<uint64_t>(off), end = begin + static_cast<uint64_t>(length);
+        const qcow2::Fill how = op == FALLOC_FL_PUNCH_HOLE ? qcow2::Fill::punch_hole
+                                : op == FALLOC_FL_ZERO_RANGE ? qcow2::Fill::zero
+                                                             : qcow2::Fill::allocate;
+        run_write(req, fi, [req, how, keep_size, off, length](qcow2::Disk& disk) -> Task<int> {
             // Without KEEP_SIZE a range past the end grows the disk first (never PUNCH_HOLE).
-            if (!keep_size && end > slot.image->size()) co_await resize(slot, end, true);
-            auto shared = co_await slot.size_lock.lock(0, 1, cache::RangeLock::Mode::shared);
-            const uint64_t disk = slot.image->size();
-            if (begin < disk) {
-                const uint64_t n = std::min(end, disk) - begin;
-                ++slot.changes;
-                if (op == FALLOC_FL_PUNCH_HOLE) {
-                    co_await slot.cache->write_zeroes(begin, n, true);
-                } else if (op == FALLOC_FL_ZERO_RANGE) {
-                    co_await slot.cache->write_zeroes(begin, n, false);
-                } else {
-                    // A cached discard over the range must not free what is being reserved.
-                    co_await slot.cache->write_back();
-                    co_await slot.image->allocate(begin, n);
-                }
-            }
+            co_await disk.fill(how, static_cast<uint64_t>(off), static_cast<uint64_t>(length), !keep_size);
             fuse_reply_err(req, 0);
+            co_return 0;
         });
     }
 
@@ -488,73 +456,88 @@ struct Filesystem::Handlers {
         return st;
     }
 
-    static void setattr(fuse_req_t req, fuse_ino_t ino, struct stat* attr, int to_set, fuse_file_info* fi) {
+    static void setattr(fuse_req_t req, fuse_ino_t ino, struct stat* attr, int to_set, fuse_file_info*) {
         Filesystem& fs = *fs_of(req);
         trace("setattr", ino, " to_set=" + std::to_string(to_set));
-        NodeKey key;
-        struct stat st;
-        if (!resolve(req, fs, ino, key, st)) return;
-        auto tree = fs.tree();
-        const Node* node = tree->find(key);
-        if (!node) return void(fuse_reply_err(req, ENOENT));
-        if (fs.options_.read_only || key.kind != NodeKey::Kind::image) return void(fuse_reply_err(req, EROFS));
+        auto r = resolve(req, fs, ino);
+        if (!r) return;
+        if (!r->node) return void(fuse_reply_err(req, ENOENT));
+        if (fs.options_.read_only || r->key.kind != NodeKey::Kind::image) return void(fuse_reply_err(req, EROFS));
         if (to_set & FUSE_SET_ATTR_SIZE) {
             if (attr->st_size < 0) return void(fuse_reply_err(req, EINVAL));
-            std::string why = fs.write_refusal(*node);
-            if (!why.empty()) {
-                trace("setattr", ino, ": EROFS, " + why);
-                return void(fuse_reply_err(req, EROFS));
-            }
+            if (refuse_write(req, fs, *r->node, "setattr", ino)) return;
         }
-        // Owner, mode and times belong to the host image file: changed on the scanned file itself
-        // (never on whatever its path names now), with the requesting user's rights.
         const io::Credentials user = credentials_of(req);
+        if (!change_host_attributes(req, fs, *r->node, ino, *attr, to_set, user)) return;
+        if (to_set & FUSE_SET_ATTR_SIZE)
+            return truncate(req, fs, std::move(*r), ino, static_cast<uint64_t>(attr->st_size), user);
+        struct stat fresh = fresh_attr(fs, *r->tree, *r->node, ino);
+        fuse_reply_attr(req, &fresh, kAttrTimeout);
+    }
+
+    /// The mode, owner and times `to_set` asks for. They belong to the host image file: changed
+    /// on the scanned file itself (never on whatever its path names now), with `user`'s rights.
+    /// Replies the error and returns false if that fails.
+    static bool change_host_attributes(fuse_req_t req, Filesystem& fs, const Node& node, fuse_ino_t ino,
+                                       const struct stat& attr, int to_set, const io::Credentials& user) {
         std::optional<mode_t> mode;
-        if (to_set & FUSE_SET_ATTR_MODE) mode = attr->st_mode & 07777;
-        uid_t uid = (to_set & FUSE_SET_ATTR_UID) ? attr->st_uid : static_cast<uid_t>(-1);
-        gid_t gid = (to_set & FUSE_SET_ATTR_GID) ? attr->st_gid : static_cast<gid_t>(-1);
+        if (to_set & FUSE_SET_ATTR_MODE) mode = attr.st_mode & 07777;
+        uid_t uid = (to_set & FUSE_SET_ATTR_UID) ? attr.st_uid : static_cast<uid_t>(-1);
+        gid_t gid = (to_set & FUSE_SET_ATTR_GID) ? attr.st_gid : static_cast<gid_t>(-1);
         timespec times[2] = {{0, UTIME_OMIT}, {0, UTIME_OMIT}};
         const bool set_times =
             to_set & (FUSE_SET_ATTR_ATIME | FUSE_SET_ATTR_MTIME | FUSE_SET_ATTR_ATIME_NOW | FUSE_SET_ATTR_MTIME_NOW);
         if (to_set & FUSE_SET_ATTR_ATIME_NOW) times[0].tv_nsec = UTIME_NOW;
-        else if (to_set & FUSE_SET_ATTR_ATIME) times[0] = attr->st_atim;
+        else if (to_set & FUSE_SET_ATTR_ATIME) times[0] = attr.st_atim;
         if (to_set & FUSE_SET_ATTR_MTIME_NOW) times[1].tv_nsec = UTIME_NOW;
-        else if (to_set & FUSE_SET_ATTR_MTIME) times[1] = attr->st_mtim;
-        if (mode || uid != static_cast<uid_t>(-1) || gid != static_cast<gid_t>(-1) || set_times) {
-            try {
-                io::change_attributes(fs.policy_, user, host_file_of(*node), mode, uid, gid, set_times ? times : nullptr);
-            } catch (const std::system_error& e) {
-                trace("setattr", ino, ": " + std::string(e.what()));
-                return void(fuse_reply_err(req, errno_of(e) == ESTALE ? ENOENT : errno_of(e)));
-            }
+        else if (to_set & FUSE_SET_ATTR_MTIME) times[1] = attr.st_mtim;
+        if (!mode && uid == static_cast<uid_t>(-1) && gid == static_cast<gid_t>(-1) && !set_times) return true;
+        try {
+            io::change_attributes(fs.policy_, user, host_file_of(node), mode, uid, gid, set_times ? times : nullptr);
+        } catch (const std::system_error& e) {
+            trace("setattr", ino, ": " + std::string(e.what()));
+            fuse_reply_err(req, errno_of(e) == ESTALE ? ENOENT : errno_of(e));
+            return false;
         }
-        if (!(to_set & FUSE_SET_ATTR_SIZE)) {
-            struct stat fresh = fresh_attr(fs, *tree, *node, ino);
-            return void(fuse_reply_attr(req, &fresh, kAttrTimeout));
-        }
-        // truncate(2), ftruncate(2) and open(O_TRUNC): a handle of its own keeps the image open
-        // (or opens it, for truncate by name) while it is resized.
-        (void)fi;
-        const uint64_t new_size = static_cast<uint64_t>(attr->st_size);
-        auto slot = fs.images_.acquire(key.dev, key.ino, node->image->path, node->image->path_is_symlink);
-        fs.spawn(slot->strand, [&fs, req, ino, slot, tree, node, new_size, user]() -> Task<void> {
-            try {
-                co_await fs.open_for(slot, true, user, true);
-                if (!slot->cache || slot->corrupt) fail(EROFS, "the image cannot be written");
-                co_await resize(*slot, new_size);
-                struct stat fresh = fresh_attr(fs, *tree, *node, ino);
+        return true;
+    }
+
+    /// truncate(2), ftruncate(2) and open(O_TRUNC) of an open file: a handle of its own keeps the
+    /// image open (or opens it, for truncate by name) while it is resized.
+    static void truncate(fuse_req_t req, Filesystem& fs, Resolved r, fuse_ino_t ino, uint64_t new_size,
+                         io::Credentials user) {
+        const ImageInfo& image = *r.node->image;
+        auto slot = fs.images_.acquire(r.key.dev, r.key.ino, image.path, image.path_is_symlink);
+        run(
+            req, slot,
+            [&fs, req, ino, slot, r = std::move(r), new_size, user]() -> Task<int> {
+                // EROFS and ENOTSUP (a shrink of an image with snapshots) are answers, not logged.
+                if (int refused = co_await refusal_of(resize_image(fs, slot, user, new_size))) co_return refused;
+                struct stat fresh = fresh_attr(fs, *r.tree, *r.node, ino);
                 fs.release_slot(slot);
                 fuse_reply_attr(req, &fresh, kAttrTimeout);
-            } catch (const std::system_error& e) {
-                fs.release_slot(slot);
-                if (errno_of(e) == EROFS || errno_of(e) == ENOTSUP) fuse_reply_err(req, errno_of(e));
-                else reply_error(req, fs.images_, slot->path, e);
-            } catch (const std::exception& e) {
-                fs.images_.report(slot->path, e.what());
-                fs.release_slot(slot);
-                fuse_reply_err(req, EIO);
-            }
-        });
+                co_return 0;
+            },
+            [&fs, slot] { fs.release_slot(slot); });
+    }
+
+    static Task<void> resize_image(Filesystem& fs, std::shared_ptr<ImageSlot> slot, io::Credentials user,
+                                   uint64_t new_size) {
+        co_await fs.open_for(slot, true, user, true);
+        if (!slot->disk->writable() || slot->corrupt) fail(EROFS, "the image cannot be written");
+        co_await slot->disk->resize(new_size);
+    }
+
+    /// Awaits `step`: 0 when it succeeds, EROFS or ENOTSUP when it throws one of them; other
+    /// errors propagate.
+    static Task<int> refusal_of(Task<void> step) {
+        try {
+            co_await std::move(step);
+        } catch (const std::system_error& e) {
+            if (errno_of(e) != EROFS && errno_of(e) != ENOTSUP) throw;
+            co_return errno_of(e);
+        }
+        co_return 0;
     }
 
     static void release(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi) {
@@ -574,35 +557,15 @@ struct Filesystem::Handlers {
     /// clusters included; zero clusters and unallocated ranges with nothing below are holes. The
     /// walk takes time in proportion to the metadata it passes, not to the disk's size.
     static void lseek(fuse_req_t req, fuse_ino_t ino, off_t off, int whence, fuse_file_info* fi) {
-        Filesystem& fs = *fs_of(req);
         trace("lseek", ino, " off=" + std::to_string(off) + " whence=" + std::to_string(whence));
         if (whence != SEEK_DATA && whence != SEEK_HOLE) return void(fuse_reply_err(req, EINVAL));
         if (off < 0) return void(fuse_reply_err(req, ENXIO));
         auto* of = reinterpret_cast<OpenFile*>(fi->fh);
-        fs.spawn(of->slot->strand, [&fs, req, of, off, whence]() -> Task<void> {
-            try {
-                const uint64_t size = of->view->size();
-                uint64_t pos = static_cast<uint64_t>(off);
-                if (pos >= size) co_return void(fuse_reply_err(req, ENXIO));
-                // Cached writes of the active disk first, so that the image's map shows them.
-                if (of->active && of->slot->cache && !of->slot->cache->empty()) co_await of->slot->cache->write_back();
-                const bool want_data = whence == SEEK_DATA;
-                while (pos < size) {
-                    qcow2::MapRun run = co_await of->view->map(pos);
-                    if (run.data == want_data) break;
-                    pos = std::max(run.end, pos + 1);
-                }
-                if (pos >= size) {
-                    if (want_data) co_return void(fuse_reply_err(req, ENXIO));
-                    pos = size;  // the end of the file is a hole
-                }
-                fuse_reply_lseek(req, static_cast<off_t>(pos));
-            } catch (const std::system_error& e) {
-                reply_error(req, fs.images_, of->slot->path, e);
-            } catch (const std::exception& e) {
-                fs.images_.report(of->slot->path, e.what());
-                fuse_reply_err(req, EIO);
-            }
+        run(req, of->slot, [req, of, off, whence]() -> Task<int> {
+            auto pos = co_await of->slot->disk->seek(*of->view, static_cast<uint64_t>(off), whence == SEEK_DATA);
+            if (!pos) co_return ENXIO;
+            fuse_reply_lseek(req, static_cast<off_t>(*pos));
+            co_return 0;
         });
     }
 

@@ -2,18 +2,17 @@
 #include <cctype>
 #include <chrono>
 
-#include "qcowfs/cache/data_cache.hpp"
 #include "qcowfs/fs/filesystem.hpp"
-#include "qcowfs/qcow2/image.hpp"
+#include "qcowfs/qcow2/disk.hpp"
 #include "qcowfs/util/log.hpp"
 
 namespace qcowfs::fs {
 
-// Out of line: DataCache and View are complete here. The cache goes before the view it writes to.
-ImageSlot::~ImageSlot() {
-    cache.reset();
-    active.reset();
-}
+ImageSlot::ImageSlot(asio::io_context& io, uint64_t d, uint64_t i, std::string p, bool follow)
+    : strand(asio::make_strand(io)), dev(d), ino(i), path(std::move(p)), follow_final(follow) {}
+
+// Out of line: qcow2::Disk is complete here.
+ImageSlot::~ImageSlot() = default;
 
 std::shared_ptr<ImageSlot> ImageRegistry::acquire(uint64_t dev, uint64_t ino, const std::string& path,
                                                   bool follow_final) {
@@ -141,11 +140,6 @@ void ImageRegistry::report_corrupt(const std::string& path, const std::string& r
         reported_[path + "\ncorrupt"] = Reported{std::chrono::steady_clock::now(), 0};
     }
     log::error(path + ": marked corrupt: " + reason);
-}
-
-size_t ImageRegistry::open_images() const {
-    std::lock_guard lock(mutex_);
-    return slots_.size();
 }
 
 }  // namespace qcowfs::fs

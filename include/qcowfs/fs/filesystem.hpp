@@ -12,6 +12,7 @@
 #include <boost/asio/strand.hpp>
 #include <condition_variable>
 #include <cstdint>
+#include <exception>
 #include <functional>
 #include <map>
 #include <memory>
@@ -23,8 +24,7 @@
 #include <unordered_map>
 #include <vector>
 
-#include "qcowfs/cache/data_cache.hpp"
-#include "qcowfs/cache/range_lock.hpp"
+#include "qcowfs/fs/gate.hpp"
 #include "qcowfs/fs/tree.hpp"
 #include "qcowfs/io/host.hpp"
 #include "qcowfs/util/async_mutex.hpp"
@@ -34,9 +34,8 @@ struct fuse_session;
 struct fuse_lowlevel_ops;
 
 namespace qcowfs::qcow2 {
-class Image;
-class View;
-class BlockSource;
+class Disk;
+struct OpenOptions;
 }  // namespace qcowfs::qcow2
 
 namespace qcowfs::fs {
@@ -88,37 +87,31 @@ private:
     uint64_t next_ = 2;
 };
 
-/// One host image file opened for FUSE handles: its strand, and the Image once opened.
+/// One host image file opened for FUSE handles: its strand, and its qcow2::Disk once opened.
 ///
 /// Lifecycle: ImageRegistry::acquire creates the slot (or finds it) and counts a handle; the first
-/// open request opens the Image under `lifecycle`. When the last handle goes, Filesystem closes
-/// the Image under `lifecycle` (write-back, Image::close) and only then removes the slot from the
+/// open request opens the Disk under `lifecycle`. When the last handle goes, Filesystem closes
+/// the Disk under `lifecycle` (write-back, Image::close) and only then removes the slot from the
 /// registry, so an open arriving meanwhile finds this slot, waits for the close and reopens: one
 /// file never has two Image objects.
 struct ImageSlot {
     using Strand = asio::strand<asio::io_context::executor_type>;
-    ImageSlot(asio::io_context& io, uint64_t d, uint64_t i, std::string p, bool follow)
-        : strand(asio::make_strand(io)), dev(d), ino(i), path(std::move(p)), follow_final(follow), size_lock(strand) {}
-    ~ImageSlot();  // the cache before the view it writes to
+    ImageSlot(asio::io_context& io, uint64_t d, uint64_t i, std::string p, bool follow);
+    ~ImageSlot();  // out of line: qcow2::Disk is complete there
     Strand strand;
     uint64_t dev, ino;  // host identity of the image file
     std::string path;
     bool follow_final;  // the scan found a symlink at `path`: opens follow it
     // Strand only:
-    std::shared_ptr<qcow2::Image> image;
-    std::shared_ptr<qcow2::View> active;        // writable images: the active disk `cache` writes to
-    std::unique_ptr<cache::DataCache> cache;    // writable images only; destroyed before `active`
-    AsyncMutex lifecycle;  // held while the image is opened, closed or periodically flushed
-    /// Writes, zeroing and allocation hold [0,1) shared; a resize holds it exclusive, so no write
-    /// checks the size against a disk that is shrinking under it.
-    cache::RangeLock size_lock;
-    uint64_t changes = 0;          // bumped by every change to the image since it was opened
-    uint64_t flushed_changes = 0;  // `changes` as of the start of the last successful flush
+    /// The open image with its views, data cache, size lock and change counter; null while
+    /// closed. Stays while the slot has handles.
+    std::unique_ptr<qcow2::Disk> disk;
+    AsyncMutex lifecycle;  // held while the disk is opened, closed or periodically flushed
     /// Every host file the open image reads (image, data file, backing chain) with the identity
     /// it had when opened: what each open request is checked against (io::check_user_access).
     std::vector<io::HostFile> files;
     // Any thread:
-    std::atomic<uint64_t> live_size{kUnknownSize};  // Image::size() while open
+    std::atomic<uint64_t> live_size{kUnknownSize};  // the disk's size while open
     std::atomic<bool> corrupt{false};               // on_corrupt fired: no more write opens
     static constexpr uint64_t kUnknownSize = ~uint64_t{0};
     // Registry mutex only:
@@ -160,7 +153,6 @@ public:
     /// refusals are consequences of that and are counted with it, not logged (loss lines still
     /// are).
     void report_corrupt(const std::string& path, const std::string& reason);
-    size_t open_images() const;
 
 private:
     asio::io_context& io_;
@@ -203,9 +195,11 @@ public:
 private:
     friend struct Handlers;
     Task<void> serve();
+    /// After serving: waits for the requests (requests_), closes every image still open, stops
+    /// the scanner, calls on_finished_. On serve_strand_.
     Task<void> drain();
-    /// Waits on serve_strand_ until no tracked coroutine runs; false after `limit`.
-    Task<bool> wait_idle(std::chrono::seconds limit);
+    /// Tells the scanner thread to end (it is joined by the destructor).
+    void stop_scanner();
     /// Every writeback_interval_ms: flush_slot() each open image with changes. On serve_strand_.
     Task<void> writeback_loop();
     /// Opens the slot's Image if it is not open (under its lifecycle mutex), writable when
@@ -220,6 +214,11 @@ private:
     /// The open part of open_for: every file is first checked readable by `user` (so the daemon
     /// never reads a file for a user who could not), then opened as the daemon.
     Task<void> ensure_open(std::shared_ptr<ImageSlot> slot, bool writable_wanted, const io::Credentials& user);
+    /// The options ensure_open opens the slot's image with (not yet `writable`): the opener that
+    /// takes every file through policy_ on behalf of `user` and records it in `files`, the cache
+    /// sizes, and the corruption report.
+    qcow2::OpenOptions open_options(const std::shared_ptr<ImageSlot>& slot, const io::Credentials& user,
+                                    std::shared_ptr<std::vector<io::HostFile>> files);
     /// The host file behind an image node, as the scan saw it.
     static io::HostFile host_file_of(const Node& node);
     /// Drops a handle of `slot`; after the last one, closes its image on its strand.
@@ -227,7 +226,10 @@ private:
     /// Writes back the cache and closes the image (if it has no handles, or `force`); removes the
     /// slot from the registry. Errors are logged. On the slot's strand.
     Task<void> close_slot(std::shared_ptr<ImageSlot> slot, bool force);
-    /// Durable write-back (DataCache::flush) if the image has changed since the last one.
+    /// The closing part of close_slot (lifecycle held, disk open): a failed write-back is logged
+    /// as lost data, then the image is closed and the disk dropped.
+    Task<void> close_disk(ImageSlot& slot);
+    /// Durable write-back (Disk::flush) if the disk has changed since the last one.
     Task<void> flush_slot(std::shared_ptr<ImageSlot> slot);
     /// Why `node` cannot be opened for writing, or "" if it can.
     std::string write_refusal(const Node& node) const;
@@ -236,10 +238,13 @@ private:
     /// Attributes to expose for `node` of `tree` (read-only adjustments applied; the live size of
     /// an open or just closed image instead of the scanned one).
     struct stat attr_of(const Tree& tree, const Node& node) const;
-    /// Runs `body` (an awaitable, or a function returning one) as a tracked coroutine on
-    /// `executor`: drain() waits for it.
+    /// Runs `body` (an awaitable, or a function returning one) as a coroutine on `executor`
+    /// inside requests_: drain() waits for it. An exception escaping it is logged.
     template <class Executor, class Body>
     void spawn(const Executor& executor, Body body);
+    /// Logs "WHAT failed: ..." if `error` holds an exception: the completion of every coroutine
+    /// the file system starts, so that none is dropped unseen.
+    static void log_failure(const std::string& what, std::exception_ptr error);
 
     asio::io_context& io_;
     FsOptions options_;
@@ -252,7 +257,7 @@ private:
     std::unique_ptr<asio::posix::stream_descriptor> device_;  // /dev/fuse; serve_strand_ only
     std::function<void()> on_finished_;
     std::atomic<bool> stopping_{false};
-    std::atomic<int64_t> inflight_{0};
+    Gate requests_;  // every coroutine spawn() starts; its waiter runs on serve_strand_
     std::unique_ptr<asio::steady_timer> writeback_timer_;  // serve_strand_ only
 
     mutable std::mutex tree_mutex_;  // guards tree_
@@ -266,8 +271,11 @@ private:
 
 template <class Ex, class Body>
 void Filesystem::spawn(const Ex& executor, Body body) {
-    ++inflight_;
-    asio::co_spawn(executor, std::move(body), [this](std::exception_ptr) { --inflight_; });
+    requests_.enter();
+    asio::co_spawn(executor, std::move(body), [this](std::exception_ptr error) {
+        log_failure("a request", error);
+        requests_.leave();
+    });
 }
 
 }  // namespace qcowfs::fs
