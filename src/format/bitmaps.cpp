@@ -83,7 +83,8 @@ const BitmapsExtension* active_bitmaps(const ImageMetadata& meta) {
 
 void check_bitmap_directory_location(const BitmapsExtension& ext, uint32_t cluster_bits, uint64_t file_size) {
     const uint64_t offset = ext.bitmap_directory_offset, size = ext.bitmap_directory_size;
-    if (size == 0) corrupt("bitmap directory is empty but the image has " + std::to_string(ext.nb_bitmaps) + " bitmaps");
+    if (size == 0)
+        corrupt("bitmap directory is empty but the image has " + std::to_string(ext.nb_bitmaps) + " bitmaps");
     if (offset == 0 || !aligned(offset, cluster_bits)) corrupt("invalid bitmap directory offset " + hex(offset));
     if (!inside(offset, size, file_size))
         corrupt("bitmap directory at " + hex(offset) + " (" + std::to_string(size) +

@@ -25,7 +25,8 @@ std::string problem_text(ProbeProblem p) {
     switch (p) {
         case ProbeProblem::none: return "";
         case ProbeProblem::encrypted: return "encryption is not supported";
-        case ProbeProblem::unnamed_data_file: return "the external data file bit is set but the image names no data file";
+        case ProbeProblem::unnamed_data_file:
+            return "the external data file bit is set but the image names no data file";
     }
     return "";
 }
@@ -46,7 +47,8 @@ std::optional<ProbeRead> ImageProbe::next() const {
 void ImageProbe::feed(std::span<const std::byte> bytes) {
     if (step_ == Step::done) fail(EINVAL, "the image probe is complete: nothing more to read");
     const bool short_read = bytes.size() < want_.length;
-    bytes_.insert(bytes_.end(), bytes.begin(), bytes.begin() + static_cast<ptrdiff_t>(std::min<uint64_t>(bytes.size(), want_.length)));
+    bytes = bytes.first(std::min<uint64_t>(bytes.size(), want_.length));
+    bytes_.insert(bytes_.end(), bytes.begin(), bytes.end());
     switch (step_) {
         case Step::header: after_header(short_read); break;
         case Step::cluster0: after_cluster0(); break;
@@ -77,7 +79,8 @@ void ImageProbe::after_cluster0() {
         return;
     }
     // parse_header has checked that the table's fixed parts lie inside the file.
-    table_available_ = std::min<uint64_t>(kMaxSnapshotTableBytes, file_size_ - std::min(file_size_, h.snapshots_offset));
+    const uint64_t to_end = file_size_ - std::min(file_size_, h.snapshots_offset);
+    table_available_ = std::min<uint64_t>(kMaxSnapshotTableBytes, to_end);
     step_ = Step::snapshots;
     plan_snapshot_read(snapshot_table_bytes_needed({}, h));
 }

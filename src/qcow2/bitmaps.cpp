@@ -50,7 +50,9 @@ Task<std::vector<uint64_t>> bitmap_clusters(io::File& file, const format::ImageM
         auto table = co_await read_exact(file, e.table_offset, table_bytes, "bitmap table of '" + e.name + "'");
         for (uint32_t i = 0; i < e.table_size; ++i) {
             const uint64_t raw = format::load_be64(table.data() + 8 * uint64_t{i});
-            auto entry = [&] { return "bitmap '" + e.name + "' table entry " + std::to_string(i) + " (" + hex(raw) + ") "; };
+            auto entry = [&] {
+                return "bitmap '" + e.name + "' table entry " + std::to_string(i) + " (" + hex(raw) + ") ";
+            };
             uint64_t offset = 0;
             try {
                 offset = format::decode_bitmap_table_entry(raw, meta.header.cluster_bits);
