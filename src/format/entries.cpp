@@ -13,7 +13,6 @@ using detail::aligned;
 using detail::hex;
 
 constexpr uint64_t kL2StdReservedMask = 0x3f000000000001feULL;  // bits 1-8 and 56-61
-constexpr uint64_t kBitmapAllocMask = 0xffffffffULL;
 constexpr uint64_t kSectorSize = 512;
 constexpr uint64_t kHostOffsetLimit = uint64_t{1} << 56;
 constexpr uint32_t kMinExtendedL2ClusterBits = 14;
@@ -50,11 +49,11 @@ L2Entry decode_compressed(uint64_t raw, uint64_t bitmap, const ClusterGeometry& 
 }
 
 void check_bitmap(uint64_t raw, uint64_t bitmap, bool has_host) {
-    uint64_t both = (bitmap >> 32) & bitmap & kBitmapAllocMask;
+    uint64_t both = (bitmap >> 32) & bitmap & kSubclusterAllocBits;
     if (both)
         corrupt("extended L2 entry " + hex(raw) + " bitmap " + hex(bitmap) + " marks subclusters " + hex(both) +
                 " both allocated and zero");
-    if (!has_host && (bitmap & kBitmapAllocMask))
+    if (!has_host && (bitmap & kSubclusterAllocBits))
         corrupt("extended L2 entry " + hex(raw) + " bitmap " + hex(bitmap) +
                 " allocates subclusters without a host cluster");
 }

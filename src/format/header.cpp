@@ -70,20 +70,28 @@ void check_magic_and_version(std::span<const std::byte> b) {
         corrupt("qcow2 v3 header truncated: " + std::to_string(b.size()) + " bytes, need at least 104");
 }
 
+/// Calls f(offset, field) for each fixed header field up to the header length, at its byte offset:
+/// the one layout that parsing and serializing share. v3 adds the fields from offset 72.
+template <class H, class F>
+void for_each_field(H& h, F&& f) {
+    f(4, h.version), f(8, h.backing_file_offset), f(16, h.backing_file_size), f(20, h.cluster_bits);
+    f(24, h.size), f(32, h.crypt_method), f(36, h.l1_size), f(40, h.l1_table_offset);
+    f(48, h.refcount_table_offset), f(56, h.refcount_table_clusters), f(60, h.nb_snapshots);
+    f(64, h.snapshots_offset);
+    if (h.version == 2) return;
+    f(72, h.incompatible_features), f(80, h.compatible_features), f(88, h.autoclear_features);
+    f(96, h.refcount_order);
+}
+
 Header read_fields(const std::byte* p) {
     Header h;
-    h.version = load_be32(p + 4);
-    h.backing_file_offset = load_be64(p + 8);
-    h.backing_file_size = load_be32(p + 16);
-    h.cluster_bits = load_be32(p + 20);
-    h.size = load_be64(p + 24);
-    h.crypt_method = load_be32(p + 32);
-    h.l1_size = load_be32(p + 36);
-    h.l1_table_offset = load_be64(p + 40);
-    h.refcount_table_offset = load_be64(p + 48);
-    h.refcount_table_clusters = load_be32(p + 56);
-    h.nb_snapshots = load_be32(p + 60);
-    h.snapshots_offset = load_be64(p + 64);
+    h.version = load_be32(p + 4);  // decides which fields follow
+    for_each_field(h, [p](size_t at, auto& field) {
+        if constexpr (sizeof field == 8)
+            field = load_be64(p + at);
+        else
+            field = load_be32(p + at);
+    });
     // Without a backing file the name length means nothing (QEMU ignores it): keep it 0 so that a
     // header rewrite round-trips.
     if (h.backing_file_offset == 0) h.backing_file_size = 0;
@@ -92,10 +100,6 @@ Header read_fields(const std::byte* p) {
         h.header_length = kV2HeaderLength;
         return h;
     }
-    h.incompatible_features = load_be64(p + 72);
-    h.compatible_features = load_be64(p + 80);
-    h.autoclear_features = load_be64(p + 88);
-    h.refcount_order = load_be32(p + 96);
     h.header_length = load_be32(p + 100);
     return h;
 }
@@ -165,19 +169,6 @@ void check_l1_table(const Header& h, uint64_t file_size) {
                 " bytes) lies beyond the end of the file (" + std::to_string(file_size) + " bytes)");
 }
 
-void check_refcount_table(const Header& h, uint64_t file_size) {
-    if (h.refcount_table_clusters == 0) corrupt("image has no refcount table (refcount_table_clusters is 0)");
-    uint64_t bytes = uint64_t{h.refcount_table_clusters} << h.cluster_bits;
-    if (bytes > kMaxRefcountTableBytes)
-        corrupt("refcount table of " + std::to_string(h.refcount_table_clusters) +
-                " clusters exceeds the 8 MiB limit");
-    if (h.refcount_table_offset == 0 || !aligned(h.refcount_table_offset, h.cluster_bits))
-        corrupt("invalid refcount table offset " + hex(h.refcount_table_offset));
-    if (!inside(h.refcount_table_offset, bytes, file_size))
-        corrupt("refcount table at " + hex(h.refcount_table_offset) + " (" + std::to_string(bytes) +
-                " bytes) lies beyond the end of the file (" + std::to_string(file_size) + " bytes)");
-}
-
 void check_snapshot_table(const Header& h, uint64_t file_size) {
     if (h.nb_snapshots > kMaxSnapshots)
         corrupt("too many snapshots: " + std::to_string(h.nb_snapshots) + " (limit 65536)");
@@ -192,6 +183,17 @@ void check_snapshot_table(const Header& h, uint64_t file_size) {
 
 }  // namespace
 
+void check_refcount_table(uint64_t offset, uint32_t clusters, uint32_t cluster_bits, uint64_t file_size) {
+    if (clusters == 0) corrupt("image has no refcount table (refcount_table_clusters is 0)");
+    uint64_t bytes = uint64_t{clusters} << cluster_bits;
+    if (bytes > kMaxRefcountTableBytes)
+        corrupt("refcount table of " + std::to_string(clusters) + " clusters exceeds the 8 MiB limit");
+    if (offset == 0 || !aligned(offset, cluster_bits)) corrupt("invalid refcount table offset " + hex(offset));
+    if (!inside(offset, bytes, file_size))
+        corrupt("refcount table at " + hex(offset) + " (" + std::to_string(bytes) +
+                " bytes) lies beyond the end of the file (" + std::to_string(file_size) + " bytes)");
+}
+
 Header parse_header(std::span<const std::byte> bytes, uint64_t file_size) {
     check_magic_and_version(bytes);
     Header h = read_fields(bytes.data());
@@ -201,7 +203,7 @@ Header parse_header(std::span<const std::byte> bytes, uint64_t file_size) {
     read_compression_type(h, bytes);
     check_simple_fields(h);
     check_l1_table(h, file_size);
-    check_refcount_table(h, file_size);
+    check_refcount_table(h.refcount_table_offset, h.refcount_table_clusters, h.cluster_bits, file_size);
     check_snapshot_table(h, file_size);
     return h;
 }
@@ -380,23 +382,13 @@ uint32_t written_header_length(const Header& h) {
 
 void write_fixed(std::byte* p, const Header& h, uint32_t header_length) {
     store_be32(p, kMagic);
-    store_be32(p + 4, h.version);
-    store_be64(p + 8, h.backing_file_offset);
-    store_be32(p + 16, h.backing_file_size);
-    store_be32(p + 20, h.cluster_bits);
-    store_be64(p + 24, h.size);
-    store_be32(p + 32, h.crypt_method);
-    store_be32(p + 36, h.l1_size);
-    store_be64(p + 40, h.l1_table_offset);
-    store_be64(p + 48, h.refcount_table_offset);
-    store_be32(p + 56, h.refcount_table_clusters);
-    store_be32(p + 60, h.nb_snapshots);
-    store_be64(p + 64, h.snapshots_offset);
+    for_each_field(h, [p](size_t at, auto field) {
+        if constexpr (sizeof field == 8)
+            store_be64(p + at, field);
+        else
+            store_be32(p + at, field);
+    });
     if (h.version == 2) return;
-    store_be64(p + 72, h.incompatible_features);
-    store_be64(p + 80, h.compatible_features);
-    store_be64(p + 88, h.autoclear_features);
-    store_be32(p + 96, h.refcount_order);
     store_be32(p + 100, header_length);
     if (header_length > kCompressionTypeOffset) p[kCompressionTypeOffset] = static_cast<std::byte>(h.compression_type);
 }

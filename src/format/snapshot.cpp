@@ -20,7 +20,6 @@ constexpr size_t kFixedEntrySize = 40;
 constexpr uint32_t kMaxExtraData = 1024;     // QEMU's limit as well
 constexpr size_t kExtraVmStateEnd = 8;       // extra data bytes holding vm_state_size_large
 constexpr size_t kExtraDiskSizeEnd = 16;     // ... and disk_size
-constexpr uint64_t kNoFileLimit = UINT64_MAX;
 
 std::string entry_name(uint32_t index) { return "snapshot table entry " + std::to_string(index); }
 
@@ -51,6 +50,18 @@ void check_l1(const Snapshot& s, const Header& h, uint64_t file_size, uint32_t i
                 " entries) lies beyond the end of the file (" + std::to_string(file_size) + " bytes)");
 }
 
+void check_extra_size(uint32_t extra_size, uint32_t index) {
+    if (extra_size > kMaxExtraData)
+        corrupt(entry_name(index) + ": extra data of " + std::to_string(extra_size) + " bytes (limit 1024)");
+}
+
+/// Bytes the entry whose fixed part is at `p` occupies, without padding.
+uint64_t entry_bytes(const std::byte* p, uint32_t index) {
+    uint32_t extra_size = load_be32(p + 36);
+    check_extra_size(extra_size, index);
+    return kFixedEntrySize + extra_size + load_be16(p + 12) + load_be16(p + 14);
+}
+
 void read_extra(Snapshot& s, const std::byte* extra, uint32_t size, const Header& h) {
     s.extra_data.assign(extra, extra + size);
     if (size >= kExtraVmStateEnd) s.vm_state_size = load_be64(extra);
@@ -70,8 +81,7 @@ size_t parse_entry(std::span<const std::byte> table, size_t at, uint32_t index, 
     s.vm_clock_nsec = load_be64(p + 24);
     s.vm_state_size = load_be32(p + 32);
     uint32_t extra_size = load_be32(p + 36);
-    if (extra_size > kMaxExtraData)
-        corrupt(entry_name(index) + ": extra data of " + std::to_string(extra_size) + " bytes (limit 1024)");
+    check_extra_size(extra_size, index);
     check_l1(s, h, file_size, index);
     uint64_t extra_at = at + kFixedEntrySize;
     read_extra(s, need(table, extra_at, extra_size, index), extra_size, h);
@@ -82,19 +92,6 @@ size_t parse_entry(std::span<const std::byte> table, size_t at, uint32_t index, 
     return extra_at + extra_size + id_size + name_size;
 }
 
-/// Walks all entries (each starts 8-aligned); fills `out` when given. Returns where the last one ends:
-/// QEMU writes no padding after it.
-size_t walk(std::span<const std::byte> table, const Header& h, uint64_t file_size, std::vector<Snapshot>* out) {
-    check_header(h);
-    table = table.first(std::min<size_t>(table.size(), kMaxSnapshotTableBytes));
-    size_t at = 0;
-    for (uint32_t i = 0; i < h.nb_snapshots; ++i) {
-        Snapshot s;
-        at = parse_entry(table, round_up8(at), i, h, file_size, s);
-        if (out) out->push_back(std::move(s));
-    }
-    return at;
-}
 
 void check_serializable(const Snapshot& s) {
     if (s.id.size() > UINT16_MAX || s.name.size() > UINT16_MAX)
@@ -131,14 +128,31 @@ void append_entry(std::vector<std::byte>& out, const Snapshot& s) {
 
 std::vector<Snapshot> parse_snapshot_table(std::span<const std::byte> table, const Header& header,
                                            uint64_t file_size) {
+    check_header(header);
+    table = table.first(std::min<size_t>(table.size(), kMaxSnapshotTableBytes));
     std::vector<Snapshot> out;
     out.reserve(std::min<size_t>(header.nb_snapshots, table.size() / kFixedEntrySize));
-    walk(table, header, file_size, &out);
+    size_t at = 0;
+    for (uint32_t i = 0; i < header.nb_snapshots; ++i) {  // each entry starts 8-aligned
+        Snapshot s;
+        at = parse_entry(table, round_up8(at), i, header, file_size, s);
+        out.push_back(std::move(s));
+    }
     return out;
 }
 
-size_t snapshot_table_size(std::span<const std::byte> table, const Header& header) {
-    return walk(table, header, kNoFileLimit, nullptr);
+uint64_t snapshot_table_bytes_needed(std::span<const std::byte> table, const Header& header) {
+    check_header(header);
+    uint64_t at = 0;
+    for (uint32_t i = 0; i < header.nb_snapshots; ++i) {
+        // Every later entry takes at least its fixed part, 8-aligned.
+        const uint64_t later = uint64_t{header.nb_snapshots - 1 - i} * kFixedEntrySize;
+        at = round_up8(at);
+        if (!inside(at, kFixedEntrySize, table.size())) return at + kFixedEntrySize + later;
+        at += entry_bytes(table.data() + at, i);
+        if (at > table.size()) return later == 0 ? at : round_up8(at) + later;
+    }
+    return at;  // QEMU writes no padding after the last entry
 }
 
 std::vector<std::byte> serialize_snapshot_table(const std::vector<Snapshot>& snapshots, uint32_t version) {

@@ -16,7 +16,7 @@
 
 #include "qcowfs/format/error.hpp"
 #include "qcowfs/format/header.hpp"
-#include "qcowfs/format/snapshot.hpp"
+#include "qcowfs/format/probe.hpp"
 #include "qcowfs/fs/tree.hpp"
 #include "qcowfs/util/log.hpp"
 
@@ -27,8 +27,6 @@ namespace {
 constexpr mode_t kWriteBits = S_IWUSR | S_IWGRP | S_IWOTH;
 constexpr mode_t kPermissionBits = 0777;
 constexpr size_t kNameMax = 255;  // longer names cannot be looked up through the kernel
-/// First guess for the snapshot table size; grown (up to the file / kMaxSnapshotTableBytes) if short.
-constexpr uint64_t kSnapshotTableFirstRead = 64 * 1024;
 
 /// Closes a file descriptor on scope exit.
 class FdCloser {
@@ -60,15 +58,6 @@ std::string normalize_path(const std::string& p) {
     return out;
 }
 
-/// Resolves `name` (a backing or data file name from the header) against the image's directory.
-std::string resolve_beside(const std::string& image_path, const std::string& name) {
-    if (name.empty() || name.front() == '/') return name;
-    auto slash = image_path.rfind('/');
-    std::string dir = slash == std::string::npos ? std::string(".") : image_path.substr(0, slash);
-    if (dir.empty()) dir = "/";
-    return join_path(dir, name);
-}
-
 bool same_timespec(const timespec& a, const timespec& b) {
     return a.tv_sec == b.tv_sec && a.tv_nsec == b.tv_nsec;
 }
@@ -94,66 +83,39 @@ size_t read_at(int fd, std::span<std::byte> buf, uint64_t offset) {
     return done;
 }
 
-/// Reads and parses the snapshot table. Its size is only known by walking it, so start with a
-/// guess and grow it while the parse fails and more of the file could be read.
-std::vector<format::Snapshot> read_snapshots(int fd, const format::Header& h, uint64_t file_size) {
-    if (h.nb_snapshots == 0) return {};
-    if (h.snapshots_offset >= file_size) corrupt("snapshot table lies outside the image file");
-    uint64_t available = std::min<uint64_t>(file_size - h.snapshots_offset, format::kMaxSnapshotTableBytes);
-    uint64_t want = std::min<uint64_t>(
-        available, std::max<uint64_t>(kSnapshotTableFirstRead, uint64_t{h.nb_snapshots} * 1024));
-    std::vector<std::byte> table;
-    for (;;) {
-        table.resize(want);
-        table.resize(read_at(fd, table, h.snapshots_offset));
-        try {
-            return format::parse_snapshot_table(table, h, file_size);
-        } catch (const std::system_error&) {
-            if (want >= available) throw;
-            want = std::min<uint64_t>(available, want * 4);
-        }
+/// Does the reads `probe` asks for (blocking), until it has all it needs.
+void run_probe(int fd, format::ImageProbe& probe) {
+    while (auto r = probe.next()) {
+        std::vector<std::byte> bytes(r->length);
+        bytes.resize(read_at(fd, bytes, r->offset));
+        probe.feed(bytes);
     }
 }
 
-/// Fills `info` from the image's header cluster and snapshot table (never more than that).
-void parse_image(int fd, ImageInfo& info, std::span<const std::byte> probe) {
-    const uint64_t file_size = static_cast<uint64_t>(info.host_stat.st_size);
-    format::Header header = format::parse_header(probe, file_size);
-
-    std::vector<std::byte> cluster0_buf;
-    std::span<const std::byte> cluster0 = probe;
-    uint64_t cluster0_size = std::min(header.cluster_size(), file_size);
-    if (cluster0_size <= probe.size()) {
-        cluster0 = probe.first(cluster0_size);
-    } else {
-        cluster0_buf.resize(cluster0_size);
-        cluster0_buf.resize(read_at(fd, cluster0_buf, 0));
-        cluster0 = cluster0_buf;
-    }
-    format::ImageMetadata meta = format::parse_metadata(cluster0, file_size);
+/// Fills `info` from the probe's findings (header cluster and snapshot table, never more than
+/// that), doing the reads it asks for. Returns true when `info` also depends on the external
+/// data file (its size counts, or it is missing): such a result is not reused by the next scan.
+bool parse_image(int fd, format::ImageProbe& probe, ImageInfo& info) {
+    run_probe(fd, probe);
+    format::ProbedImage found = probe.take();
+    const format::ImageMetadata& meta = found.meta;
     info.virtual_size = meta.header.size;
-    if (uint64_t unknown = meta.header.incompatible_features & ~format::kIncompatKnown)
-        info.read_only_reason = "unknown incompatible feature bits " + hex(unknown);
-    else if (meta.header.corrupt())
-        info.read_only_reason = "the image is marked corrupt";
-    if (!meta.backing_file.empty()) info.backing_path = resolve_beside(info.path, meta.backing_file);
+    if (meta.header.corrupt()) info.read_only_reason = "the image is marked corrupt";
+    if (!meta.backing_file.empty()) info.backing_path = format::resolve_relative(info.path, meta.backing_file);
+    info.error = format::problem_text(found.problem);
 
-    if (meta.header.has_external_data_file()) {
-        if (!meta.extensions.data_file || meta.extensions.data_file->empty()) {
-            info.error = "external data file is not named in the header";
-        } else {
-            std::string data_path = resolve_beside(info.path, *meta.extensions.data_file);
-            struct stat dst {};
-            if (::stat(data_path.c_str(), &dst) == 0)
-                info.allocated_bytes += static_cast<uint64_t>(dst.st_blocks) * 512;
-            else
-                info.error = "external data file " + *meta.extensions.data_file + " not found";
-        }
+    const bool reads_data_file = found.problem == format::ProbeProblem::none && meta.header.has_external_data_file();
+    if (reads_data_file) {
+        std::string data_path = format::resolve_relative(info.path, *meta.extensions.data_file);
+        struct stat dst {};
+        if (::stat(data_path.c_str(), &dst) == 0)
+            info.allocated_bytes += static_cast<uint64_t>(dst.st_blocks) * 512;
+        else
+            info.error = "external data file " + *meta.extensions.data_file + " not found";
     }
-    if (meta.header.crypt_method != 0) info.error = "encryption is not supported";
-    if (!info.error.empty()) return;  // an image that cannot be opened exposes no snapshots
+    if (!info.error.empty()) return reads_data_file;  // an image that cannot be opened exposes no snapshots
 
-    for (format::Snapshot& s : read_snapshots(fd, meta.header, file_size)) {
+    for (format::Snapshot& s : found.snapshots) {
         // A file size must fit off_t: a snapshot claiming 2^63 bytes or more is not shown (the
         // scan parses a file once per change, so this is said once).
         if (s.disk_size > static_cast<uint64_t>(std::numeric_limits<off_t>::max())) {
@@ -163,6 +125,7 @@ void parse_image(int fd, ImageInfo& info, std::span<const std::byte> probe) {
         }
         info.snapshots.push_back(SnapshotInfo{std::move(s.id), std::move(s.name), s.disk_size});
     }
+    return reads_data_file;
 }
 
 struct Probed {
@@ -187,14 +150,14 @@ std::optional<Probed> probe_file(const io::HostPolicy& policy, const std::string
     FdCloser closer(fd);
     if (::fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) return std::nullopt;
 
-    const uint64_t file_size = static_cast<uint64_t>(st.st_size);
-    std::vector<std::byte> probe(std::min<uint64_t>(format::kHeaderProbeBytes, file_size));
+    format::ImageProbe probe(static_cast<uint64_t>(st.st_size));
+    std::vector<std::byte> first(probe.next()->length);  // the header: its magic tells an image
     try {
-        probe.resize(read_at(fd, probe, 0));
+        first.resize(read_at(fd, first, 0));
     } catch (const std::system_error&) {
         return std::nullopt;
     }
-    if (probe.size() < 4 || !format::has_qcow2_magic(probe)) return Probed{};
+    if (!format::has_qcow2_magic(first)) return Probed{};
 
     auto info = std::make_shared<ImageInfo>();
     info->path = path;
@@ -202,8 +165,10 @@ std::optional<Probed> probe_file(const io::HostPolicy& policy, const std::string
     info->path_is_symlink = ::lstat(path.c_str(), &link_st) == 0 && S_ISLNK(link_st.st_mode);
     info->host_stat = st;
     info->allocated_bytes = static_cast<uint64_t>(st.st_blocks) * 512;
+    bool reads_data_file = false;
     try {
-        parse_image(fd, *info, probe);
+        probe.feed(first);
+        reads_data_file = parse_image(fd, probe, *info);
     } catch (const std::system_error& e) {
         info->error = reason_of(e);
         info->virtual_size = 0;
@@ -214,9 +179,7 @@ std::optional<Probed> probe_file(const io::HostPolicy& policy, const std::string
         info->snapshots.clear();
     }
     if (!info->error.empty()) info->read_only_reason = info->error;
-    bool cacheable = info->allocated_bytes == static_cast<uint64_t>(st.st_blocks) * 512 &&
-                     info->error.rfind("external data file", 0) != 0;
-    return Probed{std::move(info), cacheable};
+    return Probed{std::move(info), !reads_data_file};
 }
 
 /// Names in a directory, sorted bytewise. nullopt (errno set) if it cannot be read.

@@ -8,6 +8,7 @@
 #include "qcowfs/codec/compression.hpp"
 #include "qcowfs/format/entries.hpp"
 #include "qcowfs/format/error.hpp"
+#include "qcowfs/format/probe.hpp"
 
 namespace qcowfs::qcow2 {
 namespace {
@@ -25,14 +26,18 @@ int dependency_errno(int code, bool writable) {
     return EIO;
 }
 
-}  // namespace
-
-std::string resolve_relative(const std::string& image_path, const std::string& name) {
-    if (name.empty() || name.front() == '/') return name;
-    auto slash = image_path.rfind('/');
-    if (slash == std::string::npos) return name;
-    return image_path.substr(0, slash + 1) + name;
+/// Header, extensions, backing name and snapshot table of `file`, read as format::ImageProbe asks.
+Task<format::ProbedImage> probe(io::File& file) {
+    format::ImageProbe probe(file.size());
+    while (auto r = probe.next()) {
+        std::vector<std::byte> bytes(r->length);
+        bytes.resize(co_await file.read_at(r->offset, bytes));
+        probe.feed(bytes);
+    }
+    co_return probe.take();
 }
+
+}  // namespace
 
 // ---- RawSource -------------------------------------------------------------------------------
 
@@ -95,25 +100,15 @@ Task<std::shared_ptr<Image>> Image::open(std::string path, OpenOptions options) 
 
 Task<void> Image::open_impl(unsigned depth, std::vector<std::string> chain) {
     file_ = options_.opener(path_, options_.writable);
-    uint64_t file_size = file_->size();
-
-    std::vector<std::byte> probe(std::min<uint64_t>(format::kHeaderProbeBytes, file_size));
-    probe.resize(co_await file_->read_at(0, probe));
-    format::Header header = format::parse_header(probe, file_size);
-    if (header.crypt_method != 0) fail(ENOTSUP, "encryption is not supported");
-
-    std::vector<std::byte> cluster0(std::min<uint64_t>(header.cluster_size(), file_size));
-    cluster0.resize(co_await file_->read_at(0, cluster0));
-    meta_ = format::parse_metadata(cluster0, file_size);
-    if (meta_.extensions.has_crypto_header) fail(ENOTSUP, "encryption is not supported");
+    format::ProbedImage probed = co_await probe(*file_);
+    format::check_openable(probed.problem);
+    meta_ = std::move(probed.meta);
+    snapshots_ = std::move(probed.snapshots);
     geometry_ = meta_.header.geometry();
 
-    if (meta_.header.has_external_data_file()) {
-        if (!meta_.extensions.data_file || meta_.extensions.data_file->empty())
-            corrupt("the external data file bit is set but the image names no data file");
-        data_file_ = open_dependency(resolve_relative(path_, *meta_.extensions.data_file), "external data file",
-                                     options_.writable);
-    }
+    if (meta_.header.has_external_data_file())
+        data_file_ = open_dependency(format::resolve_relative(path_, *meta_.extensions.data_file),
+                                     "external data file", options_.writable);
 
     // Only a writable image keeps its active L1 table in memory (the write path changes it);
     // every other L1 table is read slice by slice through the metadata cache.
@@ -121,7 +116,6 @@ Task<void> Image::open_impl(unsigned depth, std::vector<std::string> chain) {
         l1_ = co_await read_l1(meta_.header.l1_table_offset, meta_.header.l1_size, "L1 table");
     else
         check_l1_inside(meta_.header.l1_table_offset, meta_.header.l1_size, "L1 table");
-    co_await read_snapshot_table();
 
     size_t slice = std::min<uint64_t>(geometry_.cluster_size(), 4096);
     l2_cache_ = std::make_unique<cache::SliceCache>(*file_, slice, options_.l2_cache_bytes);
@@ -169,31 +163,10 @@ Task<uint64_t> Image::l1_entry(const L1Table& l1, uint64_t index) {
     co_return format::load_be64(slice->bytes.data() + byte % slice_bytes);
 }
 
-Task<void> Image::read_snapshot_table() {
-    const auto& h = meta_.header;
-    if (h.nb_snapshots == 0) co_return;
-    uint64_t file_size = file_->size();
-    if (h.snapshots_offset >= file_size) corrupt("snapshot table at " + hex(h.snapshots_offset) + " lies beyond the end of the file");
-    uint64_t available = std::min<uint64_t>(format::kMaxSnapshotTableBytes, file_size - h.snapshots_offset);
-    // Most tables are small: read a little first, more only if the entries need it.
-    uint64_t want = std::min<uint64_t>(available, 64 * 1024);
-    for (;;) {
-        std::vector<std::byte> table(want);
-        table.resize(co_await file_->read_at(h.snapshots_offset, table));
-        try {
-            snapshots_ = format::parse_snapshot_table(table, h, file_size);
-            co_return;
-        } catch (const std::system_error&) {
-            if (want >= available) throw;
-        }
-        want = std::min<uint64_t>(available, want * 8);
-    }
-}
-
 Task<void> Image::open_backing(unsigned depth, std::vector<std::string> chain) {
     if (depth + 1 > options_.max_backing_depth)
         corrupt("backing chain is deeper than " + std::to_string(options_.max_backing_depth) + " images");
-    std::string path = resolve_relative(path_, meta_.backing_file);
+    std::string path = format::resolve_relative(path_, meta_.backing_file);
     if (std::find(chain.begin(), chain.end(), path) != chain.end())
         corrupt("backing chain loops back to " + path);
 

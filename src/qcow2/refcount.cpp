@@ -36,14 +36,8 @@ Refcounts::Refcounts(io::File& file, const format::Header& header, size_t cache_
 Task<void> Refcounts::load() {
     const uint64_t cs = cluster_size();
     const uint64_t file_size = file_.size();
+    format::check_refcount_table(table_offset_, table_clusters_, cluster_bits_, file_size);
     const uint64_t bytes = uint64_t{table_clusters_} << cluster_bits_;
-    if (table_clusters_ == 0) corrupt("image has no refcount table (refcount_table_clusters is 0)");
-    if (bytes > format::kMaxRefcountTableBytes)
-        corrupt("refcount table of " + std::to_string(table_clusters_) + " clusters exceeds the 8 MiB limit");
-    if (table_offset_ == 0 || table_offset_ % cs != 0) corrupt("invalid refcount table offset " + hex(table_offset_));
-    if (table_offset_ > file_size || bytes > file_size - table_offset_)
-        corrupt("refcount table at " + hex(table_offset_) + " (" + std::to_string(bytes) +
-                " bytes) lies beyond the end of " + file_.name());
 
     std::vector<std::byte> raw(bytes);
     if (co_await file_.read_at(table_offset_, raw) != bytes)

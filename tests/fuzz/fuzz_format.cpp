@@ -1,4 +1,4 @@
-// libFuzzer target: every format/ parser, and the bitmap directory parser, over a whole image file,
+// libFuzzer target: every format/ parser (the bitmap directory's and the image probe too) over a whole image file,
 // with serialize-and-reparse round trips where a serializer exists.
 //
 // The input is an image file (seeds: tests/fuzz/corpus/). Each structure is parsed where the
@@ -16,10 +16,11 @@
 #include <vector>
 
 #include "fuzz_support.hpp"
+#include "qcowfs/format/bitmaps.hpp"
 #include "qcowfs/format/entries.hpp"
 #include "qcowfs/format/header.hpp"
+#include "qcowfs/format/probe.hpp"
 #include "qcowfs/format/snapshot.hpp"
-#include "qcowfs/qcow2/bitmaps.hpp"
 
 using namespace qcowfs;
 using namespace qcowfs::format;
@@ -182,7 +183,7 @@ void snapshot_round_trip(Bytes table, const Header& h, uint64_t file_size) {
         return;
     }
     FUZZ_EXPECT(snaps.size() == h.nb_snapshots, "parse_snapshot_table returned the wrong number of entries");
-    size_t walked = snapshot_table_size(table, h);
+    uint64_t walked = snapshot_table_bytes_needed(table, h);
     FUZZ_EXPECT(walked <= table.size(), "snapshot table size beyond the bytes given");
     std::vector<std::byte> bytes = serialize_snapshot_table(snaps, h.version);
     std::vector<Snapshot> again;
@@ -195,7 +196,7 @@ void snapshot_round_trip(Bytes table, const Header& h, uint64_t file_size) {
     for (size_t i = 0; i < snaps.size(); ++i)
         FUZZ_EXPECT(same_snapshot(snaps[i], again[i]), "snapshot " + std::to_string(i) + " changed in a round trip");
     FUZZ_EXPECT(serialize_snapshot_table(again, h.version) == bytes, "serializing the reparsed table gives other bytes");
-    FUZZ_EXPECT(snapshot_table_size(bytes, h) == bytes.size(), "size walk disagrees with the serialized table");
+    FUZZ_EXPECT(snapshot_table_bytes_needed(bytes, h) == bytes.size(), "size walk disagrees with the serialized table");
 }
 
 /// Bitmap directory: what parses is laid out as parsed — entries back to back (8-aligned), each
@@ -203,9 +204,9 @@ void snapshot_round_trip(Bytes table, const Header& h, uint64_t file_size) {
 void bitmap_directory_check(Bytes dir, const ImageMetadata& m, uint64_t file_size) {
     if (!m.extensions.bitmaps) return;
     const auto& ext = *m.extensions.bitmaps;
-    std::vector<qcow2::BitmapDirectoryEntry> entries;
+    std::vector<BitmapDirectoryEntry> entries;
     try {
-        entries = qcow2::parse_bitmap_directory(dir, m, file_size);
+        entries = parse_bitmap_directory(dir, m, file_size);
     } catch (const std::system_error& e) {
         expect_errno(e, {EIO}, "parse_bitmap_directory");
         return;
@@ -262,6 +263,28 @@ void tables(Bytes file, const Header& h) {
     }
 }
 
+/// The image probe over the whole file: it asks only for bytes inside the file, in few reads,
+/// and what it accepts has the header parse_header finds.
+void probe_check(Bytes file, const Header& h) {
+    ImageProbe probe(file.size());
+    int reads = 0;
+    try {
+        while (auto r = probe.next()) {
+            FUZZ_EXPECT(r->offset <= file.size() && r->length <= file.size() - r->offset,
+                        "the probe asks for bytes past the end of the file");
+            FUZZ_EXPECT(++reads <= 64, "the probe asks for more than 64 reads");
+            probe.feed(window(file, r->offset, r->length));
+        }
+    } catch (const std::system_error& e) {
+        expect_errno(e, {EIO, ENOTSUP}, "ImageProbe");
+        return;
+    }
+    ProbedImage found = probe.take();
+    FUZZ_EXPECT(header_diff(h, found.meta.header).empty(), "the probe and parse_header disagree: " + header_diff(h, found.meta.header));
+    FUZZ_EXPECT(found.problem != ProbeProblem::none || found.snapshots.size() == h.nb_snapshots,
+                "the probe found the wrong number of snapshots");
+}
+
 /// A whole image file: each structure where the header says it lies.
 void image(Bytes file) {
     Header h;
@@ -271,6 +294,7 @@ void image(Bytes file) {
         expect_errno(e, {EIO, ENOTSUP}, "parse_header");
         return;
     }
+    probe_check(file, h);
     tables(file, h);
     snapshot_round_trip(window(file, h.snapshots_offset, kMaxSnapshotTableBytes), h, file.size());
 

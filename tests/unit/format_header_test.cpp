@@ -472,3 +472,17 @@ TEST_CASE("the fixed header rewrite keeps every byte it does not own") {
         CHECK(back.extensions.unknown.size() == 1);
     }
 }
+
+TEST_CASE("check_refcount_table: present, within 8 MiB, aligned, not at 0, inside the file") {
+    auto check = [](uint64_t offset, uint32_t clusters, uint64_t file_size = kFileSize) {
+        std::string what;
+        int e = thrown_errno([&] { check_refcount_table(offset, clusters, 16, file_size); }, &what);
+        return e == 0 ? std::string("ok") : what;
+    };
+    CHECK(check(0x10000, 1) == "ok");
+    CHECK(check(0x10000, 0).find("no refcount table") != std::string::npos);
+    CHECK(check(0x10000, 129).find("8 MiB") != std::string::npos);
+    CHECK(check(0, 1).find("invalid refcount table offset") != std::string::npos);
+    CHECK(check(0x10200, 1).find("invalid refcount table offset") != std::string::npos);
+    CHECK(check(0xf0000, 2).find("lies beyond the end of the file (1048576 bytes)") != std::string::npos);
+}

@@ -55,7 +55,7 @@ TEST_CASE("snapshot table round-trips") {
     std::vector<std::byte> table = serialize_snapshot_table(in, 3);
     CHECK(table.size() == (40 + 16 + 1 + 14 + 1) + (40 + 24 + 2 + 5));  // no padding after the last entry
     Header h = header_with(2);
-    CHECK(snapshot_table_size(table, h) == table.size());
+    CHECK(snapshot_table_bytes_needed(table, h) == table.size());
     std::vector<Snapshot> out = parse_snapshot_table(table, h, kFileSize);
     REQUIRE(out.size() == 2);
     for (size_t i = 0; i < 2; ++i) {
@@ -77,7 +77,7 @@ TEST_CASE("snapshot table round-trips") {
     // A caller may pass more than the table: only nb_snapshots entries are read.
     table.resize(table.size() + 100, std::byte{0xff});
     CHECK(parse_snapshot_table(table, h, kFileSize).size() == 2);
-    CHECK(snapshot_table_size(table, h) == table.size() - 100);
+    CHECK(snapshot_table_bytes_needed(table, h) == table.size() - 100);
 }
 
 TEST_CASE("entries without extra data fall back to the header's size and the 32-bit VM state size") {
@@ -99,8 +99,28 @@ TEST_CASE("entries without extra data fall back to the header's size and the 32-
 
 TEST_CASE("no snapshots: empty table") {
     CHECK(parse_snapshot_table({}, header_with(0), kFileSize).empty());
-    CHECK(snapshot_table_size({}, header_with(0)) == 0);
+    CHECK(snapshot_table_bytes_needed({}, header_with(0)) == 0);
     CHECK(serialize_snapshot_table({}, 3).empty());
+}
+
+TEST_CASE("snapshot_table_bytes_needed: a lower bound from any prefix, exact once the table is whole") {
+    std::vector<std::byte> table = serialize_snapshot_table(two_snapshots(), 3);
+    Header h = header_with(2);
+    CHECK(snapshot_table_bytes_needed({}, h) == 2 * 40);  // nothing seen: two fixed parts
+    // The first fixed part gives the first entry's size: it, padded, and the second fixed part.
+    std::span<const std::byte> first40 = std::span(table).first(40);
+    CHECK(snapshot_table_bytes_needed(first40, h) == 72 + 40);
+    // Reading what it asks for, again and again, reaches the table's size and stops there.
+    uint64_t have = 0, rounds = 0;
+    for (uint64_t needed = 0; (needed = snapshot_table_bytes_needed(std::span(table).first(have), h)) > have; ++rounds)
+        have = needed;
+    CHECK(have == table.size());
+    CHECK(rounds == 3);
+    // An entry's extra data length is checked as soon as its fixed part is there.
+    std::vector<std::byte> bad = table;
+    store_be32(bad.data() + 36, 1025);
+    CHECK(thrown_errno([&] { snapshot_table_bytes_needed(std::span(bad).first(40), h); }) == EIO);
+    CHECK(thrown_errno([&] { snapshot_table_bytes_needed({}, header_with(kMaxSnapshots + 1)); }) == EIO);
 }
 
 TEST_CASE("hostile snapshot tables") {
@@ -117,7 +137,10 @@ TEST_CASE("hostile snapshot tables") {
             CAPTURE(n);
             std::vector<std::byte> t(good.begin(), good.begin() + static_cast<ptrdiff_t>(n));
             CHECK(parse_errno(t) == EIO);
-            CHECK(thrown_errno([&] { snapshot_table_size(t, h); }) == EIO);
+            // A prefix of the table: more is needed, and never more than the table has.
+            uint64_t needed = snapshot_table_bytes_needed(t, h);
+            CHECK(needed > n);
+            CHECK(needed <= good.size());
         }
         CHECK(what.find("entry 1 truncated") != std::string::npos);
     }

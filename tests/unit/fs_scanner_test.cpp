@@ -550,6 +550,26 @@ TEST_CASE("Scanner resolves backing files and counts external data files") {
     CHECK(child(*again, again->root(), "y.raw").image->error.empty());
 }
 
+TEST_CASE("Scanner probes an image with an external data file again at every scan") {
+    REQUIRE_MESSAGE(have_qemu_img(), "qemu-img is needed to build test images");
+    TempDir d;
+    d.qemu_img("create -f qcow2 -o data_file=x.data x.qcow2 1M");
+    d.qemu_img("create -f qcow2 nodata.qcow2 1M");
+    d.patch("nodata.qcow2", 72 + 7, "\x04");  // the data file bit, but no data file named
+
+    Scanner scanner(d.path(), ScanOptions{});
+    auto t1 = scanner.scan();
+    CHECK(child(*t1, t1->root(), "nodata.raw").image->error ==
+          "the external data file bit is set but the image names no data file");
+    // Only the data file changes: the image's own stat does not, yet its blocks are counted anew.
+    d.write("x.data", std::string(256 * 1024, 'x'));
+    auto t2 = scanner.scan();
+    const uint64_t blocks = static_cast<uint64_t>(d.stat("x.qcow2").st_blocks + d.stat("x.data").st_blocks) * 512;
+    CHECK(child(*t2, t2->root(), "x.raw").image->allocated_bytes == blocks);
+    // An image whose problem is its own (no data file named) is not probed again.
+    CHECK(child(*t2, t2->root(), "nodata.raw").image == child(*t1, t1->root(), "nodata.raw").image);
+}
+
 TEST_CASE("Scanner reuses unchanged parses and reflects changes on the next scan") {
     REQUIRE_MESSAGE(have_qemu_img(), "qemu-img is needed to build test images");
     TempDir d;

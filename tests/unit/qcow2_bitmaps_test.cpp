@@ -158,13 +158,13 @@ TEST_CASE("bitmap_clusters lists the directory, the tables and the data clusters
     const auto& ext = *meta.extensions.bitmaps;
     std::vector<std::byte> dir_bytes(image.begin() + static_cast<long>(ext.bitmap_directory_offset),
                                      image.begin() + static_cast<long>(ext.bitmap_directory_offset + ext.bitmap_directory_size));
-    auto entries = qcow2::parse_bitmap_directory(dir_bytes, meta, image.size());
+    auto entries = format::parse_bitmap_directory(dir_bytes, meta, image.size());
     REQUIRE(entries.size() == 2);
     CHECK(entries[0].name == "b0");
     CHECK(entries[1].name == "b1");
     CHECK(entries[0].granularity_bits == 16);
     CHECK(entries[1].granularity_bits == 9);
-    CHECK(entries[0].flags == qcow2::kBitmapAuto);
+    CHECK(entries[0].flags == format::kBitmapAuto);
     std::multiset<uint64_t> expected{ext.bitmap_directory_offset};
     uint64_t data_clusters = 0;
     for (const auto& e : entries) {
@@ -252,7 +252,7 @@ TEST_CASE("an invalid bitmap directory or table is EIO and nothing is written") 
         return bytes;
     };
 
-    SUBCASE("unknown flags") { expect_eio(with_be32(d + 12, 0x10 | qcow2::kBitmapAuto), "unknown flags"); }
+    SUBCASE("unknown flags") { expect_eio(with_be32(d + 12, 0x10 | format::kBitmapAuto), "unknown flags"); }
     SUBCASE("unknown type") {
         auto bytes = image;
         bytes[d + 16] = std::byte{2};

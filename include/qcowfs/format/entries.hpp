@@ -16,6 +16,10 @@ inline constexpr uint64_t kL1OffsetMask = 0x00fffffffffffe00ULL;
 inline constexpr uint64_t kL2OffsetMask = 0x00fffffffffffe00ULL;
 inline constexpr uint64_t kL1ReservedMask = 0x7f000000000001ffULL;
 inline constexpr uint64_t kRefcountTableOffsetMask = 0xfffffffffffffe00ULL;
+/// The subcluster bitmap of an extended L2 entry: one "allocated" bit per subcluster (bits 0-31),
+/// then one "reads as zeros" bit per subcluster (bits 32-63).
+inline constexpr uint64_t kSubclusterAllocBits = 0x00000000ffffffffULL;
+inline constexpr uint64_t kSubclusterZeroBits = 0xffffffff00000000ULL;
 
 /// A decoded L1 entry.
 struct L1Entry {

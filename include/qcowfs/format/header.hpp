@@ -27,26 +27,26 @@ inline constexpr uint64_t kMaxRefcountTableBytes = 8u << 20;
 inline constexpr uint32_t kMaxSnapshots = 65536;
 inline constexpr uint64_t kMaxSnapshotTableBytes = 64u << 20;
 
-// Incompatible feature bits.
-inline constexpr uint64_t kIncompatDirty = 1u << 0;
-inline constexpr uint64_t kIncompatCorrupt = 1u << 1;
-inline constexpr uint64_t kIncompatDataFile = 1u << 2;
-inline constexpr uint64_t kIncompatCompressionType = 1u << 3;
-inline constexpr uint64_t kIncompatExtendedL2 = 1u << 4;
-inline constexpr uint64_t kIncompatKnown = 0x1f;
-// Compatible feature bits.
-inline constexpr uint64_t kCompatLazyRefcounts = 1u << 0;
-// Autoclear feature bits.
-inline constexpr uint64_t kAutoclearBitmaps = 1u << 0;
-inline constexpr uint64_t kAutoclearDataFileRaw = 1u << 1;
+// The feature bits of the three header words, each word's bits a type of its own (they convert
+// to uint64_t for masks).
+/// Incompatible features: an image with a bit outside kIncompatKnown is not opened.
+enum IncompatibleFeature : uint64_t {
+    kIncompatDirty = 1u << 0, kIncompatCorrupt = 1u << 1, kIncompatDataFile = 1u << 2,
+    kIncompatCompressionType = 1u << 3, kIncompatExtendedL2 = 1u << 4,
+    kIncompatKnown = 0x1f,
+};
+enum CompatibleFeature : uint64_t { kCompatLazyRefcounts = 1u << 0 };
+enum AutoclearFeature : uint64_t { kAutoclearBitmaps = 1u << 0, kAutoclearDataFileRaw = 1u << 1 };
 
-// Header extension types.
-inline constexpr uint32_t kExtEnd = 0x00000000;
-inline constexpr uint32_t kExtBackingFormat = 0xe2792aca;
-inline constexpr uint32_t kExtFeatureNames = 0x6803f857;
-inline constexpr uint32_t kExtBitmaps = 0x23852875;
-inline constexpr uint32_t kExtCrypto = 0x0537be77;
-inline constexpr uint32_t kExtDataFile = 0x44415441;
+/// Header extension types (the word before each extension's length).
+enum ExtensionType : uint32_t {
+    kExtEnd = 0x00000000,
+    kExtBackingFormat = 0xe2792aca,
+    kExtFeatureNames = 0x6803f857,
+    kExtBitmaps = 0x23852875,
+    kExtCrypto = 0x0537be77,
+    kExtDataFile = 0x44415441,
+};
 
 enum class CompressionType : uint8_t { zlib = 0, zstd = 1 };
 
@@ -123,6 +123,11 @@ struct ImageMetadata {
 /// Throws std::system_error(EIO) naming the problem; ENOTSUP for valid but unsupported images
 /// (unknown incompatible features). Encryption is reported through crypt_method, not an error.
 Header parse_header(std::span<const std::byte> bytes, uint64_t file_size);
+
+/// Checks a refcount table of `clusters` clusters at `offset`, as parse_header does and as a
+/// writer does again for a table it moved: present, at most kMaxRefcountTableBytes, cluster
+/// aligned and not at 0, inside a file of `file_size` bytes. Throws std::system_error(EIO).
+void check_refcount_table(uint64_t offset, uint32_t clusters, uint32_t cluster_bits, uint64_t file_size);
 
 /// Parses the header, its extensions and the backing file name from cluster 0 (pass
 /// min(cluster_size, file_size) bytes; fewer is an error if the structures reach past them).

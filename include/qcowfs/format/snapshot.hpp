@@ -32,12 +32,17 @@ struct Snapshot {
 std::vector<Snapshot> parse_snapshot_table(std::span<const std::byte> table, const Header& header,
                                            uint64_t file_size);
 
-/// Bytes the table of `header.nb_snapshots` entries occupies, computed by walking the buffer
-/// (same validation as parse_snapshot_table). Useful to read a table in two steps.
-size_t snapshot_table_size(std::span<const std::byte> table, const Header& header);
+/// How many bytes of the table to read, given its first bytes `table` (any prefix, even empty):
+/// when the prefix holds all `header.nb_snapshots` entries, the exact size of the table (<=
+/// table.size(); there is no padding after the last entry); otherwise a lower bound on it, larger
+/// than table.size() (the entries not yet seen count their 40-byte fixed part). Each entry's
+/// size comes from its fixed part; only its extra data length is validated here
+/// (parse_snapshot_table checks the rest). Throws std::system_error(EIO) for an entry with
+/// too much extra data or too many snapshots.
+uint64_t snapshot_table_bytes_needed(std::span<const std::byte> table, const Header& header);
 
 /// Serializes snapshots into a table (each entry starts 8-aligned; as QEMU writes it, there is no
-/// padding after the last entry, so the result has snapshot_table_size() bytes).
+/// padding after the last entry, so the result has snapshot_table_bytes_needed() bytes).
 std::vector<std::byte> serialize_snapshot_table(const std::vector<Snapshot>& snapshots, uint32_t version);
 
 }  // namespace qcowfs::format

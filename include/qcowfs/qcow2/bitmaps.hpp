@@ -1,4 +1,4 @@
-// Persistent dirty bitmaps (the qcow2 "Bitmaps" extension): the directory, the clusters it owns, the in_use flag.
+// Persistent dirty bitmaps (the qcow2 "Bitmaps" extension) on a file: the clusters they own, the in_use flag.
 #pragma once
 
 #include <cstddef>
@@ -7,6 +7,7 @@
 #include <string>
 #include <vector>
 
+#include "qcowfs/format/bitmaps.hpp"
 #include "qcowfs/format/header.hpp"
 #include "qcowfs/util/task.hpp"
 
@@ -16,40 +17,12 @@ class File;
 
 namespace qcowfs::qcow2 {
 
-// Bitmap directory entry flags.
-inline constexpr uint32_t kBitmapInUse = 1u << 0;               // content may be stale: not to be trusted
-inline constexpr uint32_t kBitmapAuto = 1u << 1;                // tracks every guest write while the image is open
-inline constexpr uint32_t kBitmapExtraDataCompatible = 1u << 2;  // unknown extra data may be ignored
-inline constexpr uint32_t kBitmapKnownFlags = 0x7;
-inline constexpr uint8_t kBitmapTypeDirty = 1;
-
-/// One entry of the bitmap directory, as parsed (the name and extra data are not interpreted).
-struct BitmapDirectoryEntry {
-    uint64_t table_offset = 0;  // host offset of the bitmap table (cluster aligned)
-    uint32_t table_size = 0;    // entries (8 bytes each) in the bitmap table
-    uint32_t flags = 0;
-    uint8_t type = 0;
-    uint8_t granularity_bits = 0;
-    uint32_t extra_data_size = 0;
-    std::string name;
-    size_t position = 0;  // byte offset of the entry inside the directory (flags are at position + 12)
-};
-
-/// Parses and validates the bitmap directory bytes of an image whose bitmaps extension is in force:
-/// exactly nb_bitmaps entries filling bitmap_directory_size; per entry: table offset cluster-aligned,
-/// non-zero and its table inside `file_size`, table size 1..2^27 entries and at most 512 MiB of
-/// bitmap data, big enough for the disk unless the bitmap is in use, no unknown flag bits, type 1
-/// (dirty tracking), granularity 2^9..2^31, name 1..1023 bytes. Pure. Throws std::system_error(EIO)
-/// naming the problem.
-std::vector<BitmapDirectoryEntry> parse_bitmap_directory(std::span<const std::byte> directory,
-                                                         const format::ImageMetadata& meta, uint64_t file_size);
-
 /// Host clusters used by the bitmap directory, bitmap tables and bitmap data clusters (for
 /// rebuild_refcounts and checks), as the cluster-aligned host offset of each cluster, once per
 /// reference (an entry of a bitmap table referencing a cluster is one reference). Empty without a
 /// bitmaps extension or when the autoclear bitmaps bit is clear (QEMU then ignores the extension).
-/// Validates the directory (parse_bitmap_directory), the directory inside the file, and every bitmap
-/// table entry (reserved bits clear, data cluster aligned, inside the file, not cluster 0).
+/// Validates the directory (format::parse_bitmap_directory), the directory inside the file, and every
+/// bitmap table entry (format::decode_bitmap_table_entry, and the data cluster inside the file).
 /// Reads the directory and every table. Throws std::system_error(EIO) naming the problem, or the
 /// read's error.
 Task<std::vector<uint64_t>> bitmap_clusters(io::File& file, const format::ImageMetadata& meta);

@@ -196,7 +196,6 @@ private:
 
     Task<void> open_impl(unsigned depth, std::vector<std::string> chain);
     Task<std::vector<uint64_t>> read_l1(uint64_t offset, uint32_t entries, const char* what);
-    Task<void> read_snapshot_table();
     /// EIO unless an L1 table of `entries` at `offset` is at most kMaxL1Bytes and inside the file.
     void check_l1_inside(uint64_t offset, uint32_t entries, const char* what) const;
     Task<void> open_backing(unsigned depth, std::vector<std::string> chain);
@@ -332,8 +331,5 @@ private:
     std::unique_ptr<io::File> file_;
     uint64_t size_;
 };
-
-/// Resolves a backing or data file name against the directory of `image_path`.
-std::string resolve_relative(const std::string& image_path, const std::string& name);
 
 }  // namespace qcowfs::qcow2
