@@ -17,6 +17,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <array>
 #include <cstring>
 #include <map>
 #include <memory>
@@ -50,6 +51,8 @@ constexpr size_t kBatchMaxItems = 256;
 constexpr size_t kBatchOutputBytes = 8u << 20;  // bounds a batch's output for large clusters
 constexpr size_t kSparseBlock = 64u << 10;  // zero detection granularity for sparse output
 constexpr int kMaxBackingDepth = 16;
+constexpr uint64_t kSectorBytes = 512;
+constexpr size_t kMaxLooseSectors = 8;  // per host cluster, and at most 1/16 of it
 
 [[noreturn]] void bad(const std::string& what) { corrupt("bad stream: " + what); }
 
@@ -175,6 +178,18 @@ private:
     void register_data(uint64_t guest_cluster, uint64_t host, bool needs_data);
     void register_compressed(uint64_t guest_cluster, const L2Entry& e);
     void feed_compressed(uint64_t host, std::span<const std::byte> data, size_t valid);
+    /// Sectors of a host cluster that a compressed cluster named later may still need.
+    struct LooseSectors {
+        std::array<uint64_t, kMaxLooseSectors> at;
+        size_t count = 0;
+    };
+    /// True when every byte of host cluster `host` belongs to compressed clusters already named,
+    /// except for a few 512-byte sectors (put in `loose`) where one of them ends and the next
+    /// begins: a compressed cluster named later could hide there. Such a cluster need not be
+    /// retained, only those sectors.
+    bool named_compressed_covers(uint64_t host, LooseSectors& loose) const;
+    /// Copies [at, at + out.size()) from loose_ if every sector of it is there.
+    bool read_loose(uint64_t at, std::span<std::byte> out) const;
     void queue_decompress(uint64_t guest_cluster, uint64_t host_offset, std::span<const std::byte> in);
     void submit_batch();
     void check_mapping_complete();
@@ -256,6 +271,9 @@ private:
     std::unordered_map<uint64_t, uint64_t> l2_wanted_;    // host offset -> L1 index
     std::unordered_map<uint64_t, uint64_t> data_wanted_;  // host offset -> guest cluster | kGuestKeyBit if data needed
     std::map<uint64_t, CompressedWant> compressed_wanted_;  // by host byte offset
+    // Sectors kept from clusters that compressed data already named covers (named_compressed_covers),
+    // by host byte offset, until the mapping is complete.
+    std::unordered_map<uint64_t, std::array<std::byte, kSectorBytes>> loose_;
     bool mapping_complete_ = false;
 
     std::unique_ptr<RetainedStore> store_;
@@ -399,8 +417,16 @@ void Decoder::on_host_cluster(uint64_t host, std::span<const std::byte> data, si
         }
     }
     if (!used) {
+        LooseSectors loose;
+        bool covered = !mapping_complete_ && valid == cs_ && named_compressed_covers(host, loose);
         feed_compressed(host, data, valid);
-        if (!mapping_complete_) store_->put(host, data);
+        if (covered) {
+            claim(host);  // compressed data already named: no later table may name this cluster
+            for (size_t i = 0; i < loose.count; ++i)
+                std::memcpy(loose_[loose.at[i]].data(), data.data() + (loose.at[i] - host), kSectorBytes);
+        } else if (!mapping_complete_) {
+            store_->put(host, data);
+        }
     }
     check_mapping_complete();
 }
@@ -421,6 +447,7 @@ void Decoder::on_refcount_table(uint64_t, std::span<const std::byte> data, size_
 void Decoder::check_mapping_complete() {
     if (mapping_complete_ || !l1_known_ || !l2_wanted_.empty()) return;
     mapping_complete_ = true;
+    loose_.clear();
     store_->erase_if([](uint64_t key) { return !(key & kGuestKeyBit); });
 }
 
@@ -535,9 +562,11 @@ void Decoder::register_compressed(uint64_t c, const L2Entry& e) {
         uint64_t upto = std::min(end, pos_);
         for (uint64_t at = start; at < upto;) {
             uint64_t hc = at & ~(cs_ - 1), n = std::min(upto, hc + cs_) - at;
-            if (!store_->contains(hc))
+            std::span<std::byte> part(w.buf.get() + (at - start), n);
+            if (store_->contains(hc))
+                store_->read(hc, at - hc, part);
+            else if (!read_loose(at, part))
                 take_past(hc, take_buf_, what);  // reports why the bytes are gone
-            store_->read(hc, at - hc, std::span(w.buf.get() + (at - start), n));
             at += n;
         }
         if (end <= pos_) {
@@ -583,6 +612,40 @@ void Decoder::feed_compressed(uint64_t host, std::span<const std::byte> data, si
             ++it;
         }
     }
+}
+
+bool Decoder::named_compressed_covers(uint64_t host, LooseSectors& loose) const {
+    size_t max_loose = std::min<size_t>(kMaxLooseSectors, cs_ / kSectorBytes / 16);
+    uint64_t end = host + cs_;
+    uint64_t covered = host;  // [host, covered) surely belongs to compressed clusters named so far
+    auto gap = [&](uint64_t from, uint64_t to) {
+        for (uint64_t s = from & ~(kSectorBytes - 1); s < to; s += kSectorBytes) {
+            if (loose.count && loose.at[loose.count - 1] == s) continue;
+            if (loose.count == max_loose) return false;
+            loose.at[loose.count++] = s;
+        }
+        return true;
+    };
+    uint64_t lookback = 2 * cs_ + kSectorBytes;
+    for (auto it = compressed_wanted_.lower_bound(host > lookback ? host - lookback : 0);
+         it != compressed_wanted_.end() && it->first < end; ++it) {
+        uint64_t start = it->first, nominal_end = it->second.end;
+        if (nominal_end <= host) continue;
+        if (start > covered && !gap(covered, start)) return false;
+        // Only its last sector may also hold the start of the next compressed cluster.
+        covered = std::max({covered, start + 1, nominal_end - (kSectorBytes - 1)});
+    }
+    return covered >= end || gap(covered, end);
+}
+
+bool Decoder::read_loose(uint64_t at, std::span<std::byte> out) const {
+    for (uint64_t s = at & ~(kSectorBytes - 1); s < at + out.size(); s += kSectorBytes) {
+        auto it = loose_.find(s);
+        if (it == loose_.end()) return false;
+        uint64_t from = std::max(s, at), to = std::min(s + kSectorBytes, at + out.size());
+        std::memcpy(out.data() + (from - at), it->second.data() + (from - s), to - from);
+    }
+    return true;
 }
 
 void Decoder::queue_decompress(uint64_t c, uint64_t host_offset, std::span<const std::byte> in) {
