@@ -159,6 +159,14 @@ private:
     /// Reads and checks cluster 0; refuses encrypted images, external data files, and backing
     /// files without --backing (ENOTSUP). Throws EIO naming the problem for a bad header.
     void read_header();
+    /// Reads cluster 0 (fewer bytes only if the stream ends first) and parses the header and its
+    /// extensions into meta_; returns the bytes read. EIO for a bad header, ENOTSUP for an
+    /// unsupported feature.
+    size_t read_cluster0();
+    /// ENOTSUP for encrypted images and external data files: the stream does not hold the disk.
+    void check_supported() const;
+    /// Opens --backing (or, for a backing file, the one its header names); ENOTSUP without one.
+    void open_backing();
     /// Classifies the host cluster at `host` (cs_ bytes, `valid` of them from the stream: fewer
     /// only for the last one) and acts on it: table parsed, data written or queued for
     /// decompression, or kept in the retained store. May write output, wait for a decompression
@@ -231,6 +239,10 @@ private:
         return std::min<uint64_t>(cs_, h_.size - guest_cluster * cs_);
     }
     void on_batch_done(Batch& b);
+    /// Reads the stream after cluster 0 to its end, a chunk at a time, handing each host cluster
+    /// to on_host_cluster. The chunk is read into the next input buffer that the sink no longer
+    /// writes from, while the sink's thread writes what came before.
+    void read_stream();
     void report_progress() { progress_.update(done_, "read " + human_bytes(static_cast<double>(pos_))); }
     /// At the end of the stream: drains the decompression queue, reports the first table or
     /// cluster still missing (EIO, "lies past the end of the stream"), flushes the output.
@@ -279,6 +291,11 @@ private:
     std::unique_ptr<RetainedStore> store_;
     std::unique_ptr<OrderedPool> pool_;
     std::unique_ptr<DecompressBatch> batch_;
+    struct InputBuffer {
+        std::vector<std::byte> bytes;
+        uint64_t written_ticket = 0;  // the sink's flush that covers every write from bytes
+    };
+    std::array<InputBuffer, 3> inputs_;  // declared before sink_: its writer may read them to the end
     std::unique_ptr<RawSink> sink_;
     std::vector<std::byte> compose_buf_, take_buf_, zeros_;
 
@@ -287,7 +304,7 @@ private:
     DecodeStats stats_;
 };
 
-void Decoder::read_header() {
+size_t Decoder::read_cluster0() {
     std::vector<std::byte> first(kMinClusterBytes);
     size_t n = read_full(in_, first, "the input");
     pos_ = n;
@@ -317,15 +334,12 @@ void Decoder::read_header() {
         if (errno_of(e) == ENOTSUP) fail(ENOTSUP, "unsupported image: " + reason_of(e));
         bad("header at offset 0x0: " + reason_of(e));
     }
-    h_ = meta_.header;
-    if (n < cs && n < h_.l1_table_offset)
+    if (n < cs && n < meta_.header.l1_table_offset)
         bad("the stream ends at offset " + hex(n) + ", inside the header cluster");
-    g_ = h_.geometry();
-    cb_ = h_.cluster_bits;
-    cs_ = h_.cluster_size();
-    l2_entries_ = g_.l2_entries();
-    nclusters_ = (h_.size + cs_ - 1) / cs_;
+    return n;
+}
 
+void Decoder::check_supported() const {
     if (h_.crypt_method != 0 || meta_.extensions.has_crypto_header)
         fail(ENOTSUP, std::string("unsupported image: it is encrypted (") + (h_.crypt_method == 1 ? "AES" : "LUKS") +
                           "); decrypt it first with qemu-img convert");
@@ -333,22 +347,35 @@ void Decoder::read_header() {
         fail(ENOTSUP, "unsupported image: its data is in an external data file (" +
                           meta_.extensions.data_file.value_or("?") +
                           "), which is not part of the stream; use qemu-img convert on the files");
-    if (!meta_.backing_file.empty()) {
-        std::string path = o_.backing;
-        if (path.empty() && depth_ > 0 && !name_.empty()) {
-            // A backing file's own backing file is named in its header, relative to its directory.
-            path = meta_.backing_file;
-            if (path.front() != '/') {
-                auto slash = name_.rfind('/');
-                path = (slash == std::string::npos ? std::string(".") : name_.substr(0, slash)) + "/" + path;
-            }
+}
+
+void Decoder::open_backing() {
+    std::string path = o_.backing;
+    if (path.empty() && depth_ > 0 && !name_.empty()) {
+        // A backing file's own backing file is named in its header, relative to its directory.
+        path = meta_.backing_file;
+        if (path.front() != '/') {
+            auto slash = name_.rfind('/');
+            path = (slash == std::string::npos ? std::string(".") : name_.substr(0, slash)) + "/" + path;
         }
-        if (path.empty())
-            fail(ENOTSUP, "the image has a backing file (" + meta_.backing_file +
-                              ") whose data the stream does not contain; pass --backing FILE with a raw or "
-                              "qcow2 copy of it");
-        backing_ = std::make_unique<BackingSource>(path, o_, depth_);
     }
+    if (path.empty())
+        fail(ENOTSUP, "the image has a backing file (" + meta_.backing_file +
+                          ") whose data the stream does not contain; pass --backing FILE with a raw or "
+                          "qcow2 copy of it");
+    backing_ = std::make_unique<BackingSource>(path, o_, depth_);
+}
+
+void Decoder::read_header() {
+    size_t n = read_cluster0();
+    h_ = meta_.header;
+    g_ = h_.geometry();
+    cb_ = h_.cluster_bits;
+    cs_ = h_.cluster_size();
+    l2_entries_ = g_.l2_entries();
+    nclusters_ = (h_.size + cs_ - 1) / cs_;
+    check_supported();
+    if (!meta_.backing_file.empty()) open_backing();
 
     l1_offset_ = h_.l1_table_offset;
     l1_len_ = std::min<uint64_t>(h_.l1_size, g_.l1_entries_for(h_.size)) * 8;
@@ -665,14 +692,15 @@ void Decoder::submit_batch() {
 
 void Decoder::on_batch_done(Batch& b) {
     auto& d = static_cast<DecompressBatch&>(b);
-    // The batch lives until this returns: the sink writes its clusters from where they are
-    // (flushed before the batch goes), then points at the input buffer again.
+    // The sink writes the clusters from where they are and keeps the batch's output until it has
+    // written them; then it points at the input buffer again.
+    std::shared_ptr<std::byte[]> out(std::move(d.out));
     const std::byte* input_begin = sink_->stable_begin();
     const std::byte* input_end = sink_->stable_end();
-    sink_->set_stable_range(d.out.get(), d.out.get() + d.items.size() * cs_);
+    sink_->set_stable_range(out.get(), out.get() + d.items.size() * cs_);
     for (size_t i = 0; i < d.items.size(); ++i)
-        cluster_ready(d.items[i].guest_cluster, std::span<const std::byte>(d.out.get() + i * cs_, cs_));
-    sink_->flush();
+        cluster_ready(d.items[i].guest_cluster, std::span<const std::byte>(out.get() + i * cs_, cs_));
+    sink_->keep_until_written(std::move(out));
     sink_->set_stable_range(input_begin, input_end);
 }
 
@@ -813,9 +841,34 @@ void Decoder::finish() {
     advance();
     if (!sparse_ && cursor_ < nclusters_)
         fail(EIO, "internal error: guest cluster " + std::to_string(cursor_) + " unresolved at the end");
-    sink_->flush();
+    sink_->sync();
     stats_.stream_bytes = pos_;
     progress_.finish(done_, "read " + human_bytes(static_cast<double>(pos_)));
+}
+
+void Decoder::read_stream() {
+    size_t chunk = std::max<size_t>(kReadChunk, cs_);
+    uint64_t host = cs_;
+    bool eof = pos_ < cs_;  // the stream ended inside cluster 0
+    for (size_t k = 0; !eof; k = (k + 1) % inputs_.size()) {
+        InputBuffer& buf = inputs_[k];
+        sink_->wait_written(buf.written_ticket);  // the sink no longer points into it
+        buf.bytes.resize(chunk);
+        size_t n = read_full(in_, buf.bytes, "the input");
+        eof = n < chunk;
+        sink_->set_stable_range(buf.bytes.data(), buf.bytes.data() + n);
+        for (size_t at = 0; at < n; at += cs_) {
+            size_t valid = std::min<size_t>(cs_, n - at);
+            std::span<std::byte> cl(buf.bytes.data() + at, cs_);
+            if (valid < cs_) std::memset(cl.data() + valid, 0, cs_ - valid);
+            on_host_cluster(host, cl, valid);
+            host += cs_;
+        }
+        submit_batch();
+        pool_->poll([this](Batch& b) { on_batch_done(b); });
+        buf.written_ticket = sink_->flush();
+        report_progress();
+    }
 }
 
 DecodeStats Decoder::run() {
@@ -835,7 +888,7 @@ DecodeStats Decoder::run() {
     store_ = std::make_unique<RetainedStore>(cs_, o_.memory, o_.spill_dir.empty() ? default_temp_dir() : o_.spill_dir);
     unsigned threads = o_.threads ? o_.threads : default_threads();
     pool_ = std::make_unique<OrderedPool>(threads, threads * 4);
-    sink_ = std::make_unique<RawSink>(out_fd_, positioned_);
+    sink_ = std::make_unique<RawSink>(out_fd_, positioned_, true);
     compose_buf_.resize(cs_);
     take_buf_.resize(cs_);
     zeros_.assign(cs_, std::byte{0});
@@ -844,30 +897,7 @@ DecodeStats Decoder::run() {
         check_mapping_complete();
     }
 
-    size_t chunk = std::max<size_t>(kReadChunk, cs_);
-    std::vector<std::byte> buf(chunk);
-    uint64_t host = cs_;
-    if (pos_ < cs_) {
-        // The stream ended inside cluster 0.
-        host = pos_;
-    }
-    bool eof = pos_ < cs_;
-    while (!eof) {
-        sink_->flush();  // the sink may point into buf: write it out before buf is refilled
-        size_t n = read_full(in_, buf, "the input");
-        eof = n < chunk;
-        sink_->set_stable_range(buf.data(), buf.data() + n);
-        for (size_t at = 0; at < n; at += cs_) {
-            size_t valid = std::min<size_t>(cs_, n - at);
-            std::span<std::byte> cl(buf.data() + at, cs_);
-            if (valid < cs_) std::memset(cl.data() + valid, 0, cs_ - valid);
-            on_host_cluster(host, cl, valid);
-            host += cs_;
-        }
-        submit_batch();
-        pool_->poll([this](Batch& b) { on_batch_done(b); });
-        report_progress();
-    }
+    read_stream();
     finish();
     stats_.peak_spill = store_->spill_file_bytes();
     stats_.peak_memory = store_->peak_memory_bytes();
