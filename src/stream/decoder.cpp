@@ -52,7 +52,7 @@ constexpr size_t kBatchOutputBytes = 8u << 20;  // bounds a batch's output for l
 constexpr size_t kSparseBlock = 64u << 10;  // zero detection granularity for sparse output
 constexpr int kMaxBackingDepth = 16;
 constexpr uint64_t kSectorBytes = 512;
-constexpr size_t kMaxLooseSectors = 8;  // per host cluster, and at most 1/16 of it
+constexpr size_t kMaxLooseSectors = 8;  // per host cluster, and at most 1/8 of it
 
 [[noreturn]] void bad(const std::string& what) { corrupt("bad stream: " + what); }
 
@@ -642,7 +642,7 @@ void Decoder::feed_compressed(uint64_t host, std::span<const std::byte> data, si
 }
 
 bool Decoder::named_compressed_covers(uint64_t host, LooseSectors& loose) const {
-    size_t max_loose = std::min<size_t>(kMaxLooseSectors, cs_ / kSectorBytes / 16);
+    size_t max_loose = std::min<size_t>(kMaxLooseSectors, cs_ / kSectorBytes / 8);
     uint64_t end = host + cs_;
     uint64_t covered = host;  // [host, covered) surely belongs to compressed clusters named so far
     auto gap = [&](uint64_t from, uint64_t to) {
