@@ -8,7 +8,9 @@
 //   - not yet known: it may still turn out to be an L2 table or data once a later table names it.
 // Unknown clusters are retained (RetainedStore: memory up to --memory, then a spill file) until the
 // mapping is complete — the L1 table and every L2 table it names have been read — and then all
-// retained clusters that nothing claimed are dropped, as is every later unclaimed cluster.
+// retained clusters that nothing claimed are dropped, as is every later unclaimed cluster. A
+// cluster that compressed clusters already named fill is not retained: only the sectors where two
+// of them meet, in case a later table names a small one there (named_compressed_covers).
 // When a table names a cluster that has already passed, it is taken from the retained store; if it
 // is not there it was already used as something else, and the stream is rejected (mapped twice).
 #include "stream/decoder.hpp"
