@@ -8,7 +8,9 @@
 //   - not yet known: it may still turn out to be an L2 table or data once a later table names it.
 // Unknown clusters are retained (RetainedStore: memory up to --memory, then a spill file) until the
 // mapping is complete — the L1 table and every L2 table it names have been read — and then all
-// retained clusters that nothing claimed are dropped, as is every later unclaimed cluster.
+// retained clusters that nothing claimed are dropped, as is every later unclaimed cluster. A
+// cluster that compressed clusters already named fill is not retained: only the sectors where two
+// of them meet, in case a later table names a small one there (named_compressed_covers).
 // When a table names a cluster that has already passed, it is taken from the retained store; if it
 // is not there it was already used as something else, and the stream is rejected (mapped twice).
 #include "stream/decoder.hpp"
@@ -17,6 +19,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <array>
 #include <cstring>
 #include <map>
 #include <memory>
@@ -50,6 +53,8 @@ constexpr size_t kBatchMaxItems = 256;
 constexpr size_t kBatchOutputBytes = 8u << 20;  // bounds a batch's output for large clusters
 constexpr size_t kSparseBlock = 64u << 10;  // zero detection granularity for sparse output
 constexpr int kMaxBackingDepth = 16;
+constexpr uint64_t kSectorBytes = 512;
+constexpr size_t kMaxLooseSectors = 8;  // per host cluster, and at most 1/8 of it
 
 [[noreturn]] void bad(const std::string& what) { corrupt("bad stream: " + what); }
 
@@ -156,6 +161,14 @@ private:
     /// Reads and checks cluster 0; refuses encrypted images, external data files, and backing
     /// files without --backing (ENOTSUP). Throws EIO naming the problem for a bad header.
     void read_header();
+    /// Reads cluster 0 (fewer bytes only if the stream ends first) and parses the header and its
+    /// extensions into meta_; returns the bytes read. EIO for a bad header, ENOTSUP for an
+    /// unsupported feature.
+    size_t read_cluster0();
+    /// ENOTSUP for encrypted images and external data files: the stream does not hold the disk.
+    void check_supported() const;
+    /// Opens --backing (or, for a backing file, the one its header names); ENOTSUP without one.
+    void open_backing();
     /// Classifies the host cluster at `host` (cs_ bytes, `valid` of them from the stream: fewer
     /// only for the last one) and acts on it: table parsed, data written or queued for
     /// decompression, or kept in the retained store. May write output, wait for a decompression
@@ -175,6 +188,18 @@ private:
     void register_data(uint64_t guest_cluster, uint64_t host, bool needs_data);
     void register_compressed(uint64_t guest_cluster, const L2Entry& e);
     void feed_compressed(uint64_t host, std::span<const std::byte> data, size_t valid);
+    /// Sectors of a host cluster that a compressed cluster named later may still need.
+    struct LooseSectors {
+        std::array<uint64_t, kMaxLooseSectors> at;
+        size_t count = 0;
+    };
+    /// True when every byte of host cluster `host` belongs to compressed clusters already named,
+    /// except for a few 512-byte sectors (put in `loose`) where one of them ends and the next
+    /// begins: a compressed cluster named later could hide there. Such a cluster need not be
+    /// retained, only those sectors.
+    bool named_compressed_covers(uint64_t host, LooseSectors& loose) const;
+    /// Copies [at, at + out.size()) from loose_ if every sector of it is there.
+    bool read_loose(uint64_t at, std::span<std::byte> out) const;
     void queue_decompress(uint64_t guest_cluster, uint64_t host_offset, std::span<const std::byte> in);
     void submit_batch();
     void check_mapping_complete();
@@ -216,6 +241,10 @@ private:
         return std::min<uint64_t>(cs_, h_.size - guest_cluster * cs_);
     }
     void on_batch_done(Batch& b);
+    /// Reads the stream after cluster 0 to its end, a chunk at a time, handing each host cluster
+    /// to on_host_cluster. The chunk is read into the next input buffer that the sink no longer
+    /// writes from, while the sink's thread writes what came before.
+    void read_stream();
     void report_progress() { progress_.update(done_, "read " + human_bytes(static_cast<double>(pos_))); }
     /// At the end of the stream: drains the decompression queue, reports the first table or
     /// cluster still missing (EIO, "lies past the end of the stream"), flushes the output.
@@ -256,11 +285,19 @@ private:
     std::unordered_map<uint64_t, uint64_t> l2_wanted_;    // host offset -> L1 index
     std::unordered_map<uint64_t, uint64_t> data_wanted_;  // host offset -> guest cluster | kGuestKeyBit if data needed
     std::map<uint64_t, CompressedWant> compressed_wanted_;  // by host byte offset
+    // Sectors kept from clusters that compressed data already named covers (named_compressed_covers),
+    // by host byte offset, until the mapping is complete.
+    std::unordered_map<uint64_t, std::array<std::byte, kSectorBytes>> loose_;
     bool mapping_complete_ = false;
 
     std::unique_ptr<RetainedStore> store_;
     std::unique_ptr<OrderedPool> pool_;
     std::unique_ptr<DecompressBatch> batch_;
+    struct InputBuffer {
+        std::vector<std::byte> bytes;
+        uint64_t written_ticket = 0;  // the sink's flush that covers every write from bytes
+    };
+    std::array<InputBuffer, 3> inputs_;  // declared before sink_: its writer may read them to the end
     std::unique_ptr<RawSink> sink_;
     std::vector<std::byte> compose_buf_, take_buf_, zeros_;
 
@@ -269,7 +306,7 @@ private:
     DecodeStats stats_;
 };
 
-void Decoder::read_header() {
+size_t Decoder::read_cluster0() {
     std::vector<std::byte> first(kMinClusterBytes);
     size_t n = read_full(in_, first, "the input");
     pos_ = n;
@@ -299,15 +336,12 @@ void Decoder::read_header() {
         if (errno_of(e) == ENOTSUP) fail(ENOTSUP, "unsupported image: " + reason_of(e));
         bad("header at offset 0x0: " + reason_of(e));
     }
-    h_ = meta_.header;
-    if (n < cs && n < h_.l1_table_offset)
+    if (n < cs && n < meta_.header.l1_table_offset)
         bad("the stream ends at offset " + hex(n) + ", inside the header cluster");
-    g_ = h_.geometry();
-    cb_ = h_.cluster_bits;
-    cs_ = h_.cluster_size();
-    l2_entries_ = g_.l2_entries();
-    nclusters_ = (h_.size + cs_ - 1) / cs_;
+    return n;
+}
 
+void Decoder::check_supported() const {
     if (h_.crypt_method != 0 || meta_.extensions.has_crypto_header)
         fail(ENOTSUP, std::string("unsupported image: it is encrypted (") + (h_.crypt_method == 1 ? "AES" : "LUKS") +
                           "); decrypt it first with qemu-img convert");
@@ -315,22 +349,35 @@ void Decoder::read_header() {
         fail(ENOTSUP, "unsupported image: its data is in an external data file (" +
                           meta_.extensions.data_file.value_or("?") +
                           "), which is not part of the stream; use qemu-img convert on the files");
-    if (!meta_.backing_file.empty()) {
-        std::string path = o_.backing;
-        if (path.empty() && depth_ > 0 && !name_.empty()) {
-            // A backing file's own backing file is named in its header, relative to its directory.
-            path = meta_.backing_file;
-            if (path.front() != '/') {
-                auto slash = name_.rfind('/');
-                path = (slash == std::string::npos ? std::string(".") : name_.substr(0, slash)) + "/" + path;
-            }
+}
+
+void Decoder::open_backing() {
+    std::string path = o_.backing;
+    if (path.empty() && depth_ > 0 && !name_.empty()) {
+        // A backing file's own backing file is named in its header, relative to its directory.
+        path = meta_.backing_file;
+        if (path.front() != '/') {
+            auto slash = name_.rfind('/');
+            path = (slash == std::string::npos ? std::string(".") : name_.substr(0, slash)) + "/" + path;
         }
-        if (path.empty())
-            fail(ENOTSUP, "the image has a backing file (" + meta_.backing_file +
-                              ") whose data the stream does not contain; pass --backing FILE with a raw or "
-                              "qcow2 copy of it");
-        backing_ = std::make_unique<BackingSource>(path, o_, depth_);
     }
+    if (path.empty())
+        fail(ENOTSUP, "the image has a backing file (" + meta_.backing_file +
+                          ") whose data the stream does not contain; pass --backing FILE with a raw or "
+                          "qcow2 copy of it");
+    backing_ = std::make_unique<BackingSource>(path, o_, depth_);
+}
+
+void Decoder::read_header() {
+    size_t n = read_cluster0();
+    h_ = meta_.header;
+    g_ = h_.geometry();
+    cb_ = h_.cluster_bits;
+    cs_ = h_.cluster_size();
+    l2_entries_ = g_.l2_entries();
+    nclusters_ = (h_.size + cs_ - 1) / cs_;
+    check_supported();
+    if (!meta_.backing_file.empty()) open_backing();
 
     l1_offset_ = h_.l1_table_offset;
     l1_len_ = std::min<uint64_t>(h_.l1_size, g_.l1_entries_for(h_.size)) * 8;
@@ -399,8 +446,16 @@ void Decoder::on_host_cluster(uint64_t host, std::span<const std::byte> data, si
         }
     }
     if (!used) {
+        LooseSectors loose;
+        bool covered = !mapping_complete_ && valid == cs_ && named_compressed_covers(host, loose);
         feed_compressed(host, data, valid);
-        if (!mapping_complete_) store_->put(host, data);
+        if (covered) {
+            claim(host);  // compressed data already named: no later table may name this cluster
+            for (size_t i = 0; i < loose.count; ++i)
+                std::memcpy(loose_[loose.at[i]].data(), data.data() + (loose.at[i] - host), kSectorBytes);
+        } else if (!mapping_complete_) {
+            store_->put(host, data);
+        }
     }
     check_mapping_complete();
 }
@@ -421,6 +476,7 @@ void Decoder::on_refcount_table(uint64_t, std::span<const std::byte> data, size_
 void Decoder::check_mapping_complete() {
     if (mapping_complete_ || !l1_known_ || !l2_wanted_.empty()) return;
     mapping_complete_ = true;
+    loose_.clear();
     store_->erase_if([](uint64_t key) { return !(key & kGuestKeyBit); });
 }
 
@@ -535,9 +591,11 @@ void Decoder::register_compressed(uint64_t c, const L2Entry& e) {
         uint64_t upto = std::min(end, pos_);
         for (uint64_t at = start; at < upto;) {
             uint64_t hc = at & ~(cs_ - 1), n = std::min(upto, hc + cs_) - at;
-            if (!store_->contains(hc))
+            std::span<std::byte> part(w.buf.get() + (at - start), n);
+            if (store_->contains(hc))
+                store_->read(hc, at - hc, part);
+            else if (!read_loose(at, part))
                 take_past(hc, take_buf_, what);  // reports why the bytes are gone
-            store_->read(hc, at - hc, std::span(w.buf.get() + (at - start), n));
             at += n;
         }
         if (end <= pos_) {
@@ -585,6 +643,40 @@ void Decoder::feed_compressed(uint64_t host, std::span<const std::byte> data, si
     }
 }
 
+bool Decoder::named_compressed_covers(uint64_t host, LooseSectors& loose) const {
+    size_t max_loose = std::min<size_t>(kMaxLooseSectors, cs_ / kSectorBytes / 8);
+    uint64_t end = host + cs_;
+    uint64_t covered = host;  // [host, covered) surely belongs to compressed clusters named so far
+    auto gap = [&](uint64_t from, uint64_t to) {
+        for (uint64_t s = from & ~(kSectorBytes - 1); s < to; s += kSectorBytes) {
+            if (loose.count && loose.at[loose.count - 1] == s) continue;
+            if (loose.count == max_loose) return false;
+            loose.at[loose.count++] = s;
+        }
+        return true;
+    };
+    uint64_t lookback = 2 * cs_ + kSectorBytes;
+    for (auto it = compressed_wanted_.lower_bound(host > lookback ? host - lookback : 0);
+         it != compressed_wanted_.end() && it->first < end; ++it) {
+        uint64_t start = it->first, nominal_end = it->second.end;
+        if (nominal_end <= host) continue;
+        if (start > covered && !gap(covered, start)) return false;
+        // Only its last sector may also hold the start of the next compressed cluster.
+        covered = std::max({covered, start + 1, nominal_end - (kSectorBytes - 1)});
+    }
+    return covered >= end || gap(covered, end);
+}
+
+bool Decoder::read_loose(uint64_t at, std::span<std::byte> out) const {
+    for (uint64_t s = at & ~(kSectorBytes - 1); s < at + out.size(); s += kSectorBytes) {
+        auto it = loose_.find(s);
+        if (it == loose_.end()) return false;
+        uint64_t from = std::max(s, at), to = std::min(s + kSectorBytes, at + out.size());
+        std::memcpy(out.data() + (from - at), it->second.data() + (from - s), to - from);
+    }
+    return true;
+}
+
 void Decoder::queue_decompress(uint64_t c, uint64_t host_offset, std::span<const std::byte> in) {
     if (!batch_) batch_ = std::make_unique<DecompressBatch>(h_.compression_type, cs_);
     batch_->items.push_back({c, host_offset, batch_->in.size(), in.size()});
@@ -602,14 +694,15 @@ void Decoder::submit_batch() {
 
 void Decoder::on_batch_done(Batch& b) {
     auto& d = static_cast<DecompressBatch&>(b);
-    // The batch lives until this returns: the sink writes its clusters from where they are
-    // (flushed before the batch goes), then points at the input buffer again.
+    // The sink writes the clusters from where they are and keeps the batch's output until it has
+    // written them; then it points at the input buffer again.
+    std::shared_ptr<std::byte[]> out(std::move(d.out));
     const std::byte* input_begin = sink_->stable_begin();
     const std::byte* input_end = sink_->stable_end();
-    sink_->set_stable_range(d.out.get(), d.out.get() + d.items.size() * cs_);
+    sink_->set_stable_range(out.get(), out.get() + d.items.size() * cs_);
     for (size_t i = 0; i < d.items.size(); ++i)
-        cluster_ready(d.items[i].guest_cluster, std::span<const std::byte>(d.out.get() + i * cs_, cs_));
-    sink_->flush();
+        cluster_ready(d.items[i].guest_cluster, std::span<const std::byte>(out.get() + i * cs_, cs_));
+    sink_->keep_until_written(std::move(out));
     sink_->set_stable_range(input_begin, input_end);
 }
 
@@ -750,9 +843,34 @@ void Decoder::finish() {
     advance();
     if (!sparse_ && cursor_ < nclusters_)
         fail(EIO, "internal error: guest cluster " + std::to_string(cursor_) + " unresolved at the end");
-    sink_->flush();
+    sink_->sync();
     stats_.stream_bytes = pos_;
     progress_.finish(done_, "read " + human_bytes(static_cast<double>(pos_)));
+}
+
+void Decoder::read_stream() {
+    size_t chunk = std::max<size_t>(kReadChunk, cs_);
+    uint64_t host = cs_;
+    bool eof = pos_ < cs_;  // the stream ended inside cluster 0
+    for (size_t k = 0; !eof; k = (k + 1) % inputs_.size()) {
+        InputBuffer& buf = inputs_[k];
+        sink_->wait_written(buf.written_ticket);  // the sink no longer points into it
+        buf.bytes.resize(chunk);
+        size_t n = read_full(in_, buf.bytes, "the input");
+        eof = n < chunk;
+        sink_->set_stable_range(buf.bytes.data(), buf.bytes.data() + n);
+        for (size_t at = 0; at < n; at += cs_) {
+            size_t valid = std::min<size_t>(cs_, n - at);
+            std::span<std::byte> cl(buf.bytes.data() + at, cs_);
+            if (valid < cs_) std::memset(cl.data() + valid, 0, cs_ - valid);
+            on_host_cluster(host, cl, valid);
+            host += cs_;
+        }
+        submit_batch();
+        pool_->poll([this](Batch& b) { on_batch_done(b); });
+        buf.written_ticket = sink_->flush();
+        report_progress();
+    }
 }
 
 DecodeStats Decoder::run() {
@@ -772,7 +890,7 @@ DecodeStats Decoder::run() {
     store_ = std::make_unique<RetainedStore>(cs_, o_.memory, o_.spill_dir.empty() ? default_temp_dir() : o_.spill_dir);
     unsigned threads = o_.threads ? o_.threads : default_threads();
     pool_ = std::make_unique<OrderedPool>(threads, threads * 4);
-    sink_ = std::make_unique<RawSink>(out_fd_, positioned_);
+    sink_ = std::make_unique<RawSink>(out_fd_, positioned_, true);
     compose_buf_.resize(cs_);
     take_buf_.resize(cs_);
     zeros_.assign(cs_, std::byte{0});
@@ -781,30 +899,7 @@ DecodeStats Decoder::run() {
         check_mapping_complete();
     }
 
-    size_t chunk = std::max<size_t>(kReadChunk, cs_);
-    std::vector<std::byte> buf(chunk);
-    uint64_t host = cs_;
-    if (pos_ < cs_) {
-        // The stream ended inside cluster 0.
-        host = pos_;
-    }
-    bool eof = pos_ < cs_;
-    while (!eof) {
-        sink_->flush();  // the sink may point into buf: write it out before buf is refilled
-        size_t n = read_full(in_, buf, "the input");
-        eof = n < chunk;
-        sink_->set_stable_range(buf.data(), buf.data() + n);
-        for (size_t at = 0; at < n; at += cs_) {
-            size_t valid = std::min<size_t>(cs_, n - at);
-            std::span<std::byte> cl(buf.data() + at, cs_);
-            if (valid < cs_) std::memset(cl.data() + valid, 0, cs_ - valid);
-            on_host_cluster(host, cl, valid);
-            host += cs_;
-        }
-        submit_batch();
-        pool_->poll([this](Batch& b) { on_batch_done(b); });
-        report_progress();
-    }
+    read_stream();
     finish();
     stats_.peak_spill = store_->spill_file_bytes();
     stats_.peak_memory = store_->peak_memory_bytes();

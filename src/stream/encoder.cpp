@@ -161,6 +161,22 @@ Layout plan_layout(uint64_t cs, uint32_t cluster_bits, uint64_t l1_clusters, uin
     return l;
 }
 
+/// What write_image works out before writing: where every table goes and what it holds.
+struct MetadataPlan {
+    Layout l;
+    uint64_t cs = 0;
+    uint64_t l1_entries = 0, l1_clusters = 0;
+    std::vector<uint64_t> l2_index_of_l1;  // UINT64_MAX: no L2 table for that L1 index
+    uint64_t l2_count = 0;
+    uint64_t data_clusters = 0;            // host clusters of the data area
+    uint64_t dc = 0;                       // host cluster index where the data area starts
+    uint64_t total_clusters = 0;           // host clusters the refcount blocks count
+    uint64_t per_block = 0;                // refcount entries per refcount block
+    std::vector<std::byte> l2;             // the L2 tables, back to back
+    std::vector<uint16_t> data_refs;       // refcount of each data area cluster
+    uint64_t refcount(uint64_t host_cluster) const;
+};
+
 class Encoder {
 public:
     Encoder(int in, int out, const EncodeOptions& o) : in_(in), out_(out), o_(o), progress_(o.progress, "encode") {}
@@ -174,7 +190,20 @@ private:
     void scan_uncompressed();
     void scan_compressed();
     void on_compressed(Batch& b);
+    /// Writes the image after the scan: metadata, then (unless OUT is a regular file, which has
+    /// its data already) the data area. Throws std::system_error on a write error.
     void write_image();
+    /// Places the L2 tables and sizes everything (EIO "internal error" if the plan made before
+    /// pass 1 is too small).
+    MetadataPlan plan_metadata() const;
+    /// Fills the L2 tables and the data area's refcounts from placed_.
+    void fill_l2_and_refcounts(MetadataPlan& m) const;
+    std::vector<std::byte> header_cluster(const MetadataPlan& m) const;
+    /// Writes header, refcount table and blocks, L1 and L2 tables from offset 0; returns the end.
+    uint64_t write_metadata(RawSink& out, const MetadataPlan& m) const;
+    /// The data area from the spool file (-c to a pipe) or from the input, written at `at`.
+    void copy_spooled_data(RawSink& out, uint64_t& at, Progress& wp) const;
+    void copy_input_clusters(RawSink& out, uint64_t& at, Progress& wp) const;
     void put_data(uint64_t rel, std::span<const std::byte> d) {
         if (data_sink_) data_sink_->write_at(data_base_ + rel, d);
     }
@@ -314,155 +343,167 @@ EncodeStats Encoder::run() {
     return stats_;
 }
 
-void Encoder::write_image() {
-    const uint64_t l2e = g_.l2_entries();
-    const uint64_t l1_entries = g_.l1_entries_for(vsize_);
-    const uint64_t l1_clusters = (l1_entries * 8 + cs_ - 1) / cs_;
+uint64_t MetadataPlan::refcount(uint64_t cl) const {
+    if (cl >= dc) return data_refs[cl - dc];
+    if (cl >= l.l2_offset / cs) return cl - l.l2_offset / cs < l2_count ? 1 : 0;
+    return 1;  // header, refcount table and blocks, L1
+}
 
+MetadataPlan Encoder::plan_metadata() const {
+    MetadataPlan m;
+    m.cs = cs_;
+    m.l1_entries = g_.l1_entries_for(vsize_);
+    m.l1_clusters = (m.l1_entries * 8 + cs_ - 1) / cs_;
     // L2 tables: one per L1 index holding a stored cluster, in guest order.
-    std::vector<uint64_t> l2_index_of_l1(l1_entries, UINT64_MAX);
-    uint64_t l2_count = 0;
+    const uint64_t l2e = g_.l2_entries();
+    m.l2_index_of_l1.assign(m.l1_entries, UINT64_MAX);
     for (const auto& p : placed_)
-        if (l2_index_of_l1[p.guest_cluster / l2e] == UINT64_MAX) l2_index_of_l1[p.guest_cluster / l2e] = l2_count++;
-    const uint64_t data_clusters = (data_len_ + cs_ - 1) / cs_;
-    const Layout l = direct_ ? layout_ : plan_layout(cs_, o_.cluster_bits, l1_clusters, l2_count, data_clusters);
-    if (l2_count > l.l2_slots) fail(EIO, "internal error: more L2 tables than planned");
-    const uint64_t dc = l.data_offset / cs_;  // first data cluster
-    const uint64_t total_clusters = dc + data_clusters;
-    const uint64_t per_block = format::refcount_block_entries(o_.cluster_bits, kRefcountOrder);
-    if (total_clusters > l.blocks * per_block) fail(EIO, "internal error: refcount blocks too few");
+        if (m.l2_index_of_l1[p.guest_cluster / l2e] == UINT64_MAX) m.l2_index_of_l1[p.guest_cluster / l2e] = m.l2_count++;
+    m.data_clusters = (data_len_ + cs_ - 1) / cs_;
+    m.l = direct_ ? layout_ : plan_layout(cs_, o_.cluster_bits, m.l1_clusters, m.l2_count, m.data_clusters);
+    if (m.l2_count > m.l.l2_slots) fail(EIO, "internal error: more L2 tables than planned");
+    m.dc = m.l.data_offset / cs_;
+    m.total_clusters = m.dc + m.data_clusters;
+    m.per_block = format::refcount_block_entries(o_.cluster_bits, kRefcountOrder);
+    if (m.total_clusters > m.l.blocks * m.per_block) fail(EIO, "internal error: refcount blocks too few");
+    return m;
+}
 
+void Encoder::fill_l2_and_refcounts(MetadataPlan& m) const {
     // Refcounts: 1 for every metadata cluster in use and every uncompressed data cluster; a host
     // cluster holding compressed data counts each compressed cluster whose descriptor range
     // touches it; unused L2 room (direct_) stays 0.
-    std::vector<uint16_t> data_refs(data_clusters, 0);
-    std::vector<std::byte> l2(l2_count * cs_);
+    const uint64_t l2e = g_.l2_entries();
+    m.data_refs.assign(m.data_clusters, 0);
+    m.l2.assign(m.l2_count * cs_, std::byte{0});
     for (const auto& p : placed_) {
-        uint64_t host = l.data_offset + p.offset;
+        uint64_t host = m.l.data_offset + p.offset;
         uint64_t raw;
         if (p.compressed) {
             raw = format::encode_l2_compressed(host, p.length, o_.cluster_bits);
             auto e = format::decode_l2(raw, 0, g_, 3);
-            uint64_t first = e.host_offset / cs_ - dc;
-            uint64_t last = (e.host_offset + e.compressed_size - 1) / cs_ - dc;
-            for (uint64_t i = first; i <= last && i < data_clusters; ++i) ++data_refs[i];
+            uint64_t first = e.host_offset / cs_ - m.dc;
+            uint64_t last = (e.host_offset + e.compressed_size - 1) / cs_ - m.dc;
+            for (uint64_t i = first; i <= last && i < m.data_clusters; ++i) ++m.data_refs[i];
         } else {
             raw = format::encode_l2_standard(host, true, false);
-            data_refs[p.offset / cs_] = 1;
+            m.data_refs[p.offset / cs_] = 1;
         }
-        uint64_t table = l2_index_of_l1[p.guest_cluster / l2e];
-        format::store_be64(l2.data() + table * cs_ + (p.guest_cluster % l2e) * 8, raw);
+        uint64_t table = m.l2_index_of_l1[p.guest_cluster / l2e];
+        format::store_be64(m.l2.data() + table * cs_ + (p.guest_cluster % l2e) * 8, raw);
     }
-    for (uint16_t r : data_refs)
+    for (uint16_t r : m.data_refs)
         if (r == 0 || r > format::max_refcount(kRefcountOrder))
             fail(EIO, "internal error: a data cluster without references or with too many");
-    auto refcount = [&](uint64_t cl) -> uint64_t {
-        if (cl >= dc) return data_refs[cl - dc];
-        if (cl >= l.l2_offset / cs_) return cl - l.l2_offset / cs_ < l2_count ? 1 : 0;
-        return 1;  // header, refcount table and blocks, L1
-    };
+}
 
-    std::vector<std::byte> cluster0;
-    {
-        format::ImageMetadata m;
-        format::Header& h = m.header;
-        h.version = 3;
-        h.cluster_bits = o_.cluster_bits;
-        h.size = vsize_;
-        h.l1_size = static_cast<uint32_t>(l1_entries);
-        h.l1_table_offset = l.l1_offset;
-        h.refcount_table_offset = l.rt_offset;
-        h.refcount_table_clusters = static_cast<uint32_t>(l.rt_clusters);
-        h.refcount_order = kRefcountOrder;
-        h.header_length = format::kV3MinHeaderLength;
-        h.compression_type = o_.compression.value_or(format::CompressionType::zlib);
-        if (h.compression_type != format::CompressionType::zlib)
-            h.incompatible_features |= format::kIncompatCompressionType;
-        cluster0 = format::serialize_metadata(m);
-        cluster0.resize(cs_);
-    }
+std::vector<std::byte> Encoder::header_cluster(const MetadataPlan& m) const {
+    format::ImageMetadata meta;
+    format::Header& h = meta.header;
+    h.version = 3;
+    h.cluster_bits = o_.cluster_bits;
+    h.size = vsize_;
+    h.l1_size = static_cast<uint32_t>(m.l1_entries);
+    h.l1_table_offset = m.l.l1_offset;
+    h.refcount_table_offset = m.l.rt_offset;
+    h.refcount_table_clusters = static_cast<uint32_t>(m.l.rt_clusters);
+    h.refcount_order = kRefcountOrder;
+    h.header_length = format::kV3MinHeaderLength;
+    h.compression_type = o_.compression.value_or(format::CompressionType::zlib);
+    if (h.compression_type != format::CompressionType::zlib) h.incompatible_features |= format::kIncompatCompressionType;
+    std::vector<std::byte> cluster0 = format::serialize_metadata(meta);
+    cluster0.resize(cs_);
+    return cluster0;
+}
 
-    // The metadata goes out in file order: to a pipe sequentially, to a file in front of the
-    // data already written.
-    RawSink out(out_, direct_);
+uint64_t Encoder::write_metadata(RawSink& out, const MetadataPlan& m) const {
     uint64_t at = 0;
     auto put = [&](std::span<const std::byte> d) {
         out.write_at(at, d);
         at += d.size();
     };
-    put(cluster0);
-    {
-        std::vector<std::byte> rt(l.rt_clusters * cs_);
-        for (uint64_t b = 0; b < l.blocks; ++b) format::store_be64(rt.data() + b * 8, l.rb_offset + b * cs_);
-        put(rt);
+    put(header_cluster(m));
+    std::vector<std::byte> rt(m.l.rt_clusters * cs_);
+    for (uint64_t b = 0; b < m.l.blocks; ++b) format::store_be64(rt.data() + b * 8, m.l.rb_offset + b * cs_);
+    put(rt);
+    std::vector<std::byte> block(cs_);
+    for (uint64_t b = 0; b < m.l.blocks; ++b) {
+        std::fill(block.begin(), block.end(), std::byte{0});
+        for (uint64_t i = 0; i < m.per_block && b * m.per_block + i < m.total_clusters; ++i)
+            format::set_refcount(block, kRefcountOrder, i, m.refcount(b * m.per_block + i));
+        put(block);
     }
-    {
-        std::vector<std::byte> block(cs_);
-        for (uint64_t b = 0; b < l.blocks; ++b) {
-            std::fill(block.begin(), block.end(), std::byte{0});
-            for (uint64_t i = 0; i < per_block; ++i) {
-                uint64_t cl = b * per_block + i;
-                if (cl >= total_clusters) break;
-                format::set_refcount(block, kRefcountOrder, i, refcount(cl));
-            }
-            put(block);
-        }
+    std::vector<std::byte> l1(m.l1_clusters * cs_);
+    for (uint64_t i = 0; i < m.l1_entries; ++i)
+        if (m.l2_index_of_l1[i] != UINT64_MAX)
+            format::store_be64(l1.data() + i * 8, format::encode_l1({m.l.l2_offset + m.l2_index_of_l1[i] * cs_, true}));
+    put(l1);
+    put(m.l2);
+    return at;
+}
+
+void Encoder::copy_spooled_data(RawSink& out, uint64_t& at, Progress& wp) const {
+    std::vector<std::byte> buf(kChunk);
+    for (uint64_t done = 0; done < data_len_;) {
+        size_t n = static_cast<size_t>(std::min<uint64_t>(kChunk, data_len_ - done));
+        pread_all(spool_, std::span(buf).first(n), done, "the data spool file");
+        out.write_at(at, std::span(buf).first(n));
+        at += n;
+        done += n;
+        wp.update(done);
     }
-    {
-        std::vector<std::byte> l1(l1_clusters * cs_);
-        for (uint64_t i = 0; i < l1_entries; ++i)
-            if (l2_index_of_l1[i] != UINT64_MAX)
-                format::store_be64(l1.data() + i * 8,
-                                   format::encode_l1({l.l2_offset + l2_index_of_l1[i] * cs_, true}));
-        put(l1);
+}
+
+void Encoder::copy_input_clusters(RawSink& out, uint64_t& at, Progress& wp) const {
+    std::vector<std::byte> buf(kChunk);
+    const uint64_t data_start = at;
+    // Runs of consecutive guest clusters are read in one pread.
+    size_t i = 0;
+    while (i < placed_.size()) {
+        size_t j = i + 1;
+        while (j < placed_.size() && placed_[j].guest_cluster == placed_[j - 1].guest_cluster + 1 &&
+               (j - i) * cs_ < kChunk)
+            ++j;
+        uint64_t from = placed_[i].guest_cluster * cs_;
+        size_t n = (j - i) * cs_;
+        size_t have = static_cast<size_t>(std::min<uint64_t>(n, in_size_ - from));
+        pread_all(src_, std::span(buf).first(have), from, "the input");
+        std::memset(buf.data() + have, 0, n - have);
+        out.write_at(at, std::span(buf).first(n));
+        at += n;
+        i = j;
+        wp.update(at - data_start);
     }
-    put(l2);
-    l2 = {};
-    const uint64_t end = l.data_offset + data_clusters * cs_;
+}
+
+void Encoder::write_image() {
+    MetadataPlan m = plan_metadata();
+    fill_l2_and_refcounts(m);
+    // The metadata goes out in file order: to a pipe sequentially, to a file in front of the
+    // data already written.
+    RawSink out(out_, direct_);
+    uint64_t at = write_metadata(out, m);
+    m.l2 = {};
+    const uint64_t end = m.l.data_offset + m.data_clusters * cs_;
+    stats_.data_clusters = placed_.size();
     if (direct_) {
         out.flush();
         // The last host cluster is whole, so that every cluster the refcounts count exists;
         // unused L2 room stays a hole.
         if (::ftruncate(out_, static_cast<off_t>(end)) != 0) fail(errno, "cannot set the size of the output");
-        stats_.data_clusters = placed_.size();
         stats_.image_bytes = end;
         return;
     }
-    if (at < l.data_offset) out.write_zeros(at, l.data_offset - at), at = l.data_offset;
-
+    if (at < m.l.data_offset) out.write_zeros(at, m.l.data_offset - at), at = m.l.data_offset;
     Progress wp(o_.progress, "encode: writing");
-    wp.set_total(data_clusters * cs_);
-    std::vector<std::byte> buf(kChunk);
-    if (o_.compression) {
-        for (uint64_t done = 0; done < data_len_;) {
-            size_t n = static_cast<size_t>(std::min<uint64_t>(kChunk, data_len_ - done));
-            pread_all(spool_, std::span(buf).first(n), done, "the data spool file");
-            put(std::span(buf).first(n));
-            done += n;
-            wp.update(done);
-        }
-    } else {
-        // Runs of consecutive guest clusters are read in one pread.
-        size_t i = 0;
-        while (i < placed_.size()) {
-            size_t j = i + 1;
-            while (j < placed_.size() && placed_[j].guest_cluster == placed_[j - 1].guest_cluster + 1 &&
-                   (j - i) * cs_ < kChunk)
-                ++j;
-            uint64_t from = placed_[i].guest_cluster * cs_;
-            size_t n = (j - i) * cs_;
-            size_t have = static_cast<size_t>(std::min<uint64_t>(n, in_size_ - from));
-            pread_all(src_, std::span(buf).first(have), from, "the input");
-            std::memset(buf.data() + have, 0, n - have);
-            put(std::span(buf).first(n));
-            i = j;
-            wp.update(at - l.data_offset);
-        }
-    }
+    wp.set_total(m.data_clusters * cs_);
+    if (o_.compression)
+        copy_spooled_data(out, at, wp);
+    else
+        copy_input_clusters(out, at, wp);
     if (end > at) out.write_zeros(at, end - at), at = end;
     out.flush();
-    wp.finish(at - l.data_offset);
-    stats_.data_clusters = placed_.size();
+    wp.finish(at - m.l.data_offset);
     stats_.image_bytes = at;
 }
 

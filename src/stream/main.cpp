@@ -136,6 +136,96 @@ uint64_t size_arg(const std::string& opt, const std::string& v) {
     }
 }
 
+/// What the command line asks for.
+struct Command {
+    std::string name;  // decode or encode
+    DecodeOptions decode;
+    EncodeOptions encode;
+    bool verbose = false;
+    std::vector<std::string> files;  // IN and OUT
+};
+
+/// Applies option `args[i]` (taking its value from args[i + 1] when it needs one, advancing i).
+/// Returns false for -h/--help. Exits with status 2 on a bad option.
+bool parse_option(Command& c, const std::vector<std::string>& args, size_t& i) {
+    const std::string& a = args[i];
+    auto value = [&](const std::string& name) -> std::string {
+        auto eq = a.find('=');
+        if (a.rfind("--", 0) == 0 && eq != std::string::npos) return a.substr(eq + 1);
+        if (i + 1 >= args.size()) usage_error("option " + name + " needs a value");
+        return args[++i];
+    };
+    auto is = [&](const char* name) { return a == name || a.rfind(std::string(name) + "=", 0) == 0; };
+    bool dec = c.name == "decode", enc = c.name == "encode";
+    if (a == "-p" || a == "--progress") {
+        c.decode.progress = c.encode.progress = true;
+    } else if (a == "-v" || a == "--verbose") {
+        c.verbose = true;
+    } else if (a == "-h" || a == "--help") {
+        return false;
+    } else if (is("--spill-dir")) {
+        c.decode.spill_dir = c.encode.spill_dir = value("--spill-dir");
+    } else if (is("--threads")) {
+        uint64_t n = size_arg("--threads", value("--threads"));
+        if (n < 1 || n > 1024) usage_error("--threads must be 1..1024");
+        c.decode.threads = c.encode.threads = static_cast<unsigned>(n);
+    } else if (dec && (a == "--sparse" || a == "--no-sparse")) {
+        c.decode.sparse = a == "--sparse";
+    } else if (dec && is("--memory")) {
+        c.decode.memory = size_arg("--memory", value("--memory"));
+    } else if (dec && is("--backing")) {
+        c.decode.backing = value("--backing");
+    } else if (enc && (a == "-c" || is("--compress"))) {
+        std::string t = value("-c");
+        if (t != "zlib" && t != "zstd") usage_error("-c takes zlib or zstd, not '" + t + "'");
+        c.encode.compression = t == "zlib" ? format::CompressionType::zlib : format::CompressionType::zstd;
+    } else if (enc && is("--cluster-size")) {
+        uint64_t cs = size_arg("--cluster-size", value("--cluster-size"));
+        if (cs < 512 || cs > (2u << 20) || (cs & (cs - 1)))
+            usage_error("--cluster-size must be a power of two from 512 to 2M");
+        c.encode.cluster_bits = static_cast<uint32_t>(__builtin_ctzll(cs));
+    } else if (a.size() > 1 && a[0] == '-') {
+        usage_error("unknown option " + a + " for " + c.name);
+    } else {
+        c.files.push_back(a);
+    }
+    return true;
+}
+
+std::string decode_summary(const DecodeStats& s) {
+    return "decoded " + std::to_string(s.stream_bytes) + " stream bytes into a " + std::to_string(s.virtual_size) +
+           " byte disk; " + std::to_string(s.compressed_clusters) + " compressed clusters; retained at most " +
+           std::to_string(s.peak_memory) + " bytes in memory and " + std::to_string(s.peak_spill) +
+           " in the spill file";
+}
+
+std::string encode_summary(const EncodeStats& s) {
+    return "encoded a " + std::to_string(s.virtual_size) + " byte disk into " + std::to_string(s.image_bytes) +
+           " image bytes; " + std::to_string(s.data_clusters) + " data clusters, " +
+           std::to_string(s.compressed_clusters) + " compressed" +
+           (s.spooled_input ? "; the input was copied to a temporary file first" : "");
+}
+
+/// Decodes or encodes IN into OUT (renamed into place only on success); returns what -v prints.
+std::string convert(const Command& c) {
+    ::signal(SIGPIPE, SIG_IGN);  // a closed output pipe is reported as a write error
+    ::signal(SIGINT, on_signal);
+    ::signal(SIGTERM, on_signal);
+    ::signal(SIGHUP, on_signal);
+
+    int in = open_input(c.files[0]);
+    Output out = open_output(c.files[1]);
+    try {
+        std::string summary = c.name == "decode" ? decode_summary(decode(in, out.fd, out.positioned, c.decode))
+                                                 : encode_summary(encode(in, out.fd, c.encode));
+        commit_output(out);
+        return summary;
+    } catch (...) {
+        abandon_output(out);
+        throw;
+    }
+}
+
 int run(int argc, char** argv) {
     std::vector<std::string> args(argv + 1, argv + argc);
     if (args.empty()) usage_error("missing command (decode or encode)");
@@ -147,98 +237,20 @@ int run(int argc, char** argv) {
         std::printf("qcowfs-stream %s\n", QCOWFS_VERSION);
         return 0;
     }
-    std::string cmd = args[0];
-    if (cmd != "decode" && cmd != "encode") usage_error("unknown command '" + cmd + "' (decode or encode)");
-    DecodeOptions d;
-    EncodeOptions e;
-    bool verbose = false;
-    std::vector<std::string> pos;
+    Command c;
+    c.name = args[0];
+    if (c.name != "decode" && c.name != "encode") usage_error("unknown command '" + c.name + "' (decode or encode)");
     for (size_t i = 1; i < args.size(); ++i) {
-        const std::string& a = args[i];
-        auto value = [&](const std::string& name) -> std::string {
-            auto eq = a.find('=');
-            if (a.rfind("--", 0) == 0 && eq != std::string::npos) return a.substr(eq + 1);
-            if (i + 1 >= args.size()) usage_error("option " + name + " needs a value");
-            return args[++i];
-        };
-        auto is = [&](const char* name) { return a == name || a.rfind(std::string(name) + "=", 0) == 0; };
-        if (a == "-p" || a == "--progress") {
-            d.progress = e.progress = true;
-        } else if (a == "-v" || a == "--verbose") {
-            verbose = true;
-        } else if (a == "-h" || a == "--help") {
+        if (!parse_option(c, args, i)) {
             std::fputs(kUsage, stdout);
             return 0;
-        } else if (is("--spill-dir")) {
-            d.spill_dir = e.spill_dir = value("--spill-dir");
-        } else if (is("--threads")) {
-            uint64_t n = size_arg("--threads", value("--threads"));
-            if (n < 1 || n > 1024) usage_error("--threads must be 1..1024");
-            d.threads = e.threads = static_cast<unsigned>(n);
-        } else if (cmd == "decode" && a == "--sparse") {
-            d.sparse = true;
-        } else if (cmd == "decode" && a == "--no-sparse") {
-            d.sparse = false;
-        } else if (cmd == "decode" && is("--memory")) {
-            d.memory = size_arg("--memory", value("--memory"));
-        } else if (cmd == "decode" && is("--backing")) {
-            d.backing = value("--backing");
-        } else if (cmd == "encode" && (a == "-c" || is("--compress"))) {
-            std::string t = value("-c");
-            if (t == "zlib")
-                e.compression = format::CompressionType::zlib;
-            else if (t == "zstd")
-                e.compression = format::CompressionType::zstd;
-            else
-                usage_error("-c takes zlib or zstd, not '" + t + "'");
-        } else if (cmd == "encode" && is("--cluster-size")) {
-            uint64_t cs = size_arg("--cluster-size", value("--cluster-size"));
-            if (cs < 512 || cs > (2u << 20) || (cs & (cs - 1)))
-                usage_error("--cluster-size must be a power of two from 512 to 2M");
-            e.cluster_bits = static_cast<uint32_t>(__builtin_ctzll(cs));
-        } else if (a.size() > 1 && a[0] == '-') {
-            usage_error("unknown option " + a + " for " + cmd);
-        } else {
-            pos.push_back(a);
         }
     }
-    if (pos.size() != 2) usage_error(cmd + " needs IN and OUT");
-    if (!d.backing.empty() && ::access(d.backing.c_str(), R_OK) != 0)
-        fail(errno, "cannot read backing file " + d.backing);
-
-    ::signal(SIGPIPE, SIG_IGN);  // a closed output pipe is reported as a write error
-    ::signal(SIGINT, on_signal);
-    ::signal(SIGTERM, on_signal);
-    ::signal(SIGHUP, on_signal);
-
-    int in = open_input(pos[0]);
-    Output out = open_output(pos[1]);
-    try {
-        if (cmd == "decode") {
-            auto s = decode(in, out.fd, out.positioned, d);
-            commit_output(out);
-            if (verbose)
-                std::fprintf(stderr,
-                             "qcowfs-stream: decoded %llu stream bytes into a %llu byte disk; %llu compressed "
-                             "clusters; retained at most %llu bytes in memory and %llu in the spill file\n",
-                             (unsigned long long)s.stream_bytes, (unsigned long long)s.virtual_size,
-                             (unsigned long long)s.compressed_clusters, (unsigned long long)s.peak_memory,
-                             (unsigned long long)s.peak_spill);
-        } else {
-            auto s = encode(in, out.fd, e);
-            commit_output(out);
-            if (verbose)
-                std::fprintf(stderr,
-                             "qcowfs-stream: encoded a %llu byte disk into %llu image bytes; %llu data clusters, "
-                             "%llu compressed%s\n",
-                             (unsigned long long)s.virtual_size, (unsigned long long)s.image_bytes,
-                             (unsigned long long)s.data_clusters, (unsigned long long)s.compressed_clusters,
-                             s.spooled_input ? "; the input was copied to a temporary file first" : "");
-        }
-    } catch (...) {
-        abandon_output(out);
-        throw;
-    }
+    if (c.files.size() != 2) usage_error(c.name + " needs IN and OUT");
+    if (!c.decode.backing.empty() && ::access(c.decode.backing.c_str(), R_OK) != 0)
+        fail(errno, "cannot read backing file " + c.decode.backing);
+    std::string summary = convert(c);
+    if (c.verbose) std::fprintf(stderr, "qcowfs-stream: %s\n", summary.c_str());
     return 0;
 }
 
