@@ -99,12 +99,20 @@ class Cleanup:
         self.procs: list[subprocess.Popen] = []
         self.mounts: list[Path] = []
         self.dirs: list[Path] = []
+        # Callables run first, newest first (side.py: unmount a loop-mounted file system, detach
+        # its loop device), before any FUSE daemon goes away.
+        self.hooks: list = []
         self.done = False
 
     def __call__(self) -> None:
         if self.done:
             return
         self.done = True
+        for hook in reversed(self.hooks):
+            try:
+                hook()
+            except Exception as e:  # noqa: BLE001 - cleanup must go on
+                print(f"bench: cleanup step failed: {e}", file=sys.stderr)
         # Plain unmount first: qcowfs then leaves its session loop and exits by itself.
         for m in reversed(self.mounts):
             if is_mounted(m):
