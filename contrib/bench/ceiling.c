@@ -1,7 +1,7 @@
 /* The benchmark's FUSE ceiling: shows one host file as MOUNTPOINT/disk.raw and passes every read,
  * write, flush and lseek straight to it with pread/pwrite/fdatasync/lseek. No image format, no
- * caching of its own: the fastest a multi-threaded libfuse daemon can serve a file, which is what
- * qcowfs and qemu-storage-daemon are measured against. bench.py compiles and runs it:
+ * caching of its own: the fastest a plain multi-threaded libfuse daemon serves a file, which is what
+ * qcowfs and qemu-storage-daemon are measured against. side.py compiles and runs it:
  *
  *   gcc -O2 -o ceiling ceiling.c $(pkg-config --cflags --libs fuse3)
  *   ceiling HOSTFILE MOUNTPOINT [FUSE options]     (multi-threaded, use -f to stay in the foreground)
@@ -70,17 +70,18 @@ static int pt_open(const char *path, struct fuse_file_info *fi)
     return 0;
 }
 
-static int pt_read(const char *path, char *buf, size_t size, off_t off, struct fuse_file_info *fi)
+/* pread or pwrite all of [off, off + size), retrying short transfers and EINTR; a read stops at
+ * the end of the file. Returns the bytes moved or -errno. */
+static int transfer(int fd, char *buf, size_t size, off_t off, int writing)
 {
-    (void)path;
     size_t done = 0;
     while (done < size) {
-        ssize_t n = pread((int)fi->fh, buf + done, size - done, off + (off_t)done);
-        if (n < 0) {
-            if (errno == EINTR)
-                continue;
+        ssize_t n = writing ? pwrite(fd, buf + done, size - done, off + (off_t)done)
+                            : pread(fd, buf + done, size - done, off + (off_t)done);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n < 0)
             return -errno;
-        }
         if (n == 0)
             break;
         done += (size_t)n;
@@ -88,20 +89,16 @@ static int pt_read(const char *path, char *buf, size_t size, off_t off, struct f
     return (int)done;
 }
 
+static int pt_read(const char *path, char *buf, size_t size, off_t off, struct fuse_file_info *fi)
+{
+    (void)path;
+    return transfer((int)fi->fh, buf, size, off, 0);
+}
+
 static int pt_write(const char *path, const char *buf, size_t size, off_t off, struct fuse_file_info *fi)
 {
     (void)path;
-    size_t done = 0;
-    while (done < size) {
-        ssize_t n = pwrite((int)fi->fh, buf + done, size - done, off + (off_t)done);
-        if (n < 0) {
-            if (errno == EINTR)
-                continue;
-            return -errno;
-        }
-        done += (size_t)n;
-    }
-    return (int)done;
+    return transfer((int)fi->fh, (char *)buf, size, off, 1);
 }
 
 static int pt_fsync(const char *path, int datasync, struct fuse_file_info *fi)

@@ -29,17 +29,14 @@ read-back of the untarred tree must match the tree. Standard library only.
 from __future__ import annotations
 
 import argparse
-import atexit
 import hashlib
 import json
 import os
 import random
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -170,14 +167,7 @@ def fio(path: Path, out: Path, spec: dict, *, direct: bool, size: int, runtime: 
             cmd.append(f"--rwmixread={spec['mix']}")
     else:
         cmd += ["--readonly", f"--runtime={runtime}", "--time_based"]
-    r = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        job = json.loads(out.read_text())["jobs"][0]
-    except (OSError, ValueError, KeyError, IndexError):
-        job = None
-    if r.returncode != 0 or job is None or job.get("error", 0) != 0:
-        raise BenchError(f"fio failed on {path} (exit {r.returncode}, job error {job.get('error') if job else '?'}): "
-                         f"{' '.join(cmd)}\n{r.stderr[-2000:]}{r.stdout[-2000:]}")
+    job = B.run_fio(cmd, path, out)
     if write and job["write"]["io_bytes"] + job["read"]["io_bytes"] != io:
         raise BenchError(f"fio moved {job['write']['io_bytes'] + job['read']['io_bytes']} bytes on {path}, "
                          f"expected {io}: {' '.join(cmd)}")
@@ -381,7 +371,9 @@ def bench_reads(ctx: dict, img: dict, reps: int, runtime: int, targets: list[str
                     raise BenchError(f"{t} shows {name} as {m.path} with size {size}, expected {want}")
             except BenchError as e:
                 if t in ("qcowmount", "nbdfuse"):
-                    notes.append(f"{t} cannot serve the {name} image: {str(e).splitlines()[0][:160]}")
+                    lines = [x for x in str(e).splitlines() if x.strip() and not x.startswith("===")]
+                    why = next((x for x in lines if "unsupported" in x.lower()), lines[-1] if lines else "?")
+                    notes.append(f"{t} cannot serve the {name} image: {why.strip()[:160]}")
                     m = None
                 else:
                     raise
@@ -676,29 +668,10 @@ def main() -> int:
                     targets.remove(t)
                     log(f"{tool} not found: no {t} column (run.sh installs libnbd-bin and libqcow-utils)")
 
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, B.on_signal)
-    atexit.register(CLEANUP)
-    work = Path(tempfile.mkdtemp(prefix="qcowfs-side.", dir="/tmp"))
-    (work / "logs").mkdir()
-    if args.keep:
-        log(f"keeping {work}")
-    else:
-        CLEANUP.dirs.append(work)
-    try:
+    def body(work: Path) -> int:
+        (work / "logs").mkdir()
         return side(args, work, qcowfs_bin, size, reps, runtime, (sv, sd), (fs_size, tar_size), keys, targets)
-    except BenchError as e:
-        print(f"\nBENCHMARK FAILED: {e}", file=sys.stderr)
-        for lf in sorted((work / "logs").glob("*.log")):
-            text = lf.read_text(errors="replace").strip()
-            if text:
-                print(f"--- {lf.name} (last lines) ---\n" + "\n".join(text.splitlines()[-10:]), file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("\nbench: interrupted, cleaning up", file=sys.stderr)
-        return 130
-    finally:
-        CLEANUP()
+    return B.guarded("qcowfs-side.", args.keep, body)
 
 
 def side(args, work: Path, qcowfs_bin: str, size: int, reps: int, runtime: int, sparse: tuple[int, int],
