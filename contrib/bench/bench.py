@@ -99,12 +99,20 @@ class Cleanup:
         self.procs: list[subprocess.Popen] = []
         self.mounts: list[Path] = []
         self.dirs: list[Path] = []
+        # Callables run first, newest first (side.py: unmount a loop-mounted file system, detach
+        # its loop device), before any FUSE daemon goes away.
+        self.hooks: list = []
         self.done = False
 
     def __call__(self) -> None:
         if self.done:
             return
         self.done = True
+        for hook in reversed(self.hooks):
+            try:
+                hook()
+            except Exception as e:  # noqa: BLE001 - cleanup must go on
+                print(f"bench: cleanup step failed: {e}", file=sys.stderr)
         # Plain unmount first: qcowfs then leaves its session loop and exits by itself.
         for m in reversed(self.mounts):
             if is_mounted(m):
@@ -444,6 +452,11 @@ def fio(path: Path, out: Path, *, rw: str, bs: str, engine: str, direct: bool, i
            "--output-format=json", f"--output={out}"]
     if runtime:
         cmd += [f"--runtime={runtime}", "--time_based"]
+    return run_fio(cmd, path, out)["read"]
+
+
+def run_fio(cmd: list[str], path: Path, out: Path) -> dict:
+    """Runs an fio command line that ends in --output-format=json --output=OUT; returns its job."""
     r = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         job = json.loads(out.read_text())["jobs"][0]
@@ -453,7 +466,7 @@ def fio(path: Path, out: Path, *, rw: str, bs: str, engine: str, direct: bool, i
         err = job.get("error") if job else "?"
         raise BenchError(f"fio failed on {path} (exit {r.returncode}, job error {err}): {' '.join(cmd)}\n"
                          f"{r.stderr[-2000:]}{r.stdout[-2000:]}")
-    return job["read"]
+    return job
 
 
 def first_difference(ref: Path, other: Path) -> str:
@@ -608,16 +621,7 @@ def fio_write(path: Path, out: Path, job: dict, size: int) -> dict:
            "--output-format=json", f"--output={out}"]
     if job.get("fsync"):
         cmd.append(f"--fsync={job['fsync']}")
-    r = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        j = json.loads(out.read_text())["jobs"][0]
-    except (OSError, ValueError, KeyError, IndexError):
-        j = None
-    if r.returncode != 0 or j is None or j.get("error", 0) != 0:
-        err = j.get("error") if j else "?"
-        raise BenchError(f"fio failed on {path} (exit {r.returncode}, job error {err}): {' '.join(cmd)}\n"
-                         f"{r.stderr[-2000:]}{r.stdout[-2000:]}")
-    w = j["write"]
+    w = run_fio(cmd, path, out)["write"]
     if w["io_bytes"] != io:
         raise BenchError(f"fio wrote {w['io_bytes']} bytes to {path}, expected {io}: {' '.join(cmd)}")
     return w
@@ -770,17 +774,22 @@ def main() -> int:
         if not shutil.which(tool):
             ap.error(f"{tool} not found (run.sh installs it)")
 
+    return guarded("qcowfs-bench.", args.keep, lambda work: bench(args, work, size, reps, runtime, qcowfs_bin))
+
+
+def guarded(prefix: str, keep: bool, body) -> int:
+    """Runs body(work) in a fresh /tmp/PREFIX* directory with signal handlers and CLEANUP in place;
+    a BenchError ends it with BENCHMARK FAILED and the tails of the daemon logs in work/logs."""
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, on_signal)
     atexit.register(CLEANUP)
-
-    work = Path(tempfile.mkdtemp(prefix="qcowfs-bench.", dir="/tmp"))
-    if not args.keep:
+    work = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+    if not keep:
         CLEANUP.dirs.append(work)
     else:
         log(f"keeping {work}")
     try:
-        return bench(args, work, size, reps, runtime, qcowfs_bin)
+        return body(work)
     except BenchError as e:
         print(f"\nBENCHMARK FAILED: {e}", file=sys.stderr)
         logs = sorted((work / "logs").glob("*.log")) if (work / "logs").exists() else []
