@@ -33,8 +33,10 @@ def test_enospc_write_back():
             fd = os.open(m.path("full.raw"), os.O_WRONLY)
             failed = None
             try:
-                for i in range(8):
-                    os.pwrite(fd, bytes([i + 1]) * MiB, i * MiB)
+                # Writes small enough to be cached (a write of 256 KiB or more goes to the image
+                # at once and would fail by itself), so that write-back is what runs out of space.
+                for i in range(64):
+                    os.pwrite(fd, bytes([i + 1]) * (128 * 1024), i * 128 * 1024)
                 os.fsync(fd)
             except OSError as e:
                 failed = e.errno
