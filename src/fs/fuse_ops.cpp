@@ -10,6 +10,9 @@
 #include <cstring>
 #include <limits>
 #include <optional>
+#include <string>
+#include <string_view>
+#include <type_traits>
 #include <vector>
 
 #include "qcowfs/format/error.hpp"
@@ -84,8 +87,21 @@ io::Credentials credentials_of(fuse_req_t req) {
 }
 
 /// Logs a request when -d is on.
-void trace(const char* op, fuse_ino_t ino, const std::string& more = {}) {
-    if (log::debug_enabled()) log::debug(std::string(op) + " ino=" + std::to_string(ino) + more);
+void append_part(std::string& out, std::string_view part) { out.append(part); }
+template <class T>
+    requires std::is_integral_v<T>
+void append_part(std::string& out, T part) {
+    out.append(std::to_string(part));
+}
+
+/// A debug line for a request: built only when debug logging is on (requests are hot; the parts
+/// are strings and numbers, joined as they are).
+template <class... Parts>
+void trace(const char* op, fuse_ino_t ino, const Parts&... parts) {
+    if (!log::debug_enabled()) return;
+    std::string line = std::string(op) + " ino=" + std::to_string(ino);
+    (append_part(line, parts), ...);
+    log::debug(line);
 }
 
 }  // namespace
@@ -137,7 +153,7 @@ struct Filesystem::Handlers {
     static bool refuse_write(fuse_req_t req, const Filesystem& fs, const Node& node, const char* op, fuse_ino_t ino) {
         std::string why = fs.write_refusal(node);
         if (why.empty()) return false;
-        trace(op, ino, ": EROFS, " + why);
+        trace(op, ino, ": EROFS, ", why);
         fuse_reply_err(req, EROFS);
         return true;
     }
@@ -194,7 +210,7 @@ struct Filesystem::Handlers {
 
     static void lookup(fuse_req_t req, fuse_ino_t parent, const char* name) {
         Filesystem& fs = *fs_of(req);
-        trace("lookup", parent, std::string(" name=") + name);
+        trace("lookup", parent, " name=", name);
         auto dir = resolve(req, fs, parent);
         if (!dir) return;
         const Node* node = dir->tree->child(dir->key, name);
@@ -209,7 +225,7 @@ struct Filesystem::Handlers {
     }
 
     static void forget(fuse_req_t req, fuse_ino_t ino, uint64_t n) {
-        trace("forget", ino, " n=" + std::to_string(n));
+        trace("forget", ino, " n=", n);
         fs_of(req)->inodes_->forget(ino, n);
         fuse_reply_none(req);
     }
@@ -270,7 +286,7 @@ struct Filesystem::Handlers {
     }
 
     static void readdir(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, fuse_file_info* fi) {
-        trace("readdir", ino, " off=" + std::to_string(off));
+        trace("readdir", ino, " off=", off);
         auto* od = reinterpret_cast<OpenDir*>(fi->fh);
         std::vector<char> buf(size);
         size_t used = 0;
@@ -303,7 +319,7 @@ struct Filesystem::Handlers {
 
     static void open(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi) {
         Filesystem& fs = *fs_of(req);
-        trace("open", ino, " flags=" + std::to_string(fi->flags));
+        trace("open", ino, " flags=", fi->flags);
         auto r = resolve(req, fs, ino);
         if (!r) return;
         if (r->key.kind == NodeKey::Kind::directory) return void(fuse_reply_err(req, EISDIR));
@@ -331,8 +347,8 @@ struct Filesystem::Handlers {
         if (rq.for_writing && (!disk.writable() || slot->corrupt)) {
             // Opened read-only after all (no write permission on the host file, or the image
             // itself refuses writes): EROFS is an answer, not an image error.
-            trace("open", 0, " " + slot->path + ": EROFS, " +
-                                 (slot->corrupt ? std::string("marked corrupt") : disk.image().read_only_reason()));
+            trace("open", 0, " ", slot->path, ": EROFS, ",
+                  slot->corrupt ? std::string("marked corrupt") : disk.image().read_only_reason());
             co_return EROFS;
         }
         if ((rq.info.flags & O_TRUNC) && rq.snapshot_id.empty()) {
@@ -358,7 +374,7 @@ struct Filesystem::Handlers {
     }
 
     static void read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, fuse_file_info* fi) {
-        trace("read", ino, " off=" + std::to_string(off) + " size=" + std::to_string(size));
+        trace("read", ino, " off=", off, " size=", size);
         auto* of = reinterpret_cast<OpenFile*>(fi->fh);
         run(req, of->slot, [req, of, size, off]() -> Task<int> {
             const uint64_t vsize = of->view->size(), offset = static_cast<uint64_t>(off);
@@ -376,7 +392,7 @@ struct Filesystem::Handlers {
     }
 
     static void write(fuse_req_t req, fuse_ino_t ino, const char* buf, size_t size, off_t off, fuse_file_info* fi) {
-        trace("write", ino, " off=" + std::to_string(off) + " size=" + std::to_string(size));
+        trace("write", ino, " off=", off, " size=", size);
         // libfuse owns `buf` only until this callback returns.
         std::vector<std::byte> data(reinterpret_cast<const std::byte*>(buf), reinterpret_cast<const std::byte*>(buf) + size);
         run_write(req, fi, [req, data = std::move(data), off](qcow2::Disk& disk) -> Task<int> {
@@ -405,7 +421,7 @@ struct Filesystem::Handlers {
     }
 
     static void fsync(fuse_req_t req, fuse_ino_t ino, int datasync, fuse_file_info* fi) {
-        trace("fsync", ino, " datasync=" + std::to_string(datasync));
+        trace("fsync", ino, " datasync=", datasync);
         auto* of = reinterpret_cast<OpenFile*>(fi->fh);
         if (!of->active) return void(fuse_reply_err(req, 0));  // snapshots never change
         // Any handle of the active disk may sync it (fsync on an O_RDONLY descriptor is allowed).
@@ -417,8 +433,7 @@ struct Filesystem::Handlers {
     }
 
     static void fallocate(fuse_req_t req, fuse_ino_t ino, int mode, off_t off, off_t length, fuse_file_info* fi) {
-        trace("fallocate", ino, " mode=" + std::to_string(mode) + " off=" + std::to_string(off) +
-                                    " len=" + std::to_string(length));
+        trace("fallocate", ino, " mode=", mode, " off=", off, " len=", length);
         if (off < 0 || length <= 0 || off > std::numeric_limits<off_t>::max() - length)
             return void(fuse_reply_err(req, EINVAL));
         const bool keep_size = mode & FALLOC_FL_KEEP_SIZE;
@@ -458,7 +473,7 @@ struct Filesystem::Handlers {
 
     static void setattr(fuse_req_t req, fuse_ino_t ino, struct stat* attr, int to_set, fuse_file_info*) {
         Filesystem& fs = *fs_of(req);
-        trace("setattr", ino, " to_set=" + std::to_string(to_set));
+        trace("setattr", ino, " to_set=", to_set);
         auto r = resolve(req, fs, ino);
         if (!r) return;
         if (!r->node) return void(fuse_reply_err(req, ENOENT));
@@ -495,7 +510,7 @@ struct Filesystem::Handlers {
         try {
             io::change_attributes(fs.policy_, user, host_file_of(node), mode, uid, gid, set_times ? times : nullptr);
         } catch (const std::system_error& e) {
-            trace("setattr", ino, ": " + std::string(e.what()));
+            trace("setattr", ino, ": ", e.what());
             fuse_reply_err(req, errno_of(e) == ESTALE ? ENOENT : errno_of(e));
             return false;
         }
@@ -557,7 +572,7 @@ struct Filesystem::Handlers {
     /// clusters included; zero clusters and unallocated ranges with nothing below are holes. The
     /// walk takes time in proportion to the metadata it passes, not to the disk's size.
     static void lseek(fuse_req_t req, fuse_ino_t ino, off_t off, int whence, fuse_file_info* fi) {
-        trace("lseek", ino, " off=" + std::to_string(off) + " whence=" + std::to_string(whence));
+        trace("lseek", ino, " off=", off, " whence=", whence);
         if (whence != SEEK_DATA && whence != SEEK_HOLE) return void(fuse_reply_err(req, EINVAL));
         if (off < 0) return void(fuse_reply_err(req, ENXIO));
         auto* of = reinterpret_cast<OpenFile*>(fi->fh);
