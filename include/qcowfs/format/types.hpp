@@ -6,6 +6,9 @@
 
 namespace qcowfs {
 
+/// a / b rounded up (b > 0).
+inline constexpr uint64_t div_ceil(uint64_t a, uint64_t b) { return a / b + (a % b != 0); }
+
 /// A byte offset in the virtual disk that the guest (the exposed raw file) sees.
 struct GuestOffset {
     uint64_t value = 0;
