@@ -257,7 +257,7 @@ Task<std::shared_ptr<View>> Image::snapshot(const std::string& id) {
 /// extents, and data extents adjacent on the host too.
 struct Image::ExtentRun {
     Image& image;
-    uint64_t offset;  // guest offset of buf[0]
+    GuestOffset offset;  // of buf[0]
     std::span<std::byte> buf;
     Extent cur{};  // being accumulated
 
@@ -300,78 +300,76 @@ Task<void> Image::view_read(const L1Table* snapshot, uint64_t offset, std::span<
     std::rethrow_exception(co_await reported(error));
 }
 
-Task<uint64_t> Image::l2_table_for_read(const L1Table& l1, uint64_t l1_index) {
-    if (l1_index >= l1.size) co_return 0;
+Task<HostOffset> Image::l2_table_for_read(const L1Table& l1, uint64_t l1_index) {
+    if (l1_index >= l1.size) co_return HostOffset{};
     const uint64_t raw = co_await l1_entry(l1, l1_index);
-    uint64_t l2_offset = 0;
+    HostOffset l2_table;
     try {
-        l2_offset = format::decode_l1(raw, geometry_.cluster_bits).l2_offset;
+        l2_table = format::decode_l1(raw, geometry_.cluster_bits).l2_table();
     } catch (const std::system_error& e) {
         corruption("L1 entry " + std::to_string(l1_index) + ": " + reason_of(e));
     }
-    if (l2_offset != 0 && l2_offset < geometry_.cluster_size())
+    if (l2_table && geometry_.host_cluster(l2_table) == HostCluster{0})
         corruption("L1 entry " + std::to_string(l1_index) + " points into the image header");
-    co_return l2_offset;
+    co_return l2_table;
 }
 
 Task<void> Image::read_mapped(const L1Table& l1, uint64_t offset, std::span<std::byte> buf) {
     const ClusterGeometry& g = geometry_;
-    const uint64_t l2_coverage_bits = g.cluster_bits + std::countr_zero(g.l2_entries());
-    ExtentRun run{*this, offset, buf};
+    ExtentRun run{*this, GuestOffset{offset}, buf};
     uint64_t done = 0;
     while (done < buf.size()) {
-        const uint64_t guest = offset + done;
-        const uint64_t l1_index = guest >> l2_coverage_bits;
-        const uint64_t l2_offset = co_await l2_table_for_read(l1, l1_index);
-        if (l2_offset != 0) {
-            done += co_await read_in_l2_slice(run, l2_offset, guest, buf.size() - done);
+        const GuestOffset guest{offset + done};
+        const HostOffset l2_table = co_await l2_table_for_read(l1, g.l1_index(guest));
+        if (l2_table) {
+            done += co_await read_in_l2_slice(run, l2_table, guest, buf.size() - done);
             continue;
         }
-        const uint64_t n = std::min(buf.size() - done, ((l1_index + 1) << l2_coverage_bits) - guest);
-        const Extent piece{Extent::Kind::backing, guest, n, 0, 0};
+        const uint64_t n = std::min(buf.size() - done, g.remaining_in_l2_table(guest));
+        const Extent piece{Extent::Kind::backing, guest, n, HostOffset{}, 0};
         if (!run.merge(piece)) co_await run.restart(piece);
         done += n;
     }
     co_await run.finish();
 }
 
-Task<uint64_t> Image::read_in_l2_slice(ExtentRun& run, uint64_t l2_offset, uint64_t guest, uint64_t length) {
+Task<uint64_t> Image::read_in_l2_slice(ExtentRun& run, HostOffset l2_table, GuestOffset guest, uint64_t length) {
     const ClusterGeometry& g = geometry_;
     const size_t slice_bytes = l2_cache_->slice_bytes();
     const uint32_t entry_size = g.l2_entry_size();
-    const uint64_t entry_byte = g.l2_index(GuestOffset{guest}) * entry_size;
-    const uint64_t slice_start = entry_byte / slice_bytes * slice_bytes;
-    auto slice = co_await l2_cache_->get(l2_offset + slice_start);
+    const SlicePosition at = slice_of(g.l2_entry_byte(guest), slice_bytes);
+    auto slice = co_await l2_cache_->get((l2_table + at.slice_start).value);
     uint64_t done = 0;
     // The entries of this slice while the request lasts, each a piece per subcluster (one
     // "subcluster" per cluster without extended L2; one piece for a compressed cluster).
-    for (uint64_t pos = entry_byte - slice_start; pos < slice_bytes && done < length; pos += entry_size) {
+    for (uint64_t pos = at.in_slice; pos < slice_bytes && done < length; pos += entry_size) {
         const std::byte* p = slice->bytes.data() + pos;
         const uint64_t bitmap = g.extended_l2 ? format::load_be64(p + 8) : 0;
-        const format::L2Entry e = decode_l2_for_read(format::load_be64(p), bitmap, guest + done);
-        const uint64_t cluster_end = ((guest + done) | g.cluster_mask()) + 1;
-        while (done < length && guest + done < cluster_end) {
+        const format::L2Entry e = decode_l2_for_read(format::load_be64(p), bitmap, (guest + done).value);
+        const uint64_t cluster_left = g.remaining_in_cluster(guest + done);
+        for (uint64_t in_entry = 0; done < length && in_entry < cluster_left;) {
             const Extent piece = extent_in_cluster(e, guest + done, length - done);
             if (!run.merge(piece)) co_await run.restart(piece);
             done += piece.length;
+            in_entry += piece.length;
         }
     }
     co_return done;
 }
 
-Image::Extent Image::extent_in_cluster(const format::L2Entry& e, uint64_t guest, uint64_t length) const {
+Image::Extent Image::extent_in_cluster(const format::L2Entry& e, GuestOffset guest, uint64_t length) const {
     const ClusterGeometry& g = geometry_;
-    const uint64_t in_cluster = g.offset_in_cluster(guest);
+    const uint64_t in_cluster = g.offset_in_cluster(guest.value);
     if (e.compressed)
-        return Extent{Extent::Kind::compressed, guest, std::min(length, g.cluster_size() - in_cluster), e.host_offset,
+        return Extent{Extent::Kind::compressed, guest, std::min(length, g.remaining_in_cluster(guest)), e.host(),
                       e.compressed_size};
-    const uint32_t sc = g.subcluster_index(GuestOffset{guest});
+    const uint32_t sc = g.subcluster_index(guest);
     const uint64_t sc_end = uint64_t{sc + 1} << g.subcluster_bits();
-    Extent piece{Extent::Kind::none, guest, std::min(length, sc_end - in_cluster), 0, 0};
+    Extent piece{Extent::Kind::none, guest, std::min(length, sc_end - in_cluster), HostOffset{}, 0};
     switch (format::subcluster_type(e, sc, g)) {
         case format::SubclusterType::normal:
             piece.kind = Extent::Kind::data;
-            piece.host = e.host_offset + in_cluster;
+            piece.host = e.host() + in_cluster;
             break;
         case format::SubclusterType::zero_plain:
         case format::SubclusterType::zero_alloc:
@@ -382,7 +380,7 @@ Image::Extent Image::extent_in_cluster(const format::L2Entry& e, uint64_t guest,
             piece.kind = Extent::Kind::backing;
             break;
         case format::SubclusterType::compressed:
-            corruption("inconsistent compressed entry for guest offset " + hex(guest));
+            corruption("inconsistent compressed entry for guest offset " + hex(guest.value));
     }
     return piece;
 }
@@ -395,30 +393,30 @@ Task<void> Image::read_extent(const Extent& e, std::span<std::byte> dst) {
             break;
         case Extent::Kind::backing:
             if (backing_)
-                co_await backing_->read(e.guest, dst);
+                co_await backing_->read(e.guest.value, dst);
             else
                 zero(dst);
             break;
         case Extent::Kind::data: {
             io::File& f = data_file_ ? *data_file_ : *file_;
-            size_t n = co_await f.read_at(e.host, dst);
+            size_t n = co_await f.read_at(e.host.value, dst);
             if (n < dst.size() && !data_file_) {
                 // A cluster the writer never finished may end early (its tail reads as zeros, as in
                 // QEMU), but a cluster that starts past the end of the file means the image was
                 // truncated: say so instead of inventing zeros.
                 uint64_t cluster = geometry_.cluster_size();
-                uint64_t first_missing = (e.host + n + cluster - 1) / cluster * cluster;
-                if (first_missing < e.host + dst.size())
+                uint64_t first_missing = (e.host.value + n + cluster - 1) / cluster * cluster;
+                if (first_missing < e.host.value + dst.size())
                     corruption("data cluster at " + hex(first_missing) + " for guest offset " +
-                            hex(e.guest + (first_missing - e.host)) + " lies beyond the end of the file (" +
+                            hex(e.guest.value + (first_missing - e.host.value)) + " lies beyond the end of the file (" +
                             std::to_string(file_->size()) + " bytes): the image is truncated");
             }
             zero(dst.subspan(n));
             break;
         }
         case Extent::Kind::compressed: {
-            auto cluster = co_await decompressed(e.host, e.compressed_size);
-            std::memcpy(dst.data(), cluster->data() + geometry_.offset_in_cluster(e.guest), dst.size());
+            auto cluster = co_await decompressed(e.host.value, e.compressed_size);
+            std::memcpy(dst.data(), cluster->data() + geometry_.offset_in_cluster(e.guest.value), dst.size());
             break;
         }
     }

@@ -41,9 +41,10 @@ Task<void> Image::init_writing() {
     metadata_map_.set_l2(std::move(l2_tables));
     std::string bad;
     try {
-        for (auto& a : co_await bitmap_metadata_areas(*file_, meta_))
-            bitmap_areas_.push_back({a.offset >> cb, a.bytes ? ((a.offset + a.bytes - 1) >> cb) + 1 : a.offset >> cb,
-                                     kMetaBitmapTable, a.what});
+        for (auto& a : co_await bitmap_metadata_areas(*file_, meta_)) {
+            auto [first, end] = geometry_.clusters_spanned(HostOffset{a.offset}, a.bytes);
+            bitmap_areas_.push_back({first.value, end.value, kMetaBitmapTable, a.what});
+        }
         if (!bitmap_areas_.empty()) bitmap_areas_.front().kind = kMetaBitmapDirectory;
     } catch (const std::system_error& e) {
         bad = "bitmaps: " + reason_of(e);
@@ -69,10 +70,10 @@ void Image::install_refcount_hooks() {
 }
 
 std::optional<std::string> Image::refresh_metadata_map() {
-    const uint32_t cb = geometry_.cluster_bits;
     const auto& h = meta_.header;
     auto area = [&](uint64_t offset, uint64_t bytes, MetadataKind kind, std::string what) {
-        return MetadataMap::Area{offset >> cb, bytes ? ((offset + bytes - 1) >> cb) + 1 : offset >> cb, kind, std::move(what)};
+        auto [first, end] = geometry_.clusters_spanned(HostOffset{offset}, bytes);
+        return MetadataMap::Area{first.value, end.value, kind, std::move(what)};
     };
     std::vector<MetadataMap::Area> areas = bitmap_areas_;
     areas.push_back({0, 1, kMetaHeader, "the image header"});
@@ -99,10 +100,10 @@ std::optional<std::string> Image::refresh_metadata_map() {
     return std::nullopt;
 }
 
-Task<uint64_t> Image::allocate_clusters(uint64_t count) {
+Task<HostOffset> Image::allocate_clusters(uint64_t count) {
     std::string problem;
     try {
-        co_return co_await refcounts_->allocate(count);
+        co_return geometry_.offset_of(co_await refcounts_->allocate(count));
     } catch (const PlacementConflict& e) {
         problem = reason_of(e);
     }
@@ -265,28 +266,28 @@ Task<std::exception_ptr> Image::reported(std::exception_ptr error) {
     co_return co_await signal_corruption(std::move(reason));
 }
 
-Task<void> Image::check_host_cluster(uint64_t host, const std::string& what, uint32_t ignore) {
-    const uint64_t c = host >> geometry_.cluster_bits;
+Task<void> Image::check_host_cluster(HostOffset host, const std::string& what, uint32_t ignore) {
+    const HostCluster c = geometry_.host_cluster(host);
     std::string problem;
-    if (c == 0)
+    if (c == HostCluster{0})
         problem = "points into the image header";
-    else if (host >= file_end_)
+    else if (host.value >= file_end_)
         problem = "points beyond the end of the file (" + std::to_string(file_end_) + " bytes)";
-    else if (auto meta = metadata_map_.find(c, 1, ignore, refcounts_.get()))
+    else if (auto meta = metadata_map_.find(c.value, 1, ignore, refcounts_.get()))
         problem = "points into " + *meta;
     if (problem.empty() && co_await refcounts_->get(c) == 0) problem = "is in use but its refcount is 0";
-    if (!problem.empty()) std::rethrow_exception(co_await signal_corruption(what + " at " + hex(host) + " " + problem));
+    if (!problem.empty()) std::rethrow_exception(co_await signal_corruption(what + " at " + hex(host.value) + " " + problem));
 }
 
-void Image::free_later(uint64_t first_cluster, uint64_t count) {
-    if (count) pending_free_.emplace_back(first_cluster, count);
+void Image::free_later(HostCluster first, uint64_t count) {
+    if (count) pending_free_.emplace_back(first, count);
 }
 
-std::pair<uint64_t, uint64_t> Image::compressed_clusters(const format::L2Entry& e) const {
-    const uint32_t cb = geometry_.cluster_bits;
-    uint64_t start = e.host_offset & ~uint64_t{511};
-    uint64_t end = e.host_offset + e.compressed_size;
-    return {start >> cb, ((end - 1) >> cb) - (start >> cb) + 1};
+std::pair<HostCluster, uint64_t> Image::compressed_clusters(const format::L2Entry& e) const {
+    // The compressed bytes start in the 512-byte sector holding host_offset.
+    auto [first, end] = geometry_.clusters_spanned(HostOffset{e.host_offset & ~uint64_t{511}},
+                                                   e.compressed_size + (e.host_offset & 511));
+    return {first, end - first};
 }
 
 }  // namespace qcowfs::qcow2

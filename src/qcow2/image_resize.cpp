@@ -13,21 +13,20 @@ Task<void> Image::grow_l1(uint64_t entries, uint64_t new_size) {
     // Rule 3 for the table itself: every L2 table the in-memory L1 points at must be on disk
     // before a new L1 copy that points at them is made current.
     co_await flush_locked();
-    const uint32_t cb = geometry_.cluster_bits;
     const uint64_t cs = geometry_.cluster_size();
     uint64_t bytes = entries * 8;
     if (bytes > format::kMaxL1Bytes) fail(EFBIG, "the L1 table would exceed " + std::to_string(format::kMaxL1Bytes) + " bytes");
     uint64_t clusters = (bytes + cs - 1) / cs;
-    uint64_t table = co_await allocate_clusters(clusters);
-    file_end_ = std::max(file_end_, table + clusters * cs);
+    const HostOffset table = co_await allocate_clusters(clusters);
+    file_end_ = std::max(file_end_, (table + clusters * cs).value);
     std::vector<std::byte> raw(clusters * cs);
     for (size_t i = 0; i < l1_.size(); ++i) format::store_be64(raw.data() + 8 * i, l1_[i]);
-    co_await file_->write_at(table, raw);
+    co_await file_->write_at(table.value, raw);
     co_await refcounts_->flush();  // its refcount, then the table itself is synced below
     co_await file_->flush();
-    uint64_t old = meta_.header.l1_table_offset;
+    const HostOffset old{meta_.header.l1_table_offset};
     uint64_t old_clusters = (uint64_t{meta_.header.l1_size} * 8 + cs - 1) / cs;
-    meta_.header.l1_table_offset = table;
+    meta_.header.l1_table_offset = table.value;
     meta_.header.l1_size = static_cast<uint32_t>(entries);
     l1_.resize(entries, 0);
     dirty_l1_.clear();  // all of them are in the new table
@@ -38,7 +37,7 @@ Task<void> Image::grow_l1(uint64_t entries, uint64_t new_size) {
     co_await write_header();
     refresh_metadata_map();  // the new table lies where nothing was
     // The header no longer points at the old table: nothing references it.
-    if (old_clusters) co_await refcounts_->update(old >> cb, old_clusters, -1);
+    if (old_clusters) co_await refcounts_->update(geometry_.host_cluster(old), old_clusters, -1);
 }
 
 Task<void> Image::release_beyond(uint64_t new_size) {
@@ -52,8 +51,8 @@ Task<void> Image::release_beyond(uint64_t new_size) {
         uint64_t l1_index = c / table_clusters;
         uint64_t n = std::min(last - c, table_clusters - c % table_clusters);
         if (l1_index >= l1_.size()) break;
-        uint64_t l2 = l1_[l1_index] & format::kL1OffsetMask;
-        if (l2 == 0) {
+        const HostOffset l2{l1_[l1_index] & format::kL1OffsetMask};
+        if (!l2) {
             c += n;
             continue;
         }
@@ -65,7 +64,7 @@ Task<void> Image::release_beyond(uint64_t new_size) {
                     auto [raw, bitmap] = co_await load_l2_entry(l2, i);
                     format::L2Entry le = co_await decode_l2_checked(raw, bitmap, (l1_index * table_clusters + i) << cb);
                     if (data_file_) continue;
-                    if (has_host(le)) free_later(le.host_offset >> cb, 1);
+                    if (has_host(le)) free_later(g.host_cluster(le.host()), 1);
                     else if (le.compressed) {
                         auto [cf, cn] = compressed_clusters(le);
                         free_later(cf, cn);
@@ -74,8 +73,8 @@ Task<void> Image::release_beyond(uint64_t new_size) {
             }
             // A table shared with a snapshot is impossible here (shrinking needs no snapshots),
             // but if only its refcount says so, releasing the table alone is still right.
-            free_later(l2 >> cb, 1);
-            metadata_map_.remove_l2(l2 >> cb);
+            free_later(g.host_cluster(l2), 1);
+            metadata_map_.remove_l2(g.host_cluster(l2).value);
             l1_[l1_index] = 0;
             dirty_l1_.insert(l1_index);
             c += n;

@@ -37,29 +37,30 @@ uint64_t subcluster_mask(uint32_t first, uint32_t last) {
 
 /// One guest cluster of a write: the decision made in plan_cluster and carried out after.
 struct Image::ClusterWrite {
-    uint64_t guest_cluster = 0;  // guest cluster index
+    GuestCluster guest_cluster;
     uint64_t l2_index = 0;       // entry index in its L2 table
     uint64_t from = 0, to = 0;   // bytes of the cluster the write covers, [from, to)
     bool needs_new = false;      // data goes to a newly allocated cluster
-    uint64_t host = 0;           // destination host cluster offset
+    HostOffset host;             // destination host cluster
     uint64_t window_from = 0, window_to = 0;  // bytes written to the host cluster (old + new)
     uint64_t old_raw = 0, old_bitmap = 0;  // the entry as planned over (unchanged: not rewritten)
     uint64_t new_bitmap = 0;
-    uint64_t free_first = 0, free_count = 0;  // clusters released once the new entry is on disk
+    HostCluster free_first;      // clusters released once the new entry is on disk
+    uint64_t free_count = 0;
 };
 
 /// One L2 table's part of a write: a plan per guest cluster, and the clusters allocated for it.
 struct Image::TableWrite {
-    uint64_t l2_offset = 0;  // the L2 table, ours alone once planned
+    HostOffset l2_table;  // ours alone once planned
     std::vector<ClusterWrite> clusters;
-    uint64_t first_new = 0;  // host offset of the first newly allocated cluster
+    HostOffset first_new;    // the first newly allocated cluster
     uint64_t allocated = 0;  // newly allocated clusters, contiguous from first_new
 };
 
-std::pair<uint64_t, uint64_t> Image::zeroed_l2_entry(uint64_t host_offset, bool keep, bool zero) const {
+std::pair<uint64_t, uint64_t> Image::zeroed_l2_entry(HostOffset host, bool keep, bool zero) const {
     if (geometry_.extended_l2)
-        return {keep ? format::encode_l2_standard(host_offset, true, false) : 0, zero ? kZeroBitsAll : 0};
-    return {keep ? format::encode_l2_standard(host_offset, true, true) : (zero ? format::kOflagZero : 0), 0};
+        return {keep ? format::encode_l2_standard(host.value, true, false) : 0, zero ? kZeroBitsAll : 0};
+    return {keep ? format::encode_l2_standard(host.value, true, true) : (zero ? format::kOflagZero : 0), 0};
 }
 
 bool Image::fully_allocated(const format::L2Entry& e) const {
@@ -68,19 +69,17 @@ bool Image::fully_allocated(const format::L2Entry& e) const {
 
 // ---- L2 entries ------------------------------------------------------------------------------
 
-Task<std::pair<uint64_t, uint64_t>> Image::load_l2_entry(uint64_t l2_offset, uint64_t index) {
-    const size_t slice_bytes = l2_cache_->slice_bytes();
-    uint64_t byte = index * geometry_.l2_entry_size();
-    auto slice = co_await l2_cache_->get(l2_offset + byte / slice_bytes * slice_bytes);
-    const std::byte* p = slice->bytes.data() + byte % slice_bytes;
+Task<std::pair<uint64_t, uint64_t>> Image::load_l2_entry(HostOffset l2_table, uint64_t index) {
+    const SlicePosition at = slice_of(index * geometry_.l2_entry_size(), l2_cache_->slice_bytes());
+    auto slice = co_await l2_cache_->get((l2_table + at.slice_start).value);
+    const std::byte* p = slice->bytes.data() + at.in_slice;
     co_return std::make_pair(format::load_be64(p), geometry_.extended_l2 ? format::load_be64(p + 8) : 0);
 }
 
-Task<void> Image::store_l2_entry(uint64_t l2_offset, uint64_t index, uint64_t raw, uint64_t bitmap) {
-    const size_t slice_bytes = l2_cache_->slice_bytes();
-    uint64_t byte = index * geometry_.l2_entry_size();
-    auto slice = co_await l2_cache_->get_for_write(l2_offset + byte / slice_bytes * slice_bytes);
-    std::byte* p = slice->bytes.data() + byte % slice_bytes;
+Task<void> Image::store_l2_entry(HostOffset l2_table, uint64_t index, uint64_t raw, uint64_t bitmap) {
+    const SlicePosition at = slice_of(index * geometry_.l2_entry_size(), l2_cache_->slice_bytes());
+    auto slice = co_await l2_cache_->get_for_write((l2_table + at.slice_start).value);
+    std::byte* p = slice->bytes.data() + at.in_slice;
     format::store_be64(p, raw);
     if (geometry_.extended_l2) format::store_be64(p + 8, bitmap);
 }
@@ -95,9 +94,10 @@ Task<format::L2Entry> Image::decode_l2_checked(uint64_t raw, uint64_t bitmap, ui
     std::rethrow_exception(co_await signal_corruption(bad));
 }
 
-Task<uint64_t> Image::l2_for_write(uint64_t l1_index) {
-    const uint32_t cb = geometry_.cluster_bits;
-    const uint64_t cs = geometry_.cluster_size();
+Task<HostOffset> Image::l2_for_write(uint64_t l1_index) {
+    const ClusterGeometry& g = geometry_;
+    const uint32_t cb = g.cluster_bits;
+    const uint64_t cs = g.cluster_size();
     const size_t slice_bytes = l2_cache_->slice_bytes();
     format::L1Entry e;
     std::string bad;
@@ -107,34 +107,35 @@ Task<uint64_t> Image::l2_for_write(uint64_t l1_index) {
         bad = "L1 entry " + std::to_string(l1_index) + ": " + reason_of(ex);
     }
     if (!bad.empty()) std::rethrow_exception(co_await signal_corruption(bad));
-    if (e.l2_offset != 0) {
-        co_await check_host_cluster(e.l2_offset, "L2 table of L1 entry " + std::to_string(l1_index), kMetaActiveL2);
-        if (e.copied) co_return e.l2_offset;
-        if (co_await refcounts_->get(e.l2_offset >> cb) == 1) {
+    const HostOffset old = e.l2_table();
+    if (old) {
+        co_await check_host_cluster(old, "L2 table of L1 entry " + std::to_string(l1_index), kMetaActiveL2);
+        if (e.copied) co_return old;
+        if (co_await refcounts_->get(g.host_cluster(old)) == 1) {
             // Only we use it (a snapshot that shared it is gone): just mark it ours.
-            l1_[l1_index] = format::encode_l1({e.l2_offset, true});
+            l1_[l1_index] = format::encode_l1({old.value, true});
             dirty_l1_.insert(l1_index);
-            co_return e.l2_offset;
+            co_return old;
         }
     }
     // A new table: empty, or a copy of the one shared with a snapshot.
-    uint64_t table = co_await allocate_clusters(1);
-    file_end_ = std::max(file_end_, table + cs);
+    const HostOffset table = co_await allocate_clusters(1);
+    file_end_ = std::max(file_end_, (table + cs).value);
     for (uint64_t s = 0; s < cs; s += slice_bytes) {
-        std::shared_ptr<const cache::Slice> old;
-        if (e.l2_offset) old = co_await l2_cache_->get(e.l2_offset + s);
-        auto slice = co_await l2_cache_->create(table + s);
-        if (old) std::memcpy(slice->bytes.data(), old->bytes.data(), slice_bytes);
+        std::shared_ptr<const cache::Slice> copied;
+        if (old) copied = co_await l2_cache_->get((old + s).value);
+        auto slice = co_await l2_cache_->create((table + s).value);
+        if (copied) std::memcpy(slice->bytes.data(), copied->bytes.data(), slice_bytes);
     }
-    if (e.l2_offset) {
+    if (old) {
         // The copy keeps the entries (their clusters are still shared: no COPIED flags), and
         // the snapshot keeps the old table, whose refcount drops once our L1 entry is on disk.
-        free_later(e.l2_offset >> cb, 1);
-        metadata_map_.remove_l2(e.l2_offset >> cb);
+        free_later(g.host_cluster(old), 1);
+        metadata_map_.remove_l2(g.host_cluster(old).value);
     }
-    l1_[l1_index] = format::encode_l1({table, true});
+    l1_[l1_index] = format::encode_l1({table.value, true});
     dirty_l1_.insert(l1_index);
-    metadata_map_.add_l2(table >> cb);
+    metadata_map_.add_l2(g.host_cluster(table).value);
     co_return table;
 }
 
@@ -159,12 +160,9 @@ Task<void> Image::write(uint64_t offset, std::span<const std::byte> data) {
 }
 
 Task<void> Image::write_locked(uint64_t offset, std::span<const std::byte> data) {
-    const ClusterGeometry& g = geometry_;
-    const uint64_t table_bytes = g.cluster_size() * g.l2_entries();
     while (!data.empty()) {
         check_writable();
-        uint64_t table_end = (offset / table_bytes + 1) * table_bytes;
-        uint64_t n = std::min<uint64_t>(data.size(), table_end - offset);
+        uint64_t n = std::min<uint64_t>(data.size(), geometry_.remaining_in_l2_table(GuestOffset{offset}));
         co_await write_in_table(offset, data.first(n));
         offset += n;
         data = data.subspan(n);
@@ -173,14 +171,13 @@ Task<void> Image::write_locked(uint64_t offset, std::span<const std::byte> data)
 
 std::vector<Image::ClusterWrite> Image::split_into_clusters(uint64_t offset, uint64_t length) const {
     const ClusterGeometry& g = geometry_;
-    const uint32_t cb = g.cluster_bits;
-    const uint64_t first = offset >> cb, last = (offset + length - 1) >> cb;
+    const GuestCluster first = g.guest_cluster(GuestOffset{offset}), last = g.guest_cluster(GuestOffset{offset + length - 1});
     std::vector<ClusterWrite> clusters;
-    clusters.reserve(last - first + 1);
-    for (uint64_t c = first; c <= last; ++c) {
+    clusters.reserve(last.value - first.value + 1);
+    for (GuestCluster c = first; c <= last; c = c + 1) {
         ClusterWrite w;
         w.guest_cluster = c;
-        w.l2_index = c % g.l2_entries();
+        w.l2_index = g.l2_index(g.offset_of(c));
         w.from = c == first ? g.offset_in_cluster(offset) : 0;
         w.to = c == last ? g.offset_in_cluster(offset + length - 1) + 1 : g.cluster_size();
         clusters.push_back(w);
@@ -188,12 +185,13 @@ std::vector<Image::ClusterWrite> Image::split_into_clusters(uint64_t offset, uin
     return clusters;
 }
 
-Task<void> Image::plan_cluster(ClusterWrite& w, uint64_t l2_offset) {
-    const uint32_t cb = geometry_.cluster_bits;
-    auto [raw, bitmap] = co_await load_l2_entry(l2_offset, w.l2_index);
+Task<void> Image::plan_cluster(ClusterWrite& w, HostOffset l2_table) {
+    const ClusterGeometry& g = geometry_;
+    const GuestOffset guest = g.offset_of(w.guest_cluster);
+    auto [raw, bitmap] = co_await load_l2_entry(l2_table, w.l2_index);
     w.old_raw = raw;
     w.old_bitmap = bitmap;
-    format::L2Entry e = co_await decode_l2_checked(raw, bitmap, w.guest_cluster << cb);
+    format::L2Entry e = co_await decode_l2_checked(raw, bitmap, guest.value);
 
     // Can the data go where the cluster already is?
     bool in_place = false;
@@ -201,14 +199,15 @@ Task<void> Image::plan_cluster(ClusterWrite& w, uint64_t l2_offset) {
         if (data_file_) {
             in_place = true;  // external data file: data clusters sit at their guest offset, no refcounts
         } else {
-            co_await check_host_cluster(e.host_offset, "data cluster of guest offset " + hex(w.guest_cluster << cb));
-            in_place = e.copied || co_await refcounts_->get(e.host_offset >> cb) == 1;
+            co_await check_host_cluster(e.host(), "data cluster of guest offset " + hex(guest.value));
+            in_place = e.copied || co_await refcounts_->get(g.host_cluster(e.host())) == 1;
         }
     }
     w.needs_new = !in_place && !data_file_;
-    w.host = in_place ? e.host_offset : (data_file_ ? w.guest_cluster << cb : 0);
+    // An external data file keeps each data cluster at its guest offset.
+    w.host = in_place ? e.host() : (data_file_ ? HostOffset{guest.value} : HostOffset{});
     if (!in_place && has_host(e) && !data_file_) {
-        w.free_first = e.host_offset >> cb;
+        w.free_first = g.host_cluster(e.host());
         w.free_count = 1;
     }
     if (e.compressed) std::tie(w.free_first, w.free_count) = compressed_clusters(e);
@@ -250,22 +249,23 @@ void Image::plan_window(ClusterWrite& w, const format::L2Entry& e, bool in_place
 }
 
 Task<void> Image::plan_table(TableWrite& t, uint64_t l1_index) {
-    t.l2_offset = co_await l2_for_write(l1_index);
-    for (auto& w : t.clusters) co_await plan_cluster(w, t.l2_offset);
+    t.l2_table = co_await l2_for_write(l1_index);
+    for (auto& w : t.clusters) co_await plan_cluster(w, t.l2_table);
     for (auto& w : t.clusters) t.allocated += w.needs_new;
     if (t.allocated == 0) co_return;
     const uint64_t cs = geometry_.cluster_size();
     t.first_new = co_await allocate_clusters(t.allocated);
-    file_end_ = std::max(file_end_, t.first_new + t.allocated * cs);
-    uint64_t next = t.first_new;
+    file_end_ = std::max(file_end_, (t.first_new + t.allocated * cs).value);
+    HostOffset next = t.first_new;
     for (auto& w : t.clusters)
-        if (w.needs_new) w.host = next, next += cs;
+        if (w.needs_new) w.host = next, next = next + cs;
 }
 
 Task<void> Image::write_data(const TableWrite& t, uint64_t offset, std::span<const std::byte> data) {
     const std::vector<ClusterWrite>& plan = t.clusters;
-    const uint64_t cs = geometry_.cluster_size();
-    const uint32_t cb = geometry_.cluster_bits;
+    const ClusterGeometry& g = geometry_;
+    const uint64_t cs = g.cluster_size();
+    const GuestOffset start{offset};  // of data[0]
     io::File& f = data_file_ ? *data_file_ : *file_;
     // One host write per run of clusters adjacent on the host and in their windows.
     for (size_t i = 0, j = 0; i < plan.size(); i = j) {
@@ -274,51 +274,53 @@ Task<void> Image::write_data(const TableWrite& t, uint64_t offset, std::span<con
              ++j) {
         }
         const std::span<const ClusterWrite> run(plan.data() + i, j - i);
-        const uint64_t host_start = run.front().host + run.front().window_from;
-        const uint64_t host_end = run.back().host + run.back().window_to;
+        const HostOffset host_start = run.front().host + run.front().window_from;
+        const HostOffset host_end = run.back().host + run.back().window_to;
         bool covered = std::all_of(run.begin(), run.end(), [](const ClusterWrite& w) {
             return w.window_from == w.from && w.window_to == w.to;
         });
         if (covered) {
             // Nothing old to keep around the data: it goes to the host as it came.
-            uint64_t guest = (run.front().guest_cluster << cb) + run.front().from;
-            co_await f.write_at(host_start, data.subspan(guest - offset, host_end - host_start));
+            const GuestOffset guest = g.offset_of(run.front().guest_cluster) + run.front().from;
+            co_await f.write_at(host_start.value, data.subspan(guest - start, host_end - host_start));
             continue;
         }
         std::vector<std::byte> buf(host_end - host_start);
         for (const ClusterWrite& w : run) {
-            std::byte* base = buf.data() + (w.host - host_start);  // the cluster's byte 0
+            // The cluster's byte 0 (before buf when the run's first window starts inside it).
+            std::byte* base = buf.data() + static_cast<ptrdiff_t>(w.host.value - host_start.value);
             co_await copy_around(w, base);
-            uint64_t guest = w.guest_cluster << cb;
-            std::memcpy(base + w.from, data.data() + (guest + w.from - offset), w.to - w.from);
+            const GuestOffset guest = g.offset_of(w.guest_cluster) + w.from;
+            std::memcpy(base + w.from, data.data() + (guest - start), w.to - w.from);
         }
-        co_await f.write_at(host_start, buf);
+        co_await f.write_at(host_start.value, buf);
     }
 }
 
 Task<void> Image::copy_around(const ClusterWrite& w, std::byte* base) {
-    const uint64_t guest = w.guest_cluster << geometry_.cluster_bits;
+    const GuestOffset guest = geometry_.offset_of(w.guest_cluster);
     if (w.window_from < w.from)
-        co_await read_mapped(active_l1(), guest + w.window_from, std::span<std::byte>(base + w.window_from, w.from - w.window_from));
+        co_await read_mapped(active_l1(), (guest + w.window_from).value,
+                             std::span<std::byte>(base + w.window_from, w.from - w.window_from));
     if (w.to < w.window_to)
-        co_await read_mapped(active_l1(), guest + w.to, std::span<std::byte>(base + w.to, w.window_to - w.to));
+        co_await read_mapped(active_l1(), (guest + w.to).value, std::span<std::byte>(base + w.to, w.window_to - w.to));
 }
 
 Task<void> Image::release_new(const TableWrite& t) {
     if (t.allocated == 0) co_return;
     auto meta = co_await meta_mutex_.lock();
     try {
-        co_await refcounts_->update(t.first_new >> geometry_.cluster_bits, t.allocated, -1);
+        co_await refcounts_->update(geometry_.host_cluster(t.first_new), t.allocated, -1);
     } catch (const std::system_error&) {
     }
 }
 
 Task<void> Image::link_table(const TableWrite& t) {
     for (const ClusterWrite& w : t.clusters) {
-        uint64_t raw = format::encode_l2_standard(w.host, true, false);
+        uint64_t raw = format::encode_l2_standard(w.host.value, true, false);
         // An overwrite in place changes nothing: its slice stays clean, the next flush skips it.
         if (raw != w.old_raw || w.new_bitmap != w.old_bitmap)
-            co_await store_l2_entry(t.l2_offset, w.l2_index, raw, w.new_bitmap);
+            co_await store_l2_entry(t.l2_table, w.l2_index, raw, w.new_bitmap);
         free_later(w.free_first, w.free_count);
     }
 }
@@ -364,7 +366,8 @@ Task<void> Image::allocate(uint64_t offset, uint64_t length) {
         auto guard = co_await range_lock_->lock(at, cs, cache::RangeLock::Mode::exclusive);
         uint64_t l1_index = geometry_.l1_index(GuestOffset{at});
         if (l1_index < l1_.size() && (l1_[l1_index] & format::kL1OffsetMask)) {
-            auto [raw, bitmap] = co_await load_l2_entry(l1_[l1_index] & format::kL1OffsetMask, c % geometry_.l2_entries());
+            auto [raw, bitmap] = co_await load_l2_entry(HostOffset{l1_[l1_index] & format::kL1OffsetMask},
+                                                        geometry_.l2_index(GuestOffset{at}));
             if (fully_allocated(co_await decode_l2_checked(raw, bitmap, at))) continue;
         }
         std::exception_ptr error;

@@ -29,11 +29,11 @@ Task<std::vector<uint64_t>> Image::zero_in_table(uint64_t first, uint64_t count,
             if (backing_reaches(c)) need_data.push_back(c);
         if (!mapped) co_return need_data;  // the rest reads zeros already
     }
-    uint64_t l2_offset = co_await l2_for_write(l1_index);
+    const HostOffset l2_table = co_await l2_for_write(l1_index);
     for (uint64_t c = first; c < first + count; ++c) {
         if (backing_reaches(c)) continue;  // gets zeros written as data by the caller
         uint64_t index = c % g.l2_entries();
-        auto [raw, bitmap] = co_await load_l2_entry(l2_offset, index);
+        auto [raw, bitmap] = co_await load_l2_entry(l2_table, index);
         format::L2Entry e = co_await decode_l2_checked(raw, bitmap, c << cb);
         bool keep = false;  // keep the host cluster as a preallocated zero cluster
         if (data_file_) {
@@ -41,11 +41,11 @@ Task<std::vector<uint64_t>> Image::zero_in_table(uint64_t first, uint64_t count,
             keep = has_host(e) && !unmap;
             co_await data_file_->discard(c << cb, g.cluster_size());
         } else if (has_host(e)) {
-            co_await check_host_cluster(e.host_offset, "data cluster of guest offset " + hex(c << cb));
-            bool ours = e.copied || co_await refcounts_->get(e.host_offset >> cb) == 1;
+            co_await check_host_cluster(e.host(), "data cluster of guest offset " + hex(c << cb));
+            bool ours = e.copied || co_await refcounts_->get(g.host_cluster(e.host())) == 1;
             keep = ours && !discard && v3 && !unmap;
             if (!keep) {
-                free_later(e.host_offset >> cb, 1);
+                free_later(g.host_cluster(e.host()), 1);
                 // Give the space back now: only this entry uses it, and a crash before the new
                 // entry is on disk leaves it pointing at zeros, which is what was asked for.
                 if (ours) co_await file_->discard(e.host_offset, g.cluster_size());
@@ -56,8 +56,8 @@ Task<std::vector<uint64_t>> Image::zero_in_table(uint64_t first, uint64_t count,
         }
         bool zero = keep || shows_through || (!discard && !unmap);  // else unallocated reads as zeros too
         if (!v3) zero = false;
-        auto [new_raw, new_bitmap] = zeroed_l2_entry(e.host_offset, keep, zero);
-        co_await store_l2_entry(l2_offset, index, new_raw, new_bitmap);
+        auto [new_raw, new_bitmap] = zeroed_l2_entry(e.host(), keep, zero);
+        co_await store_l2_entry(l2_table, index, new_raw, new_bitmap);
     }
     co_return need_data;
 }

@@ -37,8 +37,7 @@ Task<MapRun> Image::view_map(const L1Table* snapshot, uint64_t offset, uint64_t 
         if (snapshot) co_return co_await map_mapped(*snapshot, offset, size);
         if (!range_lock_) co_return co_await map_mapped(active_l1(), offset, size);
         // Shared, like a read: no write changes the entries of this range meanwhile.
-        const uint64_t coverage = uint64_t{1} << (geometry_.cluster_bits + std::countr_zero(geometry_.l2_entries()));
-        const uint64_t table_end = std::min(size, (offset / coverage + 1) * coverage);
+        const uint64_t table_end = std::min(size, offset + geometry_.remaining_in_l2_table(GuestOffset{offset}));
         auto guard = co_await range_lock_->lock(offset, table_end - offset, cache::RangeLock::Mode::shared);
         co_return co_await map_mapped(active_l1(), offset, size);
     } catch (...) {
@@ -81,11 +80,10 @@ MapKind map_kind(const format::L2Entry& e, uint32_t sc, const ClusterGeometry& g
 
 Task<MapRun> Image::map_mapped(const L1Table& l1, uint64_t offset, uint64_t size) {
     const ClusterGeometry& g = geometry_;
-    const uint64_t coverage_bits = g.cluster_bits + std::countr_zero(g.l2_entries());
-    const uint64_t l1_index = offset >> coverage_bits;
-    const uint64_t table_end = std::min(size, (l1_index + 1) << coverage_bits);
-    const uint64_t l2_offset = co_await l2_table_for_read(l1, l1_index);
-    if (l2_offset == 0) co_return co_await map_below(offset, table_end);
+    const uint64_t l1_index = g.l1_index(GuestOffset{offset});
+    const uint64_t table_end = std::min(size, offset + g.remaining_in_l2_table(GuestOffset{offset}));
+    const HostOffset l2_table = co_await l2_table_for_read(l1, l1_index);
+    if (!l2_table) co_return co_await map_below(offset, table_end);
 
     // Walk this table's entries from `offset` while the status stays that of the first byte:
     // one status per subcluster (one "subcluster" per cluster without extended L2; one per
@@ -95,10 +93,9 @@ Task<MapRun> Image::map_mapped(const L1Table& l1, uint64_t offset, uint64_t size
     const uint32_t entry_size = g.l2_entry_size();
     uint64_t pos = offset;
     while (pos < table_end) {
-        const uint64_t entry_byte = g.l2_index(GuestOffset{pos}) * entry_size;
-        const uint64_t slice_start = entry_byte / slice_bytes * slice_bytes;
-        auto slice = co_await l2_cache_->get(l2_offset + slice_start);
-        for (uint64_t at = entry_byte - slice_start; at < slice_bytes && pos < table_end; at += entry_size) {
+        const SlicePosition first_entry = slice_of(g.l2_entry_byte(GuestOffset{pos}), slice_bytes);
+        auto slice = co_await l2_cache_->get((l2_table + first_entry.slice_start).value);
+        for (uint64_t at = first_entry.in_slice; at < slice_bytes && pos < table_end; at += entry_size) {
             const std::byte* p = slice->bytes.data() + at;
             const format::L2Entry e =
                 decode_l2_for_read(format::load_be64(p), g.extended_l2 ? format::load_be64(p + 8) : 0, pos);

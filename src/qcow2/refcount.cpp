@@ -77,11 +77,11 @@ Task<void> Refcounts::set_refcount(uint64_t cluster_index, uint64_t value) {
     format::set_refcount(slice->bytes, refcount_order_, i % slice_entries_, value);
 }
 
-Task<uint64_t> Refcounts::get(uint64_t cluster_index) { co_return co_await refcount_of(cluster_index); }
+Task<uint64_t> Refcounts::get(HostCluster cluster) { co_return co_await refcount_of(cluster.value); }
 
-Task<void> Refcounts::update(uint64_t first_cluster, uint64_t count, int64_t delta) {
+Task<void> Refcounts::update(HostCluster first_cluster, uint64_t count, int64_t delta) {
     auto guard = co_await mutex_.lock();
-    co_await update_locked(first_cluster, count, delta);
+    co_await update_locked(first_cluster.value, count, delta);
 }
 
 Task<void> Refcounts::update_locked(uint64_t first, uint64_t count, int64_t delta) {
@@ -135,7 +135,7 @@ Task<void> Refcounts::update_locked(uint64_t first, uint64_t count, int64_t delt
     }
 }
 
-Task<uint64_t> Refcounts::allocate(uint64_t count) {
+Task<HostCluster> Refcounts::allocate(uint64_t count) {
     if (count == 0) fail(EINVAL, "cannot allocate 0 clusters");
     auto guard = co_await mutex_.lock();
     uint64_t first_free = 0;
@@ -150,7 +150,7 @@ Task<uint64_t> Refcounts::allocate(uint64_t count) {
         hint_ = std::min(hint_, old_hint);
         throw;
     }
-    co_return first << cluster_bits_;
+    co_return HostCluster{first};
 }
 
 Task<uint64_t> Refcounts::find_free(uint64_t count, Range exclude, uint64_t* first_free_seen) {

@@ -199,9 +199,9 @@ private:
     /// A run of guest bytes with one source: read from a host offset, zeros, backing, compressed.
     struct Extent {
         enum class Kind { none, data, zero, backing, compressed } kind = Kind::none;
-        uint64_t guest = 0;       // guest offset of the first byte
+        GuestOffset guest;        // the first byte
         uint64_t length = 0;
-        uint64_t host = 0;        // data: host offset of the first byte; compressed: descriptor offset
+        HostOffset host;          // data: the first byte; compressed: the compressed bytes' first
         uint64_t compressed_size = 0;
     };
 
@@ -224,13 +224,13 @@ private:
     Task<void> read_mapped(const L1Table& l1, uint64_t offset, std::span<std::byte> buf);
     /// The L2 table of L1 entry `l1_index` of `l1` for reading: its host offset, 0 if none (also
     /// past the table's end). ImageCorruption for an invalid entry or one into the header.
-    Task<uint64_t> l2_table_for_read(const L1Table& l1, uint64_t l1_index);
+    Task<HostOffset> l2_table_for_read(const L1Table& l1, uint64_t l1_index);
     /// Adds the extents of [guest, guest + length) that the L2 slice holding `guest`'s entry maps
     /// to `run`; returns how many bytes that was (up to the slice's end).
-    Task<uint64_t> read_in_l2_slice(ExtentRun& run, uint64_t l2_offset, uint64_t guest, uint64_t length);
+    Task<uint64_t> read_in_l2_slice(ExtentRun& run, HostOffset l2_table, GuestOffset guest, uint64_t length);
     /// The extent at `guest` (at most `length` bytes) that entry `e` of its cluster maps: to the
     /// end of its subcluster, or of the cluster if compressed.
-    Extent extent_in_cluster(const format::L2Entry& e, uint64_t guest, uint64_t length) const;
+    Extent extent_in_cluster(const format::L2Entry& e, GuestOffset guest, uint64_t length) const;
     /// Raw entry `index` of `l1` (index < l1.size): from memory, or from its slice in l2_cache_.
     Task<uint64_t> l1_entry(const L1Table& l1, uint64_t index);
     /// The active L1 table: in memory when the image was opened writable, else on disk.
@@ -300,7 +300,7 @@ private:
     Task<void> plan_table(TableWrite& t, uint64_t l1_index);
     /// Plans one guest cluster of a write (meta_mutex_ held): where its data goes, what is
     /// copied from the old content, the new L2 entry, what to free once it is on disk.
-    Task<void> plan_cluster(ClusterWrite& w, uint64_t l2_offset);
+    Task<void> plan_cluster(ClusterWrite& w, HostOffset l2_table);
     /// The bytes of the host cluster written (old content + new) and the new subcluster bitmap
     /// of `w`, whose current entry is `e` and whose data goes in place or not (pure).
     void plan_window(ClusterWrite& w, const format::L2Entry& e, bool in_place) const;
@@ -317,12 +317,12 @@ private:
     Task<void> link_table(const TableWrite& t);
     /// (raw, bitmap) of an entry that reads as zeros (`zero`; else unallocated), keeping host
     /// cluster `host_offset` as a preallocated zero cluster if `keep`.
-    std::pair<uint64_t, uint64_t> zeroed_l2_entry(uint64_t host_offset, bool keep, bool zero) const;
+    std::pair<uint64_t, uint64_t> zeroed_l2_entry(HostOffset host, bool keep, bool zero) const;
     /// True if every subcluster of `e` has data here (compressed, or allocated in full).
     bool fully_allocated(const format::L2Entry& e) const;
     /// The L2 table for L1 entry `l1_index`, allocated or copied out of a snapshot as needed so
     /// that this image owns it alone (meta_mutex_ held). Returns its host offset.
-    Task<uint64_t> l2_for_write(uint64_t l1_index);
+    Task<HostOffset> l2_for_write(uint64_t l1_index);
     /// Makes whole clusters [first, first + count) of one L2 table read as zeros (meta_mutex_ held).
     /// Returns the guest clusters that need zeros written as data (v2 images where the backing
     /// file reaches). `unmap`: the clusters lie where nothing shows through (past the end of the
@@ -333,28 +333,28 @@ private:
     Task<void> unmap_from(uint64_t from);
     /// write_zeroes() with the range lock held.
     Task<void> zero_locked(uint64_t offset, uint64_t length, bool discard);
-    /// Reads entry `index` of the L2 table at `l2_offset` (raw, bitmap).
-    Task<std::pair<uint64_t, uint64_t>> load_l2_entry(uint64_t l2_offset, uint64_t index);
+    /// Reads entry `index` of the L2 table at `l2_table` (raw, bitmap).
+    Task<std::pair<uint64_t, uint64_t>> load_l2_entry(HostOffset l2_table, uint64_t index);
     /// Decodes an L2 entry found while writing; inconsistent ones mark the image corrupt (EIO).
     Task<format::L2Entry> decode_l2_checked(uint64_t raw, uint64_t bitmap, uint64_t guest);
-    /// Stores entry `index` of the L2 table at `l2_offset` in the cache (dirty).
-    Task<void> store_l2_entry(uint64_t l2_offset, uint64_t index, uint64_t raw, uint64_t bitmap);
+    /// Stores entry `index` of the L2 table at `l2_table` in the cache (dirty).
+    Task<void> store_l2_entry(HostOffset l2_table, uint64_t index, uint64_t raw, uint64_t bitmap);
     /// Host cluster `host` about to be written in place or used as an L2 table: EIO (and the
     /// corrupt bit) if it lies in other metadata, past the end of the file, or has refcount 0.
     /// `ignore`: MetadataKind bits the cluster may be (an L2 table checked as one).
-    Task<void> check_host_cluster(uint64_t host, const std::string& what, uint32_t ignore = 0);
+    Task<void> check_host_cluster(HostOffset host, const std::string& what, uint32_t ignore = 0);
     /// Points refcounts_ back at this image: header rewrite on table moves, overlap checks.
     void install_refcount_hooks();
     /// Refcounts::allocate(count), with the overlap check on what it hands out: refcounts that
     /// call a metadata cluster free mark the image corrupt (EIO) before anything is written there.
-    Task<uint64_t> allocate_clusters(uint64_t count);
+    Task<HostOffset> allocate_clusters(uint64_t count);
     /// Rebuilds metadata_map_'s fixed areas from the header, snapshots and bitmap areas (after an
     /// L1 or refcount table move). Returns two overlapping structures, or nullopt.
     std::optional<std::string> refresh_metadata_map();
     /// Releases clusters once the L1/L2 change that dropped them is on disk (rule 4).
-    void free_later(uint64_t first_cluster, uint64_t count);
+    void free_later(HostCluster first, uint64_t count);
     /// Clusters a compressed entry's bytes touch, as (first cluster, count).
-    std::pair<uint64_t, uint64_t> compressed_clusters(const format::L2Entry& e) const;
+    std::pair<HostCluster, uint64_t> compressed_clusters(const format::L2Entry& e) const;
     /// Every metadata write in dependency order, then sync (meta_mutex_ held).
     Task<void> flush_locked();
     /// Rewrites the fixed header fields from meta_.header and syncs.
@@ -385,7 +385,7 @@ private:
     bool write_locked_ = false;   // lock_for_writing() has succeeded
     bool clear_dirty_bit_ = false;  // the dirty bit is ours (lazy refcounts): cleared on close
     std::set<uint64_t> dirty_l1_;   // L1 entries changed in memory, not yet on disk
-    std::vector<std::pair<uint64_t, uint64_t>> pending_free_;  // (first cluster, count), rule 4
+    std::vector<std::pair<HostCluster, uint64_t>> pending_free_;  // (first cluster, count), rule 4
     uint64_t file_end_ = 0;  // bytes of the image file, counting clusters allocated but not yet written
     MetadataMap metadata_map_;  // where metadata lies, for the overlap checks
     std::vector<MetadataMap::Area> bitmap_areas_;  // bitmap directory and tables (fixed while open)

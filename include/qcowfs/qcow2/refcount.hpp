@@ -13,6 +13,7 @@
 #include "qcowfs/cache/slice_cache.hpp"
 #include "qcowfs/format/header.hpp"
 #include "qcowfs/format/refcount_layout.hpp"
+#include "qcowfs/format/types.hpp"
 #include "qcowfs/util/async_event.hpp"
 #include "qcowfs/util/async_mutex.hpp"
 #include "qcowfs/util/task.hpp"
@@ -59,9 +60,9 @@ public:
     /// Throws std::system_error(EIO) naming the problem, or the read's error.
     Task<void> load();
 
-    /// Refcount of host cluster `cluster_index` (0 beyond the table or in an unallocated block).
+    /// Refcount of host cluster `cluster` (0 beyond the table or in an unallocated block).
     /// May read a refcount block. Throws the read's error, or EIO for a block cut short by EOF.
-    Task<uint64_t> get(uint64_t cluster_index);
+    Task<uint64_t> get(HostCluster cluster);
 
     /// Adds `delta` to the refcount of clusters [first_cluster, first_cluster + count). All of
     /// them are checked first: if one would drop below 0 or exceed max_refcount(refcount_order),
@@ -70,14 +71,14 @@ public:
     /// it: see on_table_moved); those never use a cluster of the range. Reaching 0 makes a
     /// cluster a candidate for allocate() again. Waits for block reads and, when the table grows,
     /// for writes and flushes. On an I/O error part of the range may have been changed.
-    Task<void> update(uint64_t first_cluster, uint64_t count, int64_t delta);
+    Task<void> update(HostCluster first_cluster, uint64_t count, int64_t delta);
 
     /// Finds `count` contiguous free clusters (refcount 0, never cluster 0), lowest first from the
     /// free-cluster hint, so clusters freed inside the file are reused before the file grows; sets
-    /// their refcount to 1 and returns the host offset of the first. The clusters may lie beyond
+    /// their refcount to 1 and returns the first. The clusters may lie beyond
     /// the end of the file: the caller writes them. Waits and fails as update(); EINVAL for
     /// count 0.
-    Task<uint64_t> allocate(uint64_t count);
+    Task<HostCluster> allocate(uint64_t count);
 
     /// Writes dirty refcount blocks, then (if any entry changed) the refcount table, then
     /// File::flush(): see the write order above. Throws the write's or flush's error (what was
