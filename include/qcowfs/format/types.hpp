@@ -10,39 +10,27 @@ namespace qcowfs {
 /// a / b rounded up (b > 0).
 inline constexpr uint64_t div_ceil(uint64_t a, uint64_t b) { return a / b + (a % b != 0); }
 
-/// A byte offset in the virtual disk that the guest (the exposed raw file) sees.
-struct GuestOffset {
+/// A 64-bit position in one address space (`Space` is a tag type): offsets and cluster indexes
+/// of the guest and of the host stay apart, and carry their own arithmetic.
+template <class Space>
+struct Position {
     uint64_t value = 0;
-    auto operator<=>(const GuestOffset&) const = default;
-    GuestOffset operator+(uint64_t n) const { return GuestOffset{value + n}; }
-    /// Bytes from `o` up to this offset (o <= *this).
-    uint64_t operator-(GuestOffset o) const { return value - o.value; }
-};
-
-/// A byte offset in a host file (the image file or its external data file).
-struct HostOffset {
-    uint64_t value = 0;
-    auto operator<=>(const HostOffset&) const = default;
-    HostOffset operator+(uint64_t n) const { return HostOffset{value + n}; }
-    uint64_t operator-(HostOffset o) const { return value - o.value; }
-    /// 0 means "none" in L1 and L2 entries.
+    auto operator<=>(const Position&) const = default;
+    Position operator+(uint64_t n) const { return Position{value + n}; }
+    /// How far this lies past `o` (o <= *this).
+    uint64_t operator-(Position o) const { return value - o.value; }
+    /// 0 means "none" for host offsets in L1 and L2 entries.
     explicit operator bool() const { return value != 0; }
 };
 
+/// A byte offset in the virtual disk that the guest (the exposed raw file) sees.
+using GuestOffset = Position<struct GuestOffsetSpace>;
+/// A byte offset in a host file (the image file or its external data file).
+using HostOffset = Position<struct HostOffsetSpace>;
 /// The index of a guest cluster (its first byte >> cluster_bits).
-struct GuestCluster {
-    uint64_t value = 0;
-    auto operator<=>(const GuestCluster&) const = default;
-    GuestCluster operator+(uint64_t n) const { return GuestCluster{value + n}; }
-};
-
+using GuestCluster = Position<struct GuestClusterSpace>;
 /// The index of a host cluster (its first byte >> cluster_bits): what refcounts count.
-struct HostCluster {
-    uint64_t value = 0;
-    auto operator<=>(const HostCluster&) const = default;
-    HostCluster operator+(uint64_t n) const { return HostCluster{value + n}; }
-    uint64_t operator-(HostCluster o) const { return value - o.value; }
-};
+using HostCluster = Position<struct HostClusterSpace>;
 
 /// Where byte `byte` of a table read in slices of `slice_bytes` lies: the first byte of its
 /// slice, and its offset inside the slice.
