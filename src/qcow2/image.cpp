@@ -261,8 +261,12 @@ struct Image::ExtentRun {
     std::span<std::byte> buf;
     Extent cur{};  // being accumulated
 
-    /// Appends `piece` to the current run if it continues it.
+    /// Appends `piece` to the current run if it continues it (or starts the first run).
     bool merge(const Extent& piece) {
+        if (cur.kind == Extent::Kind::none) {
+            cur = piece;
+            return true;
+        }
         bool continues = cur.kind == piece.kind && cur.guest + cur.length == piece.guest &&
                          (piece.kind == Extent::Kind::zero || piece.kind == Extent::Kind::backing ||
                           (piece.kind == Extent::Kind::data && cur.host + cur.length == piece.host));
@@ -271,7 +275,7 @@ struct Image::ExtentRun {
     }
     /// Reads the current run, then starts a new one with `piece`.
     Task<void> restart(const Extent& piece) {
-        co_await finish();
+        co_await image.read_extent(cur, buf.subspan(cur.guest - offset, cur.length));
         cur = piece;
     }
     /// Reads the current run.
