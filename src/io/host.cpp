@@ -106,6 +106,67 @@ bool bits_allow(const struct stat& st, const Credentials& user, int want) {
     return (bits & static_cast<unsigned>(want)) == static_cast<unsigned>(want);
 }
 
+/// Where a walk stands: an O_PATH descriptor of a directory, its canonical path and its stat.
+struct WalkPosition {
+    Fd dir;
+    std::string real;  // canonical path of `dir`; "" is the root
+    struct stat st {};
+};
+
+/// The walk's starting point, "/".
+WalkPosition walk_root() {
+    Fd root(::open("/", O_PATH | O_DIRECTORY | O_CLOEXEC));
+    if (root.get() < 0) fail(errno, "cannot open /");
+    WalkPosition at{std::move(root), "", {}};
+    at.st = quick_stat(at.dir.get());
+    return at;
+}
+
+/// Puts the components of `p` ("a/b//c" -> a, b, c) in front of the ones still to walk.
+void push_front_components(std::deque<std::string>& pending, const std::string& p) {
+    std::vector<std::string> parts;
+    size_t i = 0;
+    while (i <= p.size()) {
+        size_t j = p.find('/', i);
+        if (j == std::string::npos) j = p.size();
+        if (j > i) parts.push_back(p.substr(i, j - i));
+        i = j + 1;
+    }
+    pending.insert(pending.begin(), parts.begin(), parts.end());
+}
+
+/// Steps to the parent of `at` ("..").
+void walk_up(WalkPosition& at) {
+    Fd up(::openat(at.dir.get(), "..", O_PATH | O_DIRECTORY | O_CLOEXEC));
+    if (up.get() < 0) fail(errno, "cannot open the parent of " + at.real);
+    at.dir = std::move(up);
+    at.st = quick_stat(at.dir.get());
+    if (auto slash = at.real.rfind('/'); slash != std::string::npos) at.real.resize(slash);
+}
+
+/// Opens component `name` of `at` without following it, refusing anything on qcowfs's own mount.
+Fd open_component(const HostPolicy& policy, const WalkPosition& at, const std::string& name, const std::string& candidate,
+                  struct stat& st) {
+    if (!policy.own_mount.empty() && is_under(candidate, policy.own_mount))
+        fail(EACCES, "it lies on qcowfs's own mount " + policy.own_mount);
+    Fd fd(::openat(at.dir.get(), name.c_str(), O_PATH | O_NOFOLLOW | O_CLOEXEC));
+    if (fd.get() < 0) fail(errno, "cannot open " + candidate);
+    st = quick_stat(fd.get());
+    if (policy.own_dev != 0 && static_cast<uint64_t>(st.st_dev) == policy.own_dev)
+        fail(EACCES, "it lies on qcowfs's own mount");
+    return fd;
+}
+
+/// The target of symlink `fd` (named `candidate`), never empty.
+std::string read_symlink(const Fd& fd, const std::string& candidate) {
+    std::string target(4096, '\0');
+    ssize_t n = ::readlinkat(fd.get(), "", target.data(), target.size());
+    if (n < 0) fail(errno, "cannot read symlink " + candidate);
+    target.resize(static_cast<size_t>(n));
+    if (target.empty()) fail(ENOENT, "empty symlink " + candidate);
+    return target;
+}
+
 /// Walks absolute `path` one component at a time with O_PATH|O_NOFOLLOW opens, resolving
 /// symlinks itself: it never steps onto the own mount (by path or device), follows at most
 /// kMaxSymlinks links, and the final one only if `follow_final`. With `bits_user`, each directory
@@ -113,77 +174,37 @@ bool bits_allow(const struct stat& st, const Credentials& user, int want) {
 Walked walk(const HostPolicy& policy, const std::string& path, bool follow_final, const Credentials* bits_user) {
     if (path.empty() || path.front() != '/') fail(EINVAL, "'" + path + "' is not an absolute path");
     std::deque<std::string> pending;
-    auto push_front_components = [&](const std::string& p) {
-        std::vector<std::string> parts;
-        size_t i = 0;
-        while (i <= p.size()) {
-            size_t j = p.find('/', i);
-            if (j == std::string::npos) j = p.size();
-            if (j > i) parts.push_back(p.substr(i, j - i));
-            i = j + 1;
-        }
-        pending.insert(pending.begin(), parts.begin(), parts.end());
-    };
-    push_front_components(path);
-
-    Fd dir(::open("/", O_PATH | O_DIRECTORY | O_CLOEXEC));
-    if (dir.get() < 0) fail(errno, "cannot open /");
-    std::string real;  // canonical path of `dir`; "" is the root
-    struct stat dir_st = quick_stat(dir.get());
+    push_front_components(pending, path);
+    WalkPosition at = walk_root();
     int links = 0;
-    auto check_search = [&] {
-        if (bits_user && !bits_allow(dir_st, *bits_user, X_OK))
-            fail(EACCES, "no search permission on " + (real.empty() ? std::string("/") : real));
-    };
-
     while (!pending.empty()) {
         std::string name = std::move(pending.front());
         pending.pop_front();
         if (name == ".") continue;
-        check_search();
+        if (bits_user && !bits_allow(at.st, *bits_user, X_OK))
+            fail(EACCES, "no search permission on " + (at.real.empty() ? std::string("/") : at.real));
         if (name == "..") {
-            Fd up(::openat(dir.get(), "..", O_PATH | O_DIRECTORY | O_CLOEXEC));
-            if (up.get() < 0) fail(errno, "cannot open the parent of " + real);
-            dir = std::move(up);
-            dir_st = quick_stat(dir.get());
-            if (auto slash = real.rfind('/'); slash != std::string::npos) real.resize(slash);
+            walk_up(at);
             continue;
         }
-        const std::string candidate = real + "/" + name;
-        if (!policy.own_mount.empty() && is_under(candidate, policy.own_mount))
-            fail(EACCES, "it lies on qcowfs's own mount " + policy.own_mount);
-        Fd fd(::openat(dir.get(), name.c_str(), O_PATH | O_NOFOLLOW | O_CLOEXEC));
-        if (fd.get() < 0) fail(errno, "cannot open " + candidate);
-        struct stat st = quick_stat(fd.get());
-        if (policy.own_dev != 0 && static_cast<uint64_t>(st.st_dev) == policy.own_dev)
-            fail(EACCES, "it lies on qcowfs's own mount");
+        const std::string candidate = at.real + "/" + name;
+        struct stat st {};
+        Fd fd = open_component(policy, at, name, candidate, st);
         const bool last = pending.empty();
         if (S_ISLNK(st.st_mode)) {
             if (last && !follow_final) fail(ESTALE, candidate + " is now a symlink");
             if (++links > kMaxSymlinks) fail(ELOOP, "too many symlinks in " + path);
-            std::string target(4096, '\0');
-            ssize_t n = ::readlinkat(fd.get(), "", target.data(), target.size());
-            if (n < 0) fail(errno, "cannot read symlink " + candidate);
-            target.resize(static_cast<size_t>(n));
-            if (target.empty()) fail(ENOENT, "empty symlink " + candidate);
-            push_front_components(target);
-            if (target.front() == '/') {
-                Fd root(::open("/", O_PATH | O_DIRECTORY | O_CLOEXEC));
-                if (root.get() < 0) fail(errno, "cannot open /");
-                dir = std::move(root);
-                dir_st = quick_stat(dir.get());
-                real.clear();
-            }
+            std::string target = read_symlink(fd, candidate);
+            push_front_components(pending, target);
+            if (target.front() == '/') at = walk_root();
             continue;
         }
         if (last) return Walked{std::move(fd), candidate, st};
         if (!S_ISDIR(st.st_mode)) fail(ENOTDIR, candidate + " is not a directory");
-        dir = std::move(fd);
-        dir_st = st;
-        real = candidate;
+        at = WalkPosition{std::move(fd), candidate, st};
     }
     // The path named a directory ("/", or ending in "." or ".."): never an image.
-    return Walked{std::move(dir), real.empty() ? "/" : real, dir_st};
+    return Walked{std::move(at.dir), at.real.empty() ? "/" : at.real, at.st};
 }
 
 /// Opens the file behind O_PATH descriptor `fd` for reading or writing: the kernel applies its

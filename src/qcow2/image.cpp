@@ -67,10 +67,12 @@ Task<void> View::read(uint64_t offset, std::span<std::byte> buf) {
         zero(buf.subspan(size - offset));
         buf = buf.first(size - offset);
     }
-    if (!active_)
-        co_await image_->read_mapped(Image::L1Table{nullptr, l1_offset_, l1_size_}, offset, buf);
-    else
-        co_await image_->read_active(offset, buf);
+    if (active_) {
+        co_await image_->view_read(nullptr, offset, buf);
+    } else {
+        const Image::L1Table l1{nullptr, l1_offset_, l1_size_};
+        co_await image_->view_read(&l1, offset, buf);
+    }
 }
 
 Task<void> View::write(uint64_t offset, std::span<const std::byte> data) {
@@ -156,7 +158,7 @@ Task<uint64_t> Image::l1_entry(const L1Table& l1, uint64_t index) {
     if (byte / slice_bytes * slice_bytes + slice_bytes > file_->size()) {
         // The file ends inside this slice (checked at open: not inside the table): read the entry alone.
         std::byte raw[8];
-        if (co_await file_->read_at(byte, raw) != 8) corrupt("L1 entry at " + hex(byte) + " lies beyond the end of the file");
+        if (co_await file_->read_at(byte, raw) != 8) corruption("L1 entry at " + hex(byte) + " lies beyond the end of the file");
         co_return format::load_be64(raw);
     }
     auto slice = co_await l2_cache_->get(byte / slice_bytes * slice_bytes);
@@ -224,99 +226,140 @@ Task<std::shared_ptr<View>> Image::snapshot(const std::string& id) {
 
 // ---- Image: reading --------------------------------------------------------------------------
 
+/// The extents of one read, merged into runs that are read at once: adjacent zero or backing
+/// extents, and data extents adjacent on the host too.
+struct Image::ExtentRun {
+    Image& image;
+    GuestOffset offset;  // of buf[0]
+    std::span<std::byte> buf;
+    Extent cur{};  // being accumulated
+
+    /// Appends `piece` to the current run if it continues it (or starts the first run).
+    bool merge(const Extent& piece) {
+        if (cur.kind == Extent::Kind::none) {
+            cur = piece;
+            return true;
+        }
+        bool continues = cur.kind == piece.kind && cur.guest + cur.length == piece.guest &&
+                         (piece.kind == Extent::Kind::zero || piece.kind == Extent::Kind::backing ||
+                          (piece.kind == Extent::Kind::data && cur.host + cur.length == piece.host));
+        if (continues) cur.length += piece.length;
+        return continues;
+    }
+    /// Reads the current run, then starts a new one with `piece`.
+    Task<void> restart(const Extent& piece) {
+        co_await image.read_extent(cur, buf.subspan(cur.guest - offset, cur.length));
+        cur = piece;
+    }
+    /// Reads the current run.
+    Task<void> finish() {
+        if (cur.kind != Extent::Kind::none) co_await image.read_extent(cur, buf.subspan(cur.guest - offset, cur.length));
+        cur = Extent{};
+    }
+};
+
+Task<void> Image::view_read(const L1Table* snapshot, uint64_t offset, std::span<std::byte> buf) {
+    std::exception_ptr error;
+    try {
+        if (snapshot) {
+            co_await read_mapped(*snapshot, offset, buf);
+        } else if (!range_lock_) {
+            co_await read_mapped(active_l1(), offset, buf);
+        } else {
+            // Shared: writes hold exclusive ranges while their clusters change.
+            auto guard = co_await range_lock_->lock(offset, buf.size(), cache::RangeLock::Mode::shared);
+            co_await read_mapped(active_l1(), offset, buf);
+        }
+        co_return;
+    } catch (...) {
+        error = std::current_exception();
+    }
+    std::rethrow_exception(co_await reported(error));
+}
+
+Task<HostOffset> Image::l2_table_for_read(const L1Table& l1, uint64_t l1_index) {
+    if (l1_index >= l1.size) co_return HostOffset{};
+    const uint64_t raw = co_await l1_entry(l1, l1_index);
+    HostOffset l2_table;
+    try {
+        l2_table = format::decode_l1(raw, geometry_.cluster_bits).l2_table();
+    } catch (const std::system_error& e) {
+        corruption("L1 entry " + std::to_string(l1_index) + ": " + reason_of(e));
+    }
+    if (l2_table && geometry_.host_cluster(l2_table) == HostCluster{0})
+        corruption("L1 entry " + std::to_string(l1_index) + " points into the image header");
+    co_return l2_table;
+}
+
 Task<void> Image::read_mapped(const L1Table& l1, uint64_t offset, std::span<std::byte> buf) {
     const ClusterGeometry& g = geometry_;
-    const uint64_t l2_coverage_bits = g.cluster_bits + std::countr_zero(g.l2_entries());
-    const size_t slice_bytes = l2_cache_->slice_bytes();
-    const uint32_t entry_size = g.l2_entry_size();
-
-    Extent cur;  // being accumulated
+    ExtentRun run{*this, GuestOffset{offset}, buf};
     uint64_t done = 0;
-    auto emit = [&](const Extent& piece) -> Task<void> {
-        bool merge = cur.kind == piece.kind && cur.guest + cur.length == piece.guest &&
-                     (piece.kind == Extent::Kind::zero || piece.kind == Extent::Kind::backing ||
-                      (piece.kind == Extent::Kind::data && cur.host + cur.length == piece.host));
-        if (merge) {
-            cur.length += piece.length;
-            co_return;
-        }
-        if (cur.kind != Extent::Kind::none) co_await read_extent(cur, buf.subspan(cur.guest - offset, cur.length));
-        cur = piece;
-    };
-
     while (done < buf.size()) {
-        uint64_t guest = offset + done;
-        uint64_t remaining = buf.size() - done;
-        uint64_t l1_index = guest >> l2_coverage_bits;
-        uint64_t l2_table_end = (l1_index + 1) << l2_coverage_bits;
-        uint64_t l2_offset = 0;
-        if (l1_index < l1.size) {
-            uint64_t raw = co_await l1_entry(l1, l1_index);
-            try {
-                l2_offset = format::decode_l1(raw, g.cluster_bits).l2_offset;
-            } catch (const std::system_error& e) {
-                corrupt("L1 entry " + std::to_string(l1_index) + ": " + reason_of(e));
-            }
-        }
-        if (l2_offset == 0) {
-            uint64_t n = std::min(remaining, l2_table_end - guest);
-            co_await emit(Extent{Extent::Kind::backing, guest, n, 0, 0});
-            done += n;
+        const GuestOffset guest{offset + done};
+        const HostOffset l2_table = co_await l2_table_for_read(l1, g.l1_index(guest));
+        if (l2_table) {
+            done += co_await read_in_l2_slice(run, l2_table, guest, buf.size() - done);
             continue;
         }
-        if (l2_offset < g.cluster_size())
-            corrupt("L1 entry " + std::to_string(l1_index) + " points into the image header");
+        const uint64_t n = std::min(buf.size() - done, g.remaining_in_l2_table(guest));
+        const Extent piece{Extent::Kind::backing, guest, n, HostOffset{}, 0};
+        if (!run.merge(piece)) co_await run.restart(piece);
+        done += n;
+    }
+    co_await run.finish();
+}
 
-        uint64_t l2_index = g.l2_index(GuestOffset{guest});
-        uint64_t entry_byte = l2_index * entry_size;
-        uint64_t slice_start = entry_byte / slice_bytes * slice_bytes;
-        auto slice = co_await l2_cache_->get(l2_offset + slice_start);
-
-        // Walk the entries of this slice while the request lasts.
-        for (uint64_t pos = entry_byte - slice_start; pos < slice_bytes && done < buf.size(); pos += entry_size) {
-            guest = offset + done;
-            remaining = buf.size() - done;
-            const std::byte* p = slice->bytes.data() + pos;
-            uint64_t raw = format::load_be64(p);
-            uint64_t bitmap = g.extended_l2 ? format::load_be64(p + 8) : 0;
-            const format::L2Entry e = decode_l2_for_read(raw, bitmap, guest);
-            uint64_t in_cluster = g.offset_in_cluster(guest);
-            if (e.compressed) {
-                uint64_t n = std::min(remaining, g.cluster_size() - in_cluster);
-                co_await emit(Extent{Extent::Kind::compressed, guest, n, e.host_offset, e.compressed_size});
-                done += n;
-                continue;
-            }
-            // Subcluster by subcluster (one "subcluster" per cluster without extended L2).
-            for (uint32_t sc = g.subcluster_index(GuestOffset{guest});
-                 sc < g.subclusters_per_cluster() && done < buf.size(); ++sc) {
-                guest = offset + done;
-                in_cluster = g.offset_in_cluster(guest);
-                uint64_t sc_end = uint64_t{sc + 1} << g.subcluster_bits();
-                uint64_t n = std::min<uint64_t>(buf.size() - done, sc_end - in_cluster);
-                Extent piece{Extent::Kind::none, guest, n, 0, 0};
-                switch (format::subcluster_type(e, sc, g)) {
-                    case format::SubclusterType::normal:
-                        piece.kind = Extent::Kind::data;
-                        piece.host = e.host_offset + in_cluster;
-                        break;
-                    case format::SubclusterType::zero_plain:
-                    case format::SubclusterType::zero_alloc:
-                        piece.kind = Extent::Kind::zero;
-                        break;
-                    case format::SubclusterType::unallocated_plain:
-                    case format::SubclusterType::unallocated_alloc:
-                        piece.kind = Extent::Kind::backing;
-                        break;
-                    case format::SubclusterType::compressed:
-                        corrupt("inconsistent compressed entry for guest offset " + hex(guest));
-                }
-                co_await emit(piece);
-                done += n;
-            }
+Task<uint64_t> Image::read_in_l2_slice(ExtentRun& run, HostOffset l2_table, GuestOffset guest, uint64_t length) {
+    const ClusterGeometry& g = geometry_;
+    const size_t slice_bytes = l2_cache_->slice_bytes();
+    const uint32_t entry_size = g.l2_entry_size();
+    const SlicePosition at = slice_of(g.l2_entry_byte(guest), slice_bytes);
+    auto slice = co_await l2_cache_->get((l2_table + at.slice_start).value);
+    uint64_t done = 0;
+    // The entries of this slice while the request lasts, each a piece per subcluster (one
+    // "subcluster" per cluster without extended L2; one piece for a compressed cluster).
+    for (uint64_t pos = at.in_slice; pos < slice_bytes && done < length; pos += entry_size) {
+        const std::byte* p = slice->bytes.data() + pos;
+        const uint64_t bitmap = g.extended_l2 ? format::load_be64(p + 8) : 0;
+        const format::L2Entry e = decode_l2_for_read(format::load_be64(p), bitmap, (guest + done).value);
+        const uint64_t cluster_left = g.remaining_in_cluster(guest + done);
+        for (uint64_t in_entry = 0; done < length && in_entry < cluster_left;) {
+            const Extent piece = extent_in_cluster(e, guest + done, length - done);
+            if (!run.merge(piece)) co_await run.restart(piece);
+            done += piece.length;
+            in_entry += piece.length;
         }
     }
-    if (cur.kind != Extent::Kind::none) co_await read_extent(cur, buf.subspan(cur.guest - offset, cur.length));
+    co_return done;
+}
+
+Image::Extent Image::extent_in_cluster(const format::L2Entry& e, GuestOffset guest, uint64_t length) const {
+    const ClusterGeometry& g = geometry_;
+    const uint64_t in_cluster = g.offset_in_cluster(guest.value);
+    if (e.compressed)
+        return Extent{Extent::Kind::compressed, guest, std::min(length, g.remaining_in_cluster(guest)), e.host(),
+                      e.compressed_size};
+    const uint32_t sc = g.subcluster_index(guest);
+    const uint64_t sc_end = uint64_t{sc + 1} << g.subcluster_bits();
+    Extent piece{Extent::Kind::none, guest, std::min(length, sc_end - in_cluster), HostOffset{}, 0};
+    switch (format::subcluster_type(e, sc, g)) {
+        case format::SubclusterType::normal:
+            piece.kind = Extent::Kind::data;
+            piece.host = e.host() + in_cluster;
+            break;
+        case format::SubclusterType::zero_plain:
+        case format::SubclusterType::zero_alloc:
+            piece.kind = Extent::Kind::zero;
+            break;
+        case format::SubclusterType::unallocated_plain:
+        case format::SubclusterType::unallocated_alloc:
+            piece.kind = Extent::Kind::backing;
+            break;
+        case format::SubclusterType::compressed:
+            corruption("inconsistent compressed entry for guest offset " + hex(guest.value));
+    }
+    return piece;
 }
 
 Task<void> Image::read_extent(const Extent& e, std::span<std::byte> dst) {
@@ -327,30 +370,30 @@ Task<void> Image::read_extent(const Extent& e, std::span<std::byte> dst) {
             break;
         case Extent::Kind::backing:
             if (backing_)
-                co_await backing_->read(e.guest, dst);
+                co_await backing_->read(e.guest.value, dst);
             else
                 zero(dst);
             break;
         case Extent::Kind::data: {
             io::File& f = data_file_ ? *data_file_ : *file_;
-            size_t n = co_await f.read_at(e.host, dst);
+            size_t n = co_await f.read_at(e.host.value, dst);
             if (n < dst.size() && !data_file_) {
                 // A cluster the writer never finished may end early (its tail reads as zeros, as in
                 // QEMU), but a cluster that starts past the end of the file means the image was
                 // truncated: say so instead of inventing zeros.
                 uint64_t cluster = geometry_.cluster_size();
-                uint64_t first_missing = (e.host + n + cluster - 1) / cluster * cluster;
-                if (first_missing < e.host + dst.size())
-                    corrupt("data cluster at " + hex(first_missing) + " for guest offset " +
-                            hex(e.guest + (first_missing - e.host)) + " lies beyond the end of the file (" +
+                uint64_t first_missing = (e.host.value + n + cluster - 1) / cluster * cluster;
+                if (first_missing < e.host.value + dst.size())
+                    corruption("data cluster at " + hex(first_missing) + " for guest offset " +
+                            hex(e.guest.value + (first_missing - e.host.value)) + " lies beyond the end of the file (" +
                             std::to_string(file_->size()) + " bytes): the image is truncated");
             }
             zero(dst.subspan(n));
             break;
         }
         case Extent::Kind::compressed: {
-            auto cluster = co_await decompressed(e.host, e.compressed_size);
-            std::memcpy(dst.data(), cluster->data() + geometry_.offset_in_cluster(e.guest), dst.size());
+            auto cluster = co_await decompressed(e.host.value, e.compressed_size);
+            std::memcpy(dst.data(), cluster->data() + geometry_.offset_in_cluster(e.guest.value), dst.size());
             break;
         }
     }
@@ -362,16 +405,16 @@ Task<std::shared_ptr<const std::vector<std::byte>>> Image::decompressed(uint64_t
         co_return it->second.first;
     }
     const uint64_t cluster = geometry_.cluster_size();
-    if (host < cluster) corrupt("compressed cluster at " + hex(host) + " overlaps the image header");
-    if (size > 2 * cluster + 512) corrupt("compressed cluster at " + hex(host) + " claims " + std::to_string(size) + " bytes");
+    if (host < cluster) corruption("compressed cluster at " + hex(host) + " overlaps the image header");
+    if (size > 2 * cluster + 512) corruption("compressed cluster at " + hex(host) + " claims " + std::to_string(size) + " bytes");
     std::vector<std::byte> input(size);
     input.resize(co_await file_->read_at(host, input));
-    if (input.empty()) corrupt("compressed cluster at " + hex(host) + " lies beyond the end of the file");
+    if (input.empty()) corruption("compressed cluster at " + hex(host) + " lies beyond the end of the file");
     auto out = std::make_shared<std::vector<std::byte>>(cluster);
     try {
         codec::decompress_cluster(meta_.header.compression_type, input, *out);
     } catch (const std::system_error& e) {
-        corrupt("compressed cluster at " + hex(host) + ": " + reason_of(e));
+        corruption("compressed cluster at " + hex(host) + ": " + reason_of(e));
     }
 
     size_t capacity = std::max<size_t>(2, options_.compressed_cache_bytes / cluster);

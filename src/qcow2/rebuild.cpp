@@ -7,14 +7,13 @@
 
 #include "qcowfs/format/entries.hpp"
 #include "qcowfs/format/error.hpp"
+#include "qcowfs/format/refcount_layout.hpp"
 #include "qcowfs/io/file.hpp"
 #include "qcowfs/qcow2/bitmaps.hpp"
 
 namespace qcowfs::qcow2 {
 
 namespace {
-
-uint64_t div_ceil(uint64_t a, uint64_t b) { return a / b + (a % b != 0); }
 
 /// Bytes read or written per I/O when walking large tables or writing the new blocks.
 constexpr uint64_t kChunkBytes = 1 << 20;
@@ -204,111 +203,138 @@ Task<uint64_t> count_references(io::File& file, const format::ImageMetadata& met
     co_return last;
 }
 
+namespace {
+
+/// One refcount rebuild, step by step (rebuild_refcounts() below runs them in order).
+class Rebuild {
+public:
+    Rebuild(io::File& file, const format::ImageMetadata& meta, const std::vector<format::Snapshot>& snapshots,
+            const ScanLimits& limits)
+        : file_(file), meta_(meta), snapshots_(snapshots), h_(meta.header), bits_(h_.cluster_bits), cs_(h_.cluster_size()),
+          per_block_(format::refcount_block_entries(bits_, h_.refcount_order)),
+          // Counting twice (several windows) reads the metadata twice: each count gets half the
+          // limit, so that the second, which runs while blocks are written, cannot be cut short.
+          half_{limits.counter_bytes, limits.scan_bytes / 2} {}
+
+    /// 1. Counts every reference, window by window (windows hold whole refcount blocks): finds
+    /// the last used cluster and the refcount blocks that describe a used cluster. With one
+    /// window the counts are kept for step 3; with more, step 3 counts again.
+    Task<void> survey() {
+        const uint64_t max = format::max_refcount(h_.refcount_order);
+        auto window = [&](uint64_t lo, std::vector<uint64_t>& counts, bool last) -> Task<void> {
+            ++windows_;
+            for (uint64_t i = 0; i < counts.size(); ++i) {
+                if (counts[i] == 0) continue;
+                const uint64_t c = lo + i;
+                if (counts[i] > max)
+                    corrupt("cluster " + std::to_string(c) + " (host offset " + hex(c << bits_) + ") has " +
+                            std::to_string(counts[i]) + " references, more than a " +
+                            std::to_string(1u << h_.refcount_order) + "-bit refcount holds");
+                last_used_ = c;
+                if (ranges_.empty() || ranges_.back() != c / per_block_) ranges_.push_back(c / per_block_);
+            }
+            if (lo == 0 && last) kept_.swap(counts);  // the only window: no second count needed
+            co_return;
+        };
+        co_await count_references(file_, meta_, snapshots_, half_, per_block_, window);
+    }
+
+    /// 2. Layout, as Refcounts::grow_table does it: the new blocks then the table, from the first
+    /// cluster after everything in use and the old structure; the blocks describe themselves
+    /// and the table. Only ranges with a cluster in use get a block.
+    Task<void> lay_out() {
+        start_ = std::max(last_used_ + 1, co_await end_of_old_structure(file_, h_));
+        const uint64_t first_own = start_ / per_block_;
+        const uint64_t below = static_cast<uint64_t>(
+            std::lower_bound(ranges_.begin(), ranges_.end(), first_own) - ranges_.begin());
+        layout_ = format::refcount_layout(start_, below, 0, bits_, per_block_);
+        ranges_.resize(below);
+        for (uint64_t r = first_own; r <= layout_.last_range; ++r) ranges_.push_back(r);
+        if (layout_.table_clusters * cs_ > format::kMaxRefcountTableBytes)
+            fail(ENOSPC, "the rebuilt refcount table of " + std::to_string(layout_.table_clusters) +
+                             " clusters would exceed the 8 MiB limit");
+    }
+
+    /// 3. Blocks, in batches of contiguous clusters, window by window, then the table; sync.
+    Task<void> write_structure() {
+        if (windows_ <= 1) {
+            co_await write_blocks(0, kept_, UINT64_MAX);
+        } else {
+            auto fill = [&](uint64_t lo, std::vector<uint64_t>& counts, bool) -> Task<void> {
+                co_await write_blocks(lo, counts, div_ceil(lo + counts.size(), per_block_));
+            };
+            co_await count_references(file_, meta_, snapshots_, half_, per_block_, fill);
+            co_await write_blocks(0, {}, UINT64_MAX);  // the blocks past the last used cluster
+        }
+        std::vector<uint64_t> table(layout_.table_clusters * cs_ / 8, 0);
+        for (uint64_t k = 0; k < layout_.blocks; ++k) table[ranges_[k]] = (start_ + k) << bits_;
+        batch_.assign(layout_.table_clusters * cs_, std::byte{0});
+        for (size_t i = 0; i < table.size(); ++i) format::store_be64(batch_.data() + 8 * i, table[i]);
+        co_await file_.write_at(table_offset(), batch_);
+        co_await file_.flush();
+    }
+
+    uint64_t table_offset() const { return (start_ + layout_.blocks) << bits_; }
+    RebuildResult result() const {
+        return RebuildResult{table_offset(), static_cast<uint32_t>(layout_.table_clusters), clusters_in_use_};
+    }
+
+private:
+    /// Writes the blocks of ranges below `limit`, their counts from `counts` (clusters from `lo`).
+    Task<void> write_blocks(uint64_t lo, const std::vector<uint64_t>& counts, uint64_t limit) {
+        const uint64_t batch_blocks = std::max<uint64_t>(1, kChunkBytes / cs_);
+        const uint64_t new_end = start_ + layout_.blocks + layout_.table_clusters;  // refcount 1 each
+        while (next_ < ranges_.size() && ranges_[next_] < limit) {
+            uint64_t n = 0;
+            while (next_ + n < ranges_.size() && ranges_[next_ + n] < limit && n < batch_blocks) ++n;
+            batch_.assign(n * cs_, std::byte{0});
+            for (uint64_t j = 0; j < n; ++j) {
+                const uint64_t r = ranges_[next_ + j];
+                std::span<std::byte> block(batch_.data() + j * cs_, cs_);
+                for (uint64_t c = r * per_block_; c < (r + 1) * per_block_; ++c) {
+                    uint64_t v = c >= start_ && c < new_end ? 1 : 0;
+                    if (c >= lo && c - lo < counts.size()) v += counts[c - lo];
+                    if (v == 0) continue;
+                    format::set_refcount(block, h_.refcount_order, c - r * per_block_, v);
+                    ++clusters_in_use_;
+                }
+            }
+            co_await file_.write_at((start_ + next_) << bits_, batch_);
+            next_ += n;
+        }
+    }
+
+    io::File& file_;
+    const format::ImageMetadata& meta_;
+    const std::vector<format::Snapshot>& snapshots_;
+    const format::Header& h_;
+    const uint32_t bits_;
+    const uint64_t cs_;
+    const uint64_t per_block_;
+    const ScanLimits half_;
+    uint64_t last_used_ = 0, windows_ = 0;
+    std::vector<uint64_t> ranges_;  // refcount table indexes that get a block, ascending
+    std::vector<uint64_t> kept_;    // the counts of the only window
+    uint64_t start_ = 0;            // first cluster of the new structure
+    format::RefcountLayout layout_;
+    std::vector<std::byte> batch_;
+    uint64_t clusters_in_use_ = 0;
+    size_t next_ = 0;  // index into ranges_ of the next block to write
+};
+
+}  // namespace
+
 Task<RebuildResult> rebuild_refcounts(io::File& file, const format::ImageMetadata& meta,
                                       const std::vector<format::Snapshot>& snapshots,
                                       std::function<Task<void>(uint64_t, uint32_t)> point_header_at,
                                       const ScanLimits& limits) {
-    const format::Header& h = meta.header;
-    const uint32_t bits = h.cluster_bits;
-    const uint64_t cs = h.cluster_size();
-
-    // 1. Count every reference, window by window (windows hold whole refcount blocks): find the
-    // last used cluster and the refcount blocks that describe a used cluster. With one window
-    // the counts are kept for step 3; with more, step 3 counts again.
-    const uint64_t max = format::max_refcount(h.refcount_order);
-    const uint64_t per_block = format::refcount_block_entries(bits, h.refcount_order);
-    uint64_t last_used = 0, windows = 0;
-    std::vector<uint64_t> ranges;  // refcount table indexes that get a block, ascending
-    std::vector<uint64_t> kept;    // the counts of the only window
-    auto survey = [&](uint64_t lo, std::vector<uint64_t>& counts, bool last) -> Task<void> {
-        ++windows;
-        for (uint64_t i = 0; i < counts.size(); ++i) {
-            if (counts[i] == 0) continue;
-            const uint64_t c = lo + i;
-            if (counts[i] > max)
-                corrupt("cluster " + std::to_string(c) + " (host offset " + hex(c << bits) + ") has " +
-                        std::to_string(counts[i]) + " references, more than a " + std::to_string(1u << h.refcount_order) +
-                        "-bit refcount holds");
-            last_used = c;
-            if (ranges.empty() || ranges.back() != c / per_block) ranges.push_back(c / per_block);
-        }
-        if (lo == 0 && last) kept.swap(counts);  // the only window: no second count needed
-        co_return;
-    };
-    // Counting twice (several windows) reads the metadata twice: each count gets half the limit,
-    // so that the second, which runs while blocks are written, cannot be cut short.
-    const ScanLimits half{limits.counter_bytes, limits.scan_bytes / 2};
-    co_await count_references(file, meta, snapshots, half, per_block, survey);
-
-    // 2. Layout, as Refcounts::grow_table does it: nb blocks then the table (tc clusters), from the
-    // first cluster after everything in use and the old structure; the blocks describe
-    // themselves and the table. Only ranges with a cluster in use get a block.
-    const uint64_t start = std::max(last_used + 1, co_await end_of_old_structure(file, h));
-    const size_t used_ranges = ranges.size();
-    uint64_t nb = 1, tc = 1;
-    for (;;) {
-        ranges.resize(used_ranges);
-        for (uint64_t r = start / per_block; r <= (start + nb + tc - 1) / per_block; ++r)
-            if (ranges.empty() || ranges.back() < r) ranges.push_back(r);
-        uint64_t new_nb = ranges.size(), new_tc = div_ceil((ranges.back() + 1) * 8, cs);
-        if (new_nb == nb && new_tc == tc) break;
-        nb = new_nb;
-        tc = new_tc;
-    }
-    if (tc * cs > format::kMaxRefcountTableBytes)
-        fail(ENOSPC, "the rebuilt refcount table of " + std::to_string(tc) + " clusters would exceed the 8 MiB limit");
-    const uint64_t table_offset = (start + nb) << bits;
-    const uint64_t new_first = start, new_end = start + nb + tc;  // the new structure: refcount 1 each
-
-    // 3. Blocks, in batches of contiguous clusters, window by window, then the table; sync.
-    std::vector<uint64_t> table(tc * cs / 8, 0);
-    for (uint64_t k = 0; k < nb; ++k) table[ranges[k]] = (start + k) << bits;
-    const uint64_t batch_blocks = std::max<uint64_t>(1, kChunkBytes / cs);
-    std::vector<std::byte> batch;
-    uint64_t clusters_in_use = 0;
-    size_t next = 0;  // index into ranges of the next block to write
-    // Writes the blocks of ranges below `limit`, their counts from `counts` (clusters from `lo`).
-    auto write_blocks = [&](uint64_t lo, const std::vector<uint64_t>& counts, uint64_t limit) -> Task<void> {
-        while (next < ranges.size() && ranges[next] < limit) {
-            uint64_t n = 0;
-            while (next + n < ranges.size() && ranges[next + n] < limit && n < batch_blocks) ++n;
-            batch.assign(n * cs, std::byte{0});
-            for (uint64_t j = 0; j < n; ++j) {
-                const uint64_t r = ranges[next + j];
-                std::span<std::byte> block(batch.data() + j * cs, cs);
-                for (uint64_t c = r * per_block; c < (r + 1) * per_block; ++c) {
-                    uint64_t v = c >= new_first && c < new_end ? 1 : 0;
-                    if (c >= lo && c - lo < counts.size()) v += counts[c - lo];
-                    if (v == 0) continue;
-                    format::set_refcount(block, h.refcount_order, c - r * per_block, v);
-                    ++clusters_in_use;
-                }
-            }
-            co_await file.write_at((start + next) << bits, batch);
-            next += n;
-        }
-    };
-    if (windows <= 1) {
-        co_await write_blocks(0, kept, UINT64_MAX);
-    } else {
-        auto fill = [&](uint64_t lo, std::vector<uint64_t>& counts, bool) -> Task<void> {
-            co_await write_blocks(lo, counts, (lo + counts.size()) / per_block + ((lo + counts.size()) % per_block != 0));
-        };
-        co_await count_references(file, meta, snapshots, half, per_block, fill);
-        co_await write_blocks(0, {}, UINT64_MAX);  // the blocks past the last used cluster
-    }
-    batch.assign(tc * cs, std::byte{0});
-    for (size_t i = 0; i < table.size(); ++i) format::store_be64(batch.data() + 8 * i, table[i]);
-    co_await file.write_at(table_offset, batch);
-    co_await file.flush();
-
+    Rebuild rebuild(file, meta, snapshots, limits);
+    co_await rebuild.survey();
+    co_await rebuild.lay_out();
+    co_await rebuild.write_structure();
     // 4. The header moves to the new structure; the old one is free from then on.
-    co_await point_header_at(table_offset, static_cast<uint32_t>(tc));
-
-    RebuildResult result;
-    result.table_offset = table_offset;
-    result.table_clusters = static_cast<uint32_t>(tc);
-    result.clusters_in_use = clusters_in_use;
+    RebuildResult result = rebuild.result();
+    co_await point_header_at(result.table_offset, result.table_clusters);
     co_return result;
 }
 

@@ -8,15 +8,10 @@
 
 #include "qcowfs/format/entries.hpp"
 #include "qcowfs/format/error.hpp"
+#include "qcowfs/format/refcount_layout.hpp"
 #include "qcowfs/io/file.hpp"
 
 namespace qcowfs::qcow2 {
-
-namespace {
-
-uint64_t div_ceil(uint64_t a, uint64_t b) { return a / b + (a % b != 0); }
-
-}  // namespace
 
 Refcounts::Refcounts(io::File& file, const format::Header& header, size_t cache_bytes)
     : file_(file),
@@ -76,11 +71,11 @@ Task<void> Refcounts::set_refcount(uint64_t cluster_index, uint64_t value) {
     format::set_refcount(slice->bytes, refcount_order_, i % slice_entries_, value);
 }
 
-Task<uint64_t> Refcounts::get(uint64_t cluster_index) { co_return co_await refcount_of(cluster_index); }
+Task<uint64_t> Refcounts::get(HostCluster cluster) { co_return co_await refcount_of(cluster.value); }
 
-Task<void> Refcounts::update(uint64_t first_cluster, uint64_t count, int64_t delta) {
+Task<void> Refcounts::update(HostCluster first_cluster, uint64_t count, int64_t delta) {
     auto guard = co_await mutex_.lock();
-    co_await update_locked(first_cluster, count, delta);
+    co_await update_locked(first_cluster.value, count, delta);
 }
 
 Task<void> Refcounts::update_locked(uint64_t first, uint64_t count, int64_t delta) {
@@ -134,7 +129,7 @@ Task<void> Refcounts::update_locked(uint64_t first, uint64_t count, int64_t delt
     }
 }
 
-Task<uint64_t> Refcounts::allocate(uint64_t count) {
+Task<HostCluster> Refcounts::allocate(uint64_t count) {
     if (count == 0) fail(EINVAL, "cannot allocate 0 clusters");
     auto guard = co_await mutex_.lock();
     uint64_t first_free = 0;
@@ -149,10 +144,8 @@ Task<uint64_t> Refcounts::allocate(uint64_t count) {
         hint_ = std::min(hint_, old_hint);
         throw;
     }
-    co_return first << cluster_bits_;
+    co_return HostCluster{first};
 }
-
-void Refcounts::free_hint(uint64_t cluster_index) { hint_ = std::min(hint_, std::max<uint64_t>(cluster_index, 1)); }
 
 Task<uint64_t> Refcounts::find_free(uint64_t count, Range exclude, uint64_t* first_free_seen) {
     const size_t slice_bytes = blocks_->slice_bytes();
@@ -238,67 +231,67 @@ Task<void> Refcounts::store_table_entry(uint64_t table_index) {
     for (size_t k = 0; k < slice_bytes / 8; ++k) format::store_be64(slice->bytes.data() + 8 * k, table_[start / 8 + k]);
 }
 
-Task<void> Refcounts::grow_table(uint64_t min_entries, Range exclude) {
-    if (!on_table_moved) corrupt("the refcount table is full and cannot move (no header updater)");
-    const uint64_t cs = cluster_size();
-    const uint64_t per_cluster = cs / 8;
+format::RefcountLayout Refcounts::grown_table_layout(uint64_t min_entries, Range exclude) const {
     const uint64_t old_entries = table_.size();
-
-    // Layout, as QEMU does it: at the first region the old table cannot describe (nothing there
-    // is in use), nb new blocks followed by the new table of tc clusters; the blocks describe
-    // themselves and the table.
-    uint64_t r0 = old_entries, nb = 0, tc = 0;
+    // As QEMU does it: at the first region the old table cannot describe (nothing there is in
+    // use), the new blocks followed by the new table; the blocks describe themselves and the
+    // table. A region that meets `exclude` is skipped.
+    uint64_t r0 = old_entries;
     for (;;) {
-        nb = 1;
-        tc = 0;
-        for (;;) {
-            uint64_t want = std::max({min_entries, old_entries + old_entries / 2, r0 + nb});
-            uint64_t new_tc = div_ceil(want, per_cluster);
-            if (new_tc * cs > format::kMaxRefcountTableBytes)
-                fail(ENOSPC, "the refcount table would exceed the 8 MiB limit");
-            uint64_t new_nb = div_ceil(new_tc, block_entries_ - 1);  // nb * E >= nb + tc
-            if (new_tc == tc && new_nb == nb) break;
-            tc = new_tc;
-            nb = new_nb;
-        }
-        Range area{r0 * block_entries_, r0 * block_entries_ + nb + tc};
+        format::RefcountLayout l = format::refcount_layout(r0 * block_entries_, 0, std::max(min_entries, old_entries + old_entries / 2),
+                                                           cluster_bits_, block_entries_);
+        if (l.table_clusters * cluster_size() > format::kMaxRefcountTableBytes)
+            fail(ENOSPC, "the refcount table would exceed the 8 MiB limit");
+        Range area{r0 * block_entries_, r0 * block_entries_ + l.blocks + l.table_clusters};
         if (area.first < exclude.end && exclude.first < area.end) {
             r0 = div_ceil(exclude.end, block_entries_);
             continue;
         }
-        break;
+        return l;
     }
+}
 
-    const uint64_t area = r0 * block_entries_;
-    check_placement(area, nb + tc, "a new refcount table");
-    const uint64_t new_offset = (area + nb) << cluster_bits_;
+Task<std::vector<uint64_t>> Refcounts::create_grown_table(const format::RefcountLayout& l) {
+    const uint64_t cs = cluster_size();
+    const uint64_t area = l.first_range * block_entries_;
+    const uint64_t new_offset = (area + l.blocks) << cluster_bits_;
     const size_t slice_bytes = blocks_->slice_bytes();
-    std::vector<uint64_t> table(tc * per_cluster, 0);
+    std::vector<uint64_t> table(l.table_clusters * cs / 8, 0);
     std::copy(table_.begin(), table_.end(), table.begin());
-    for (uint64_t k = 0; k < nb; ++k) {
-        table[r0 + k] = (area + k) << cluster_bits_;
-        for (uint64_t s = 0; s < cs; s += slice_bytes) co_await blocks_->create(table[r0 + k] + s);
+    for (uint64_t k = 0; k < l.blocks; ++k) {
+        table[l.first_range + k] = (area + k) << cluster_bits_;
+        for (uint64_t s = 0; s < cs; s += slice_bytes) co_await blocks_->create(table[l.first_range + k] + s);
     }
-    for (uint64_t x = area; x < area + nb + tc; ++x) {
+    for (uint64_t x = area; x < area + l.blocks + l.table_clusters; ++x) {
         uint64_t i = x % block_entries_;
         auto slice = co_await blocks_->get_for_write(table[x / block_entries_] + i / slice_entries_ * slice_bytes);
         format::set_refcount(slice->bytes, refcount_order_, i % slice_entries_, 1);
     }
-    for (uint64_t s = 0; s < tc * cs; s += slice_bytes) {
+    for (uint64_t s = 0; s < l.table_clusters * cs; s += slice_bytes) {
         auto slice = co_await table_cache_->create(new_offset + s);
         for (size_t k = 0; k < slice_bytes / 8; ++k) format::store_be64(slice->bytes.data() + 8 * k, table[s / 8 + k]);
     }
+    co_return table;
+}
+
+Task<void> Refcounts::grow_table(uint64_t min_entries, Range exclude) {
+    if (!on_table_moved) corrupt("the refcount table is full and cannot move (no header updater)");
+    const format::RefcountLayout l = grown_table_layout(min_entries, exclude);
+    const uint64_t area = l.first_range * block_entries_;
+    check_placement(area, l.blocks + l.table_clusters, "a new refcount table");
+    std::vector<uint64_t> table = co_await create_grown_table(l);
 
     // Ordering: new blocks (and every pending change) written, synced; then the new table written,
     // synced; then the header points at it; only then is the old table freed.
+    const uint64_t new_offset = (area + l.blocks) << cluster_bits_;
     co_await table_cache_->sync();
-    co_await on_table_moved(new_offset, static_cast<uint32_t>(tc));
+    co_await on_table_moved(new_offset, static_cast<uint32_t>(l.table_clusters));
     uint64_t old_first = table_offset_ >> cluster_bits_;
     uint64_t old_clusters = table_clusters_;
     table_ = std::move(table);
     block_index_.clear();
     table_offset_ = new_offset;
-    table_clusters_ = static_cast<uint32_t>(tc);
+    table_clusters_ = static_cast<uint32_t>(l.table_clusters);
     co_await update_locked(old_first, old_clusters, -1);
 }
 
@@ -351,7 +344,7 @@ void Refcounts::check_placement(uint64_t first, uint64_t count, const char* use)
     if (auto what = placement_check(first, count)) {
         placement_problem_ = std::string(use) + " at " + hex(first << cluster_bits_) + " (" + std::to_string(count) +
                              " clusters, refcount 0) would overwrite " + *what;
-        corrupt(placement_problem_);
+        throw PlacementConflict(placement_problem_);
     }
 }
 

@@ -183,8 +183,6 @@ void run_void(asio::io_context& io, Task<void> task) {
     }(std::move(task)));
 }
 
-uint64_t div_ceil(uint64_t a, uint64_t b) { return a / b + (a % b != 0); }
-
 }  // namespace
 
 TEST_CASE("allocate, free and reuse for every refcount width and cluster size; qemu-img check agrees") {
@@ -220,9 +218,7 @@ TEST_CASE("allocate, free and reuse for every refcount width and cluster size; q
             uint64_t allocated = 0, end = 0, first_allocation = 0;
             for (size_t i = 0; allocated < n; ++i) {
                 uint64_t count = std::min(n - allocated, kChunks[i % 7] * (n > 100000 ? 16 : 1));
-                uint64_t off = run(io, rc.allocate(count));
-                REQUIRE(off % cs == 0);
-                uint64_t first = off / cs;
+                uint64_t first = run(io, rc.allocate(count)).value;
                 REQUIRE(first != 0);
                 // Disjoint from every earlier allocation.
                 auto next = ranges.lower_bound(first);
@@ -241,9 +237,9 @@ TEST_CASE("allocate, free and reuse for every refcount width and cluster size; q
             const uint64_t old_table = header.refcount_table_offset / cs;
             run_void(io, [&]() -> Task<void> {
                 for (auto [first, count] : ranges)
-                    for (uint64_t c = first; c < first + count; c += 1 + count / 5) CHECK(co_await rc.get(c) == 1);
-                CHECK(co_await rc.get(0) == 1);                 // the header
-                CHECK(co_await rc.get(end + 2 * e) == 0);       // far beyond everything
+                    for (uint64_t c = first; c < first + count; c += 1 + count / 5) CHECK(co_await rc.get(HostCluster{c}) == 1);
+                CHECK(co_await rc.get(HostCluster{0}) == 1);                 // the header
+                CHECK(co_await rc.get(HostCluster{end + 2 * e}) == 0);       // far beyond everything
             }());
 
             // Every allocated cluster is referenced by nothing: exactly n leaks, no corruption. The
@@ -256,9 +252,9 @@ TEST_CASE("allocate, free and reuse for every refcount width and cluster size; q
 
             // Free them all: clean.
             run_void(io, [&]() -> Task<void> {
-                for (auto [first, count] : ranges) co_await rc.update(first, count, -1);
+                for (auto [first, count] : ranges) co_await rc.update(HostCluster{first}, count, -1);
                 co_await rc.flush();
-                for (auto [first, count] : ranges) CHECK(co_await rc.get(first + count - 1) == 0);
+                for (auto [first, count] : ranges) CHECK(co_await rc.get(HostCluster{first + count - 1}) == 0);
             }());
             r = check_pages(dir, file.pages(), file_end);
             CHECK_MESSAGE(r.exit_code == 0, r.output);
@@ -267,10 +263,10 @@ TEST_CASE("allocate, free and reuse for every refcount width and cluster size; q
 
             // The freed clusters come back first. A table that moved freed its old cluster, which
             // was then reused for data (free again now) or for a new refcount block (in use).
-            bool old_table_free = grows && run(io, rc.get(old_table)) == 0;
-            uint64_t again = run(io, rc.allocate(1));
-            CHECK(again == (old_table_free ? old_table : end_before) * cs);
-            CHECK(again < file_end);
+            bool old_table_free = grows && run(io, rc.get(HostCluster{old_table})) == 0;
+            uint64_t again = run(io, rc.allocate(1)).value;
+            CHECK(again == (old_table_free ? old_table : end_before));
+            CHECK(again * cs < file_end);
         }
     }
 }
@@ -285,33 +281,33 @@ TEST_CASE("refcount overflow and underflow are EIO and change nothing, for every
         qcow2::Refcounts rc(file, header_of(file, io), 64 * 1024);
         run_void(io, rc.load());
         const uint64_t max = format::max_refcount(order);
-        uint64_t a = run(io, rc.allocate(3)) / 512;
+        uint64_t a = run(io, rc.allocate(3)).value;
         // Raise the last of the three to the maximum (two steps where max does not fit in int64).
         run_void(io, [&]() -> Task<void> {
             uint64_t left = max - 1;
             while (left) {
                 int64_t step = static_cast<int64_t>(std::min<uint64_t>(left, INT64_MAX));
-                co_await rc.update(a + 2, 1, step);
+                co_await rc.update(HostCluster{a + 2}, 1, step);
                 left -= static_cast<uint64_t>(step);
             }
             co_await rc.flush();
         }());
-        CHECK(run(io, rc.get(a + 2)) == max);
+        CHECK(run(io, rc.get(HostCluster{a + 2})) == max);
         auto before = file.content();
 
         std::string what;
-        CHECK(test::thrown_errno([&] { run_void(io, rc.update(a, 3, 1)); }, &what) == EIO);
+        CHECK(test::thrown_errno([&] { run_void(io, rc.update(HostCluster{a}, 3, 1)); }, &what) == EIO);
         // With 1-bit refcounts 1 is already the maximum, so the first cluster is the one named.
         CHECK(what.find("cluster " + std::to_string(order == 0 ? a : a + 2)) != std::string::npos);
-        CHECK(test::thrown_errno([&] { run_void(io, rc.update(a, 3, -2)); }, &what) == EIO);  // a, a+1 are 1
+        CHECK(test::thrown_errno([&] { run_void(io, rc.update(HostCluster{a}, 3, -2)); }, &what) == EIO);  // a, a+1 are 1
         CHECK(what.find("cluster " + std::to_string(a)) != std::string::npos);
-        CHECK(test::thrown_errno([&] { run_void(io, rc.update(a + 3, 1, -1)); }) == EIO);    // free cluster
-        CHECK(test::thrown_errno([&] { run_void(io, rc.update(100000, 1, -1)); }) == EIO);   // beyond the table
-        if (order == 0) CHECK(test::thrown_errno([&] { run_void(io, rc.update(a + 3, 1, 2)); }) == EIO);
-        CHECK(run(io, rc.get(a)) == 1);
-        CHECK(run(io, rc.get(a + 1)) == 1);
-        CHECK(run(io, rc.get(a + 2)) == max);
-        CHECK(run(io, rc.get(a + 3)) == 0);
+        CHECK(test::thrown_errno([&] { run_void(io, rc.update(HostCluster{a + 3}, 1, -1)); }) == EIO);    // free cluster
+        CHECK(test::thrown_errno([&] { run_void(io, rc.update(HostCluster{100000}, 1, -1)); }) == EIO);   // beyond the table
+        if (order == 0) CHECK(test::thrown_errno([&] { run_void(io, rc.update(HostCluster{a + 3}, 1, 2)); }) == EIO);
+        CHECK(run(io, rc.get(HostCluster{a})) == 1);
+        CHECK(run(io, rc.get(HostCluster{a + 1})) == 1);
+        CHECK(run(io, rc.get(HostCluster{a + 2})) == max);
+        CHECK(run(io, rc.get(HostCluster{a + 3})) == 0);
         run_void(io, rc.flush());
         CHECK(file.content() == before);
 
@@ -320,7 +316,7 @@ TEST_CASE("refcount overflow and underflow are EIO and change nothing, for every
             uint64_t left = max - 1;
             while (left) {
                 int64_t step = static_cast<int64_t>(std::min<uint64_t>(left, INT64_MAX));
-                co_await rc.update(a + 2, 1, -step);
+                co_await rc.update(HostCluster{a + 2}, 1, -step);
                 left -= static_cast<uint64_t>(step);
             }
             co_await rc.flush();
@@ -373,12 +369,12 @@ TEST_CASE("an increase far beyond the table grows it; one spanning whole blocks 
         update_header_on_move(rc, file, &moves);
         run_void(io, rc.load());
         const uint64_t far = 10000;  // the first table describes 64 * 64 clusters
-        run_void(io, rc.update(far, 3, 1));
+        run_void(io, rc.update(HostCluster{far}, 3, 1));
         run_void(io, rc.flush());
         CHECK(moves == 1);
         CHECK(format::load_be64(file.content().data() + 48) == rc.table_offset());
-        CHECK(run(io, rc.get(far + 2)) == 1);
-        CHECK(run(io, rc.get(header.refcount_table_offset / 512)) == 0);  // the old table is free
+        CHECK(run(io, rc.get(HostCluster{far + 2})) == 1);
+        CHECK(run(io, rc.get(HostCluster{header.refcount_table_offset / 512})) == 0);  // the old table is free
         auto r = check_bytes(dir, file.content(), (far + 3) * 512);
         CHECK_MESSAGE(r.exit_code == 3, r.output);
         CHECK(r.leaks == 3);
@@ -390,9 +386,9 @@ TEST_CASE("an increase far beyond the table grows it; one spanning whole blocks 
         qcow2::Refcounts rc(file, header_of(file, io), 64 * 1024);
         run_void(io, rc.load());
         const uint64_t e = rc.block_entries();  // 512
-        run_void(io, rc.update(3 * e, 2 * e, 1));
+        run_void(io, rc.update(HostCluster{3 * e}, 2 * e, 1));
         run_void(io, rc.flush());
-        for (uint64_t c = 3 * e; c < 5 * e; c += 37) CHECK(run(io, rc.get(c)) == 1);
+        for (uint64_t c = 3 * e; c < 5 * e; c += 37) CHECK(run(io, rc.get(HostCluster{c})) == 1);
         auto r = check_bytes(dir, file.content(), 5 * e * 4096);
         CHECK_MESSAGE(r.exit_code == 3, r.output);
         CHECK(r.leaks == 2 * e);
@@ -408,7 +404,7 @@ TEST_CASE("a table that must grow without a header updater fails before writing"
     qcow2::Refcounts rc(file, header_of(file, io), 64 * 1024);
     run_void(io, rc.load());
     auto before = file.content();
-    CHECK(test::thrown_errno([&] { run_void(io, rc.update(10000, 1, 1)); }) == EIO);
+    CHECK(test::thrown_errno([&] { run_void(io, rc.update(HostCluster{10000}, 1, 1)); }) == EIO);
     CHECK(file.content() == before);
 }
 
@@ -425,7 +421,7 @@ TEST_CASE("concurrent allocations on one strand never share a cluster") {
     for (int i = 0; i < 40; ++i)
         asio::co_spawn(io, [&, i]() -> Task<void> {
             uint64_t count = 1 + i % 5;
-            got.emplace_back(co_await rc.allocate(count) / 512, count);
+            got.emplace_back((co_await rc.allocate(count)).value, count);
         }, asio::detached);
     io.restart();
     io.run();
@@ -446,10 +442,10 @@ TEST_CASE("a power cut at any write or flush leaves at most leaks, never corrupt
         std::vector<std::pair<uint64_t, uint64_t>> ranges;
         for (int i = 0; i < 170; ++i) {
             uint64_t count = 1 + (i * 7) % 60;
-            ranges.emplace_back(co_await rc.allocate(count) / 512, count);
+            ranges.emplace_back((co_await rc.allocate(count)).value, count);
             if (i % 20 == 19) co_await rc.flush();
         }
-        for (size_t i = 0; i < ranges.size(); i += 2) co_await rc.update(ranges[i].first, ranges[i].second, -1);
+        for (size_t i = 0; i < ranges.size(); i += 2) co_await rc.update(HostCluster{ranges[i].first}, ranges[i].second, -1);
         co_await rc.flush();
         for (int i = 0; i < 20; ++i) co_await rc.allocate(1 + i % 9);
         co_await rc.flush();
@@ -500,9 +496,8 @@ TEST_CASE("the allocator asks placement_check and hands out nothing over metadat
     run_void(io, rc.load());
     // The next free cluster, as the allocator would pick it, is declared metadata by the check
     // (as an L1 table whose refcount is 0 would be).
-    uint64_t next = run(io, rc.allocate(1)) / 512;
-    run_void(io, rc.update(next, 1, -1));
-    rc.free_hint(next);
+    uint64_t next = run(io, rc.allocate(1)).value;
+    run_void(io, rc.update(HostCluster{next}, 1, -1));  // back to 0: the next search starts there
     std::vector<std::pair<uint64_t, uint64_t>> asked;
     rc.placement_check = [&](uint64_t first, uint64_t count) -> std::optional<std::string> {
         asked.emplace_back(first, count);
@@ -516,9 +511,9 @@ TEST_CASE("the allocator asks placement_check and hands out nothing over metadat
     CHECK(what.find(rc.placement_problem()) != std::string::npos);
     REQUIRE(!asked.empty());
     CHECK(asked.front() == std::make_pair(next, uint64_t{2}));
-    CHECK(run(io, rc.get(next)) == 0);  // nothing changed
-    CHECK(run(io, rc.get(next + 1)) == 0);
+    CHECK(run(io, rc.get(HostCluster{next})) == 0);  // nothing changed
+    CHECK(run(io, rc.get(HostCluster{next + 1})) == 0);
     // Elsewhere the allocator goes on as before.
     rc.placement_check = [&](uint64_t, uint64_t) -> std::optional<std::string> { return std::nullopt; };
-    CHECK(run(io, rc.allocate(1)) / 512 == next);
+    CHECK(run(io, rc.allocate(1)).value == next);
 }

@@ -25,6 +25,8 @@ inline constexpr uint64_t kSubclusterZeroBits = 0xffffffff00000000ULL;
 struct L1Entry {
     uint64_t l2_offset = 0;  // 0: no L2 table
     bool copied = false;
+    /// The L2 table's host offset (0: none).
+    HostOffset l2_table() const { return HostOffset{l2_offset}; }
 };
 /// Decodes a raw (host-endian) L1 entry. Throws std::system_error(EIO) if reserved bits are set or
 /// the L2 offset is not aligned to `cluster_bits`.
@@ -50,6 +52,8 @@ struct L2Entry {
     bool zero_flag = false;        // standard L2 only (bit 0)
     uint64_t host_offset = 0;      // cluster offset (standard) or byte offset (compressed); 0 if none
     uint64_t compressed_size = 0;  // bytes to read for a compressed cluster (from host_offset)
+    /// host_offset as a typed offset: the data cluster, or the compressed bytes' first byte.
+    HostOffset host() const { return HostOffset{host_offset}; }
 };
 
 /// Decodes an L2 entry. `bitmap` is ignored (must be 0) without extended L2.

@@ -3,6 +3,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <exception>
 #include <functional>
 #include <list>
 #include <map>
@@ -10,6 +11,7 @@
 #include <memory>
 #include <span>
 #include <string>
+#include <system_error>
 #include <unordered_map>
 #include <vector>
 
@@ -76,6 +78,16 @@ public:
 
 class Image;
 
+/// EIO for metadata of one image found inconsistent while reading it (Image::corruption): the
+/// operation's entry point reports it (Image::signal_corruption) and throws a plain
+/// std::system_error in its place.
+class ImageCorruption : public std::system_error {
+public:
+    ImageCorruption(const Image* image, const std::string& reason)
+        : std::system_error(std::error_code(EIO, std::generic_category()), reason), image(image) {}
+    const Image* image;  // whose metadata
+};
+
 /// One point in time of an image: the active disk (readable and, if the image is writable,
 /// writable), or an internal snapshot (read-only), each read through its own L1 table. Keeps its
 /// Image alive. As a cache::CacheTarget it is what a DataCache writes back to.
@@ -124,7 +136,8 @@ public:
     /// Current virtual size of the active disk.
     uint64_t size() const { return meta_.header.size; }
 
-    // ---- Writing (active disk only; see docs/architecture.md "Writing") ------------------------
+    // ---- Writing (active disk only; see docs/architecture.md, "How a FUSE write travels" and
+    // "Write ordering") -------------------------------------------------------------------------
     // Every call below runs on the image's strand, may wait for I/O, and throws
     // std::system_error: EROFS when the image is not writable (read_only_reason() says why),
     // EIO when metadata is found inconsistent (the image is then marked corrupt and stays
@@ -167,8 +180,6 @@ public:
     /// The internal snapshot with this ID (loads its L1 table). Throws ENOENT if there is none.
     Task<std::shared_ptr<View>> snapshot(const std::string& id);
 
-    const cache::SliceCache& l2_cache() const { return *l2_cache_; }
-
 private:
     friend class View;
     struct Private {};
@@ -188,9 +199,9 @@ private:
     /// A run of guest bytes with one source: read from a host offset, zeros, backing, compressed.
     struct Extent {
         enum class Kind { none, data, zero, backing, compressed } kind = Kind::none;
-        uint64_t guest = 0;       // guest offset of the first byte
+        GuestOffset guest;        // the first byte
         uint64_t length = 0;
-        uint64_t host = 0;        // data: host offset of the first byte; compressed: descriptor offset
+        HostOffset host;          // data: the first byte; compressed: the compressed bytes' first
         uint64_t compressed_size = 0;
     };
 
@@ -202,46 +213,115 @@ private:
     /// Opens a file the image depends on (backing or data file); failures become EIO (ENOTSUP stays).
     std::unique_ptr<io::File> open_dependency(const std::string& path, const char* what, bool writable = false);
 
+    struct ExtentRun;
+    /// View::read's body: read_mapped through a snapshot's L1 table (`snapshot`), or through the
+    /// active one under a shared range lock (writes hold exclusive ones). Corruption found on the
+    /// way is reported (reported()).
+    Task<void> view_read(const L1Table* snapshot, uint64_t offset, std::span<std::byte> buf);
     /// Reads guest range [offset, offset + buf.size()) mapped through `l1`; the range must lie
-    /// inside the view's size.
+    /// inside the view's size. Throws ImageCorruption for inconsistent metadata of this image.
     Task<void> read_mapped(const L1Table& l1, uint64_t offset, std::span<std::byte> buf);
+    /// The L2 table of L1 entry `l1_index` of `l1` for reading: its host offset, 0 if none (also
+    /// past the table's end). ImageCorruption for an invalid entry or one into the header.
+    Task<HostOffset> l2_table_for_read(const L1Table& l1, uint64_t l1_index);
+    /// Adds the extents of [guest, guest + length) that the L2 slice holding `guest`'s entry maps
+    /// to `run`; returns how many bytes that was (up to the slice's end).
+    Task<uint64_t> read_in_l2_slice(ExtentRun& run, HostOffset l2_table, GuestOffset guest, uint64_t length);
+    /// The extent at `guest` (at most `length` bytes) that entry `e` of its cluster maps: to the
+    /// end of its subcluster, or of the cluster if compressed.
+    Extent extent_in_cluster(const format::L2Entry& e, GuestOffset guest, uint64_t length) const;
     /// Raw entry `index` of `l1` (index < l1.size): from memory, or from its slice in l2_cache_.
     Task<uint64_t> l1_entry(const L1Table& l1, uint64_t index);
     /// The active L1 table: in memory when the image was opened writable, else on disk.
     L1Table active_l1() const;
-    /// read_mapped through the active L1 under a shared range lock (writes hold exclusive ones).
-    Task<void> read_active(uint64_t offset, std::span<std::byte> buf);
     /// BlockSource::map through `l1` for a view of `size` bytes (map.cpp).
     Task<MapRun> map_mapped(const L1Table& l1, uint64_t offset, uint64_t size);
-    /// map_mapped through the active L1 under a shared range lock.
-    Task<MapRun> map_active(uint64_t offset);
+    /// View::map's body: map_mapped through a snapshot's L1 table, or through the active one
+    /// under a shared range lock; corruption is reported as by view_read.
+    Task<MapRun> view_map(const L1Table* snapshot, uint64_t offset, uint64_t size);
     /// The status of [offset, end) of this image's disk as the backing chain sees it.
     Task<MapRun> map_below(uint64_t offset, uint64_t end);
-    /// Decodes an L2 entry met while reading or mapping; invalid ones are EIO naming the guest offset.
+    /// Decodes an L2 entry met while reading or mapping; invalid ones are ImageCorruption naming
+    /// the guest offset.
     format::L2Entry decode_l2_for_read(uint64_t raw, uint64_t bitmap, uint64_t guest) const;
     /// Reads one extent into `dst` (dst.size() == extent.length).
     Task<void> read_extent(const Extent& e, std::span<std::byte> dst);
     /// The decompressed cluster whose compressed data starts at `host` (cached).
     Task<std::shared_ptr<const std::vector<std::byte>>> decompressed(uint64_t host, uint64_t size);
 
-    // ---- Writing (image_write.cpp) ----------------------------------------------------------
+    // ---- Corruption: one path for reads and writes (image_prepare.cpp) ------------------------
+    /// Throws ImageCorruption with `reason`: for the read path's synchronous checks, whose
+    /// callers' entry points pass it to reported().
+    [[noreturn]] void corruption(const std::string& reason) const;
+    /// True while corruption stops writes: the active disk is being written (write locks held)
+    /// and not yet read-only.
+    bool corruption_is_fatal() const;
+    /// Reports metadata of this image found inconsistent, from reads and writes alike (QEMU's
+    /// qcow2_signal_corruption): if corruption_is_fatal(), sets the corrupt bit on disk (header
+    /// write; meta_mutex_ must be held), stops writes (read_only_reason_) and calls on_corrupt,
+    /// once; otherwise only answers. Returns the EIO error (a std::system_error) the caller
+    /// throws: `std::rethrow_exception(co_await signal_corruption(...))`.
+    [[nodiscard]] Task<std::exception_ptr> signal_corruption(std::string reason);
+    /// The error an entry point throws for `error`: an ImageCorruption of this image is reported
+    /// (signal_corruption, taking meta_mutex_ if it is fatal, so not held by the caller) and
+    /// becomes a plain std::system_error; anything else stays as it is.
+    [[nodiscard]] Task<std::exception_ptr> reported(std::exception_ptr error);
+
+    // ---- Writing (image_prepare.cpp, image_write.cpp, image_zero.cpp, image_resize.cpp,
+    // image_flush.cpp) -----------------------------------------------------------------------
     struct ClusterWrite;
+    struct TableWrite;
     /// Sets up refcounts and the range lock after a writable open; records why not otherwise.
     Task<void> init_writing();
     /// Throws EROFS with read_only_reason_ unless the active disk can be written.
     void check_writable() const;
-    /// First-write work, once: rebuild refcounts of a dirty image, mark bitmaps in use, clear
-    /// autoclear bits qcowfs does not keep, set the dirty bit of a lazy_refcounts image.
+    /// First-write work, once (meta_mutex_ held): rebuild refcounts of a dirty image or check
+    /// those of a clean one, check where the L2 tables lie, then claim_header_for_writing().
     Task<void> prepare_write();
+    /// prepare_write of a dirty image: rebuilds the refcounts and loads the new ones. EIO (not
+    /// corrupt) when the rebuild would pass the scan limit.
+    Task<void> rebuild_dirty_refcounts();
+    /// prepare_write of a clean image: EIO and the corrupt bit if a cluster in use has a
+    /// refcount below its references (within the scan limit).
+    Task<void> check_refcounts_cover_references();
+    /// Marks bitmaps in use, clears autoclear bits qcowfs does not keep, sets the dirty bit of a
+    /// lazy_refcounts image (clears it once rebuilt otherwise); one header write.
+    Task<void> claim_header_for_writing();
     /// write() with the range lock held: one L2 table's worth at a time.
     Task<void> write_locked(uint64_t offset, std::span<const std::byte> data);
+    /// The part of a write inside one L2 table: plan_table, write_data, link_table.
     Task<void> write_in_table(uint64_t offset, std::span<const std::byte> data);
+    /// The guest clusters of [offset, offset + length), inside one L2 table, each with the
+    /// bytes the write covers.
+    std::vector<ClusterWrite> split_into_clusters(uint64_t offset, uint64_t length) const;
+    /// Look up and plan (meta_mutex_ held): makes the L2 table ours, plans every cluster, then
+    /// allocates the new clusters in one run and assigns them in order.
+    Task<void> plan_table(TableWrite& t, uint64_t l1_index);
     /// Plans one guest cluster of a write (meta_mutex_ held): where its data goes, what is
     /// copied from the old content, the new L2 entry, what to free once it is on disk.
-    Task<void> plan_cluster(ClusterWrite& w, uint64_t l2_offset);
+    Task<void> plan_cluster(ClusterWrite& w, HostOffset l2_table);
+    /// The bytes of the host cluster written (old content + new) and the new subcluster bitmap
+    /// of `w`, whose current entry is `e` and whose data goes in place or not (pure).
+    void plan_window(ClusterWrite& w, const format::L2Entry& e, bool in_place) const;
+    /// Copy and write (no lock; the range lock keeps the clusters ours): one host write per run
+    /// of adjacent clusters, the old content around the new data read first where needed.
+    Task<void> write_data(const TableWrite& t, uint64_t offset, std::span<const std::byte> data);
+    /// Reads the old content of `w`'s window around the written bytes into `base` (byte 0 of
+    /// the cluster).
+    Task<void> copy_around(const ClusterWrite& w, std::byte* base);
+    /// After write_data failed: gives the new clusters back (nothing points at them yet).
+    Task<void> release_new(const TableWrite& t);
+    /// Link (meta_mutex_ held): points the changed L2 entries at the data and queues the old
+    /// clusters for release once that is on disk (rule 4).
+    Task<void> link_table(const TableWrite& t);
+    /// (raw, bitmap) of an entry that reads as zeros (`zero`; else unallocated), keeping host
+    /// cluster `host_offset` as a preallocated zero cluster if `keep`.
+    std::pair<uint64_t, uint64_t> zeroed_l2_entry(HostOffset host, bool keep, bool zero) const;
+    /// True if every subcluster of `e` has data here (compressed, or allocated in full).
+    bool fully_allocated(const format::L2Entry& e) const;
     /// The L2 table for L1 entry `l1_index`, allocated or copied out of a snapshot as needed so
     /// that this image owns it alone (meta_mutex_ held). Returns its host offset.
-    Task<uint64_t> l2_for_write(uint64_t l1_index);
+    Task<HostOffset> l2_for_write(uint64_t l1_index);
     /// Makes whole clusters [first, first + count) of one L2 table read as zeros (meta_mutex_ held).
     /// Returns the guest clusters that need zeros written as data (v2 images where the backing
     /// file reaches). `unmap`: the clusters lie where nothing shows through (past the end of the
@@ -252,30 +332,28 @@ private:
     Task<void> unmap_from(uint64_t from);
     /// write_zeroes() with the range lock held.
     Task<void> zero_locked(uint64_t offset, uint64_t length, bool discard);
-    /// Reads entry `index` of the L2 table at `l2_offset` (raw, bitmap).
-    Task<std::pair<uint64_t, uint64_t>> load_l2_entry(uint64_t l2_offset, uint64_t index);
+    /// Reads entry `index` of the L2 table at `l2_table` (raw, bitmap).
+    Task<std::pair<uint64_t, uint64_t>> load_l2_entry(HostOffset l2_table, uint64_t index);
     /// Decodes an L2 entry found while writing; inconsistent ones mark the image corrupt (EIO).
     Task<format::L2Entry> decode_l2_checked(uint64_t raw, uint64_t bitmap, uint64_t guest);
-    /// Stores entry `index` of the L2 table at `l2_offset` in the cache (dirty).
-    Task<void> store_l2_entry(uint64_t l2_offset, uint64_t index, uint64_t raw, uint64_t bitmap);
+    /// Stores entry `index` of the L2 table at `l2_table` in the cache (dirty).
+    Task<void> store_l2_entry(HostOffset l2_table, uint64_t index, uint64_t raw, uint64_t bitmap);
     /// Host cluster `host` about to be written in place or used as an L2 table: EIO (and the
     /// corrupt bit) if it lies in other metadata, past the end of the file, or has refcount 0.
     /// `ignore`: MetadataKind bits the cluster may be (an L2 table checked as one).
-    Task<void> check_host_cluster(uint64_t host, const std::string& what, uint32_t ignore = 0);
+    Task<void> check_host_cluster(HostOffset host, const std::string& what, uint32_t ignore = 0);
     /// Points refcounts_ back at this image: header rewrite on table moves, overlap checks.
     void install_refcount_hooks();
     /// Refcounts::allocate(count), with the overlap check on what it hands out: refcounts that
     /// call a metadata cluster free mark the image corrupt (EIO) before anything is written there.
-    Task<uint64_t> allocate_clusters(uint64_t count);
+    Task<HostOffset> allocate_clusters(uint64_t count);
     /// Rebuilds metadata_map_'s fixed areas from the header, snapshots and bitmap areas (after an
     /// L1 or refcount table move). Returns two overlapping structures, or nullopt.
     std::optional<std::string> refresh_metadata_map();
-    /// Sets the corrupt bit, stops writes, reports, and throws EIO with `reason`.
-    Task<void> mark_corrupt(std::string reason);
     /// Releases clusters once the L1/L2 change that dropped them is on disk (rule 4).
-    void free_later(uint64_t first_cluster, uint64_t count);
+    void free_later(HostCluster first, uint64_t count);
     /// Clusters a compressed entry's bytes touch, as (first cluster, count).
-    std::pair<uint64_t, uint64_t> compressed_clusters(const format::L2Entry& e) const;
+    std::pair<HostCluster, uint64_t> compressed_clusters(const format::L2Entry& e) const;
     /// Every metadata write in dependency order, then sync (meta_mutex_ held).
     Task<void> flush_locked();
     /// Rewrites the fixed header fields from meta_.header and syncs.
@@ -306,7 +384,7 @@ private:
     bool write_locked_ = false;   // lock_for_writing() has succeeded
     bool clear_dirty_bit_ = false;  // the dirty bit is ours (lazy refcounts): cleared on close
     std::set<uint64_t> dirty_l1_;   // L1 entries changed in memory, not yet on disk
-    std::vector<std::pair<uint64_t, uint64_t>> pending_free_;  // (first cluster, count), rule 4
+    std::vector<std::pair<HostCluster, uint64_t>> pending_free_;  // (first cluster, count), rule 4
     uint64_t file_end_ = 0;  // bytes of the image file, counting clusters allocated but not yet written
     MetadataMap metadata_map_;  // where metadata lies, for the overlap checks
     std::vector<MetadataMap::Area> bitmap_areas_;  // bitmap directory and tables (fixed while open)

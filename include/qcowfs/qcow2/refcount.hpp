@@ -6,10 +6,14 @@
 #include <functional>
 #include <memory>
 #include <optional>
+#include <string>
+#include <system_error>
 #include <vector>
 
 #include "qcowfs/cache/slice_cache.hpp"
 #include "qcowfs/format/header.hpp"
+#include "qcowfs/format/refcount_layout.hpp"
+#include "qcowfs/format/types.hpp"
 #include "qcowfs/util/async_event.hpp"
 #include "qcowfs/util/async_mutex.hpp"
 #include "qcowfs/util/task.hpp"
@@ -19,6 +23,14 @@ class File;
 }
 
 namespace qcowfs::qcow2 {
+
+/// EIO from Refcounts: clusters its refcounts call free hold metadata (placement_check said so),
+/// so the image is inconsistent. Its reason is placement_problem().
+class PlacementConflict : public std::system_error {
+public:
+    explicit PlacementConflict(const std::string& reason)
+        : std::system_error(std::error_code(EIO, std::generic_category()), reason) {}
+};
 
 /// The refcount of every host cluster of one image file, and the allocator built on it.
 ///
@@ -48,9 +60,9 @@ public:
     /// Throws std::system_error(EIO) naming the problem, or the read's error.
     Task<void> load();
 
-    /// Refcount of host cluster `cluster_index` (0 beyond the table or in an unallocated block).
+    /// Refcount of host cluster `cluster` (0 beyond the table or in an unallocated block).
     /// May read a refcount block. Throws the read's error, or EIO for a block cut short by EOF.
-    Task<uint64_t> get(uint64_t cluster_index);
+    Task<uint64_t> get(HostCluster cluster);
 
     /// Adds `delta` to the refcount of clusters [first_cluster, first_cluster + count). All of
     /// them are checked first: if one would drop below 0 or exceed max_refcount(refcount_order),
@@ -59,17 +71,14 @@ public:
     /// it: see on_table_moved); those never use a cluster of the range. Reaching 0 makes a
     /// cluster a candidate for allocate() again. Waits for block reads and, when the table grows,
     /// for writes and flushes. On an I/O error part of the range may have been changed.
-    Task<void> update(uint64_t first_cluster, uint64_t count, int64_t delta);
+    Task<void> update(HostCluster first_cluster, uint64_t count, int64_t delta);
 
     /// Finds `count` contiguous free clusters (refcount 0, never cluster 0), lowest first from the
     /// free-cluster hint, so clusters freed inside the file are reused before the file grows; sets
-    /// their refcount to 1 and returns the host offset of the first. The clusters may lie beyond
+    /// their refcount to 1 and returns the first. The clusters may lie beyond
     /// the end of the file: the caller writes them. Waits and fails as update(); EINVAL for
     /// count 0.
-    Task<uint64_t> allocate(uint64_t count);
-
-    /// Tells the allocator that `cluster_index` may be free: the next search starts there.
-    void free_hint(uint64_t cluster_index);
+    Task<HostCluster> allocate(uint64_t count);
 
     /// Writes dirty refcount blocks, then (if any entry changed) the refcount table, then
     /// File::flush(): see the write order above. Throws the write's or flush's error (what was
@@ -106,7 +115,7 @@ public:
 
     /// Asked before clusters are handed out or used for a new refcount block or table, with the
     /// cluster range: the metadata found there, or nullopt. When it names something, nothing is
-    /// changed, placement_problem() says what, and the operation throws std::system_error(EIO)
+    /// changed, placement_problem() says what, and the operation throws PlacementConflict (EIO)
     /// (refcounts that say "free" for a cluster in use: the image is inconsistent).
     std::function<std::optional<std::string>(uint64_t first_cluster, uint64_t count)> placement_check;
     /// The last problem placement_check reported (empty if none).
@@ -136,8 +145,15 @@ private:
     Task<void> allocate_block(uint64_t table_index, Range exclude);
     Task<void> create_block(uint64_t table_index, uint64_t cluster_index);
     Task<void> store_table_entry(uint64_t table_index);
+    /// Moves the refcount table to a larger one with at least `min_entries` entries, placed
+    /// outside `exclude` (see the write order above; calls on_table_moved).
     Task<void> grow_table(uint64_t min_entries, Range exclude);
-    /// Runs placement_check on [first, first + count): throws EIO if it reports metadata there.
+    /// Where grow_table puts the new blocks and table, and their sizes. ENOSPC past 8 MiB.
+    format::RefcountLayout grown_table_layout(uint64_t min_entries, Range exclude) const;
+    /// Creates the new blocks and table of layout `l` as dirty slices; returns the new table.
+    Task<std::vector<uint64_t>> create_grown_table(const format::RefcountLayout& l);
+    /// Runs placement_check on [first, first + count): throws PlacementConflict if it reports
+    /// metadata there.
     void check_placement(uint64_t first, uint64_t count, const char* use);
 
     io::File& file_;
