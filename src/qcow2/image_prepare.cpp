@@ -37,7 +37,7 @@ Task<void> Image::init_writing() {
     const uint32_t cb = geometry_.cluster_bits;
     std::vector<uint64_t> l2_tables;
     for (uint64_t raw : l1_)
-        if (uint64_t l2 = raw & format::kL1OffsetMask) l2_tables.push_back(l2 >> cb);
+        if (uint64_t l2 = format::decode_l1(raw, cb).l2_offset) l2_tables.push_back(l2 >> cb);
     metadata_map_.set_l2(std::move(l2_tables));
     std::string bad;
     try {

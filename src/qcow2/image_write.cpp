@@ -24,12 +24,9 @@ namespace qcowfs::qcow2 {
 
 namespace {
 
-constexpr uint64_t kZeroBitsAll = 0xffffffff00000000ULL;
-constexpr uint64_t kAllocBitsAll = 0x00000000ffffffffULL;
-
 /// Bits [first, last] of a 32-bit subcluster mask.
 uint64_t subcluster_mask(uint32_t first, uint32_t last) {
-    uint64_t upto = last >= 31 ? kAllocBitsAll : (uint64_t{1} << (last + 1)) - 1;
+    uint64_t upto = last >= 31 ? format::kSubclusterAllocBits : (uint64_t{1} << (last + 1)) - 1;
     return upto & ~((uint64_t{1} << first) - 1);
 }
 
@@ -45,6 +42,7 @@ struct Image::ClusterWrite {
     uint64_t window_from = 0, window_to = 0;  // bytes written to the host cluster (old + new)
     uint64_t old_raw = 0, old_bitmap = 0;  // the entry as planned over (unchanged: not rewritten)
     uint64_t new_bitmap = 0;
+    bool reads_zero = false;     // the cluster reads as zeros now, backing data hidden or absent
     HostCluster free_first;      // clusters released once the new entry is on disk
     uint64_t free_count = 0;
 };
@@ -59,12 +57,12 @@ struct Image::TableWrite {
 
 std::pair<uint64_t, uint64_t> Image::zeroed_l2_entry(HostOffset host, bool keep, bool zero) const {
     if (geometry_.extended_l2)
-        return {keep ? format::encode_l2_standard(host.value, true, false) : 0, zero ? kZeroBitsAll : 0};
+        return {keep ? format::encode_l2_standard(host.value, true, false) : 0, zero ? format::kSubclusterZeroBits : 0};
     return {keep ? format::encode_l2_standard(host.value, true, true) : (zero ? format::kOflagZero : 0), 0};
 }
 
 bool Image::fully_allocated(const format::L2Entry& e) const {
-    return e.compressed || (has_host(e) && (!geometry_.extended_l2 || (e.bitmap & kAllocBitsAll) == kAllocBitsAll));
+    return e.compressed || (has_host(e) && (!geometry_.extended_l2 || (e.bitmap & format::kSubclusterAllocBits) == format::kSubclusterAllocBits));
 }
 
 // ---- L2 entries ------------------------------------------------------------------------------
@@ -211,6 +209,9 @@ Task<void> Image::plan_cluster(ClusterWrite& w, HostOffset l2_table) {
         w.free_count = 1;
     }
     if (e.compressed) std::tie(w.free_first, w.free_count) = compressed_clusters(e);
+    // Nothing to copy around the write: no host data, and no backing data showing through (none
+    // at all, or a zero cluster hiding it; subclusters are left to plan_window).
+    w.reads_zero = !has_host(e) && !e.compressed && (!backing_ || (!g.extended_l2 && e.zero_flag));
     plan_window(w, e, in_place);
 }
 
@@ -231,7 +232,7 @@ void Image::plan_window(ClusterWrite& w, const format::L2Entry& e, bool in_place
     const uint64_t ss = g.subcluster_size();
     uint32_t s0 = static_cast<uint32_t>(w.from / ss), s1 = static_cast<uint32_t>((w.to - 1) / ss);
     uint64_t touched = subcluster_mask(s0, s1);
-    uint64_t alloc = e.compressed ? kAllocBitsAll : (e.bitmap & kAllocBitsAll);
+    uint64_t alloc = e.compressed ? format::kSubclusterAllocBits : (e.bitmap & format::kSubclusterAllocBits);
     uint64_t zeros = e.compressed ? 0 : (e.bitmap >> 32);
     if (in_place) {
         w.window_from = (alloc >> s0) & 1 ? w.from : s0 * ss;
@@ -254,11 +255,21 @@ Task<void> Image::plan_table(TableWrite& t, uint64_t l1_index) {
     for (auto& w : t.clusters) t.allocated += w.needs_new;
     if (t.allocated == 0) co_return;
     const uint64_t cs = geometry_.cluster_size();
+    // Bytes at or past this offset of the file have never been written since the image was
+    // opened (file_end_ counts every data and L2 cluster handed out; the file's size every write
+    // that has completed), so they read as zeros.
+    const uint64_t fresh_from = std::max(file_end_, file_->size());
     t.first_new = co_await allocate_clusters(t.allocated);
     file_end_ = std::max(file_end_, (t.first_new + t.allocated * cs).value);
+    const bool fresh = t.first_new.value >= fresh_from;
     HostOffset next = t.first_new;
-    for (auto& w : t.clusters)
-        if (w.needs_new) w.host = next, next = next + cs;
+    for (auto& w : t.clusters) {
+        if (!w.needs_new) continue;
+        w.host = next, next = next + cs;
+        // A fresh cluster already reads as zeros around the write: write only the guest's bytes
+        // (the file grows past its end, or a hole stays a hole), not a cluster of zeros.
+        if (fresh && w.reads_zero) w.window_from = w.from, w.window_to = w.to;
+    }
 }
 
 Task<void> Image::write_data(const TableWrite& t, uint64_t offset, std::span<const std::byte> data) {
@@ -365,9 +376,9 @@ Task<void> Image::allocate(uint64_t offset, uint64_t length) {
         uint64_t at = c << cb, n = std::min<uint64_t>(cs, size() - at);
         auto guard = co_await range_lock_->lock(at, cs, cache::RangeLock::Mode::exclusive);
         uint64_t l1_index = geometry_.l1_index(GuestOffset{at});
-        if (l1_index < l1_.size() && (l1_[l1_index] & format::kL1OffsetMask)) {
-            auto [raw, bitmap] = co_await load_l2_entry(HostOffset{l1_[l1_index] & format::kL1OffsetMask},
-                                                        geometry_.l2_index(GuestOffset{at}));
+        const HostOffset l2 = l1_index < l1_.size() ? format::decode_l1(l1_[l1_index], cb).l2_table() : HostOffset{0};
+        if (l2.value != 0) {
+            auto [raw, bitmap] = co_await load_l2_entry(l2, geometry_.l2_index(GuestOffset{at}));
             if (fully_allocated(co_await decode_l2_checked(raw, bitmap, at))) continue;
         }
         std::exception_ptr error;

@@ -19,7 +19,7 @@ Task<std::vector<uint64_t>> Image::zero_in_table(uint64_t first, uint64_t count,
     std::vector<uint64_t> need_data;
     const uint64_t l1_index = first / g.l2_entries();
     if (l1_index >= l1_.size()) co_return need_data;
-    const bool mapped = (l1_[l1_index] & format::kL1OffsetMask) != 0;
+    const bool mapped = format::decode_l1(l1_[l1_index], cb).l2_offset != 0;
     if (!mapped && !shows_through) co_return need_data;  // reads zeros already
     // v2 has no zero flag: only data can hide the backing file where it reaches; past its end an
     // unallocated cluster reads as zeros.
