@@ -28,23 +28,22 @@ def scattered_writes():
     return [(i * 3 * CLUSTER + (i % 16) * 4 * KiB, bytes([1 + i % 250]) * (4 * KiB)) for i in range(WRITES)]
 
 
-def write_through_mount(src, name, writes, size):
-    """Applies `writes` to NAME.raw through a mount and to a raw reference file; returns the ref."""
-    ref = os.path.join(work, name + ".ref")
-    with open(ref, "wb") as f:
-        f.truncate(size)
-    with H.Mount(src) as m:
-        fd = os.open(m.path(name + ".raw"), os.O_WRONLY)
-        rfd = os.open(ref, os.O_WRONLY)
+def apply_writes(src, name, ref, writes, args=(), then=None):
+    """Applies `writes` to NAME.raw through a mount of `src` and to the raw file `ref`, fsyncs,
+    and calls then(fd, ref_fd) while still mounted."""
+    with H.Mount(src, args=args) as m:
+        fd = os.open(m.path(name + ".raw"), os.O_RDWR)
+        rfd = os.open(ref, os.O_RDWR)
         try:
             for off, data in writes:
                 H.pwrite_full(fd, data, off)
                 H.pwrite_full(rfd, data, off)
             os.fsync(fd)
+            if then:
+                then(fd, rfd)
         finally:
             os.close(fd)
             os.close(rfd)
-    return ref
 
 
 def check_image(img, ref, what):
@@ -60,7 +59,10 @@ def fresh_case(name, opts):
     img = os.path.join(src, name + ".qcow2")
     H.create(img, 256 * MiB, opts=opts)
     before = allocated(img)
-    ref = write_through_mount(src, name, scattered_writes(), 256 * MiB)
+    ref = os.path.join(work, name + ".ref")
+    with open(ref, "wb") as f:
+        f.truncate(256 * MiB)
+    apply_writes(src, name, ref, scattered_writes())
     grown = allocated(img) - before
     guest = WRITES * 4 * KiB
     # Metadata: one L2 table (64 KiB) and a refcount block at most; zeros written for the rest of
@@ -80,32 +82,27 @@ def test_fresh_clusters_extended_l2():
     fresh_case("xl2", "cluster_size=65536,extended_l2=on")
 
 
+def overlay(name, base_name, size, pattern):
+    """SRC/top.qcow2 over SRC/BASE_NAME (a qcow2 image full of `pattern`), and its raw copy."""
+    src = os.path.join(work, name)
+    os.makedirs(src)
+    base = os.path.join(src, base_name)
+    H.create(base, size)
+    H.qemu_io(base, "write -P %d 0 %d" % (pattern, size))
+    img = os.path.join(src, "top.qcow2")
+    H.create(img, size, backing=base_name, cwd=src)
+    return src, img, os.path.join(work, name + ".ref")
+
+
 @T.test
 def test_zero_clusters():
     """Zero clusters over a backing file have nothing to copy either (they hide the backing data)."""
-    src = os.path.join(work, "zero")
-    os.makedirs(src)
-    base = os.path.join(src, "base.img")
-    H.create(base, 64 * MiB)
-    H.qemu_io(base, "write -P 0x77 0 64M")
-    img = os.path.join(src, "top.qcow2")
-    H.create(img, 64 * MiB, backing="base.img", cwd=src)
+    src, img, ref = overlay("zero", "base.img", 64 * MiB, 0x77)
     H.qemu_io(img, "write -z 0 32M")
     before = allocated(img)
     writes = [(i * CLUSTER + 8 * KiB, b"\x42" * (4 * KiB)) for i in range(0, 512, 4)]
-    ref = os.path.join(work, "zero.ref")
     H.to_raw(img, ref)
-    with H.Mount(src, args=["-o", "allow_dir=" + src]) as m:
-        fd = os.open(m.path("top.raw"), os.O_WRONLY)
-        rfd = os.open(ref, os.O_WRONLY)
-        try:
-            for off, data in writes:
-                H.pwrite_full(fd, data, off)
-                H.pwrite_full(rfd, data, off)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-            os.close(rfd)
+    apply_writes(src, "top", ref, writes, args=["-o", "allow_dir=" + src])
     grown = allocated(img) - before
     T.check("zero clusters: the file grew by the guest's bytes plus metadata (%d KiB)" % (grown // KiB),
             grown <= len(writes) * 4 * KiB + 512 * KiB, grown)
@@ -115,27 +112,10 @@ def test_zero_clusters():
 @T.test
 def test_backing_data_is_still_copied():
     """Into a cluster with backing data the rest of the cluster is the backing file's."""
-    src = os.path.join(work, "cow")
-    os.makedirs(src)
-    base = os.path.join(src, "base.qcow2")
-    H.create(base, 16 * MiB)
-    H.qemu_io(base, "write -P 0x33 0 16M")
-    img = os.path.join(src, "top.qcow2")
-    H.create(img, 16 * MiB, backing="base.qcow2", cwd=src)
-    ref = os.path.join(work, "cow.ref")
+    src, img, ref = overlay("cow", "base.qcow2", 16 * MiB, 0x33)
     H.to_raw(img, ref)
     writes = [(i * CLUSTER + 12 * KiB, b"\x44" * (4 * KiB)) for i in range(0, 256, 3)]
-    with H.Mount(src) as m:
-        fd = os.open(m.path("top.raw"), os.O_WRONLY)
-        rfd = os.open(ref, os.O_WRONLY)
-        try:
-            for off, data in writes:
-                H.pwrite_full(fd, data, off)
-                H.pwrite_full(rfd, data, off)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-            os.close(rfd)
+    apply_writes(src, "top", ref, writes)
     check_image(img, ref, "copy-on-write")
 
 
@@ -162,20 +142,13 @@ def test_reused_cluster_reads_zeros():
     H.to_raw(img, ref)
     before = os.path.getsize(img)
     writes = [(32 * MiB + i * CLUSTER + 20 * KiB, b"\x21" * 4096) for i in range(64)]
-    with H.Mount(src) as m:
-        fd = os.open(m.path("r.raw"), os.O_RDWR)
-        rfd = os.open(ref, os.O_RDWR)
-        try:
-            for off, data in writes:
-                H.pwrite_full(fd, data, off)
-                H.pwrite_full(rfd, data, off)
-            os.fsync(fd)
-            back = H.pread_full(fd, 4 * MiB, 32 * MiB)
-            want = H.pread_full(rfd, 4 * MiB, 32 * MiB)
-            T.check("reused clusters read back as written, zeros around", back == want)
-        finally:
-            os.close(fd)
-            os.close(rfd)
+
+    def read_back(fd, rfd):
+        back = H.pread_full(fd, 4 * MiB, 32 * MiB)
+        want = H.pread_full(rfd, 4 * MiB, 32 * MiB)
+        T.check("reused clusters read back as written, zeros around", back == want)
+
+    apply_writes(src, "r", ref, writes, then=read_back)
     T.check("the free clusters were reused (the file did not grow by 4 MiB)",
             os.path.getsize(img) < before + 4 * MiB, os.path.getsize(img) - before)
     check_image(img, ref, "reused clusters")
