@@ -89,6 +89,13 @@ FdKind fd_kind(int fd) {
     return FdKind::other;
 }
 
+void grow_pipe(int fd, size_t bytes) {
+    struct stat st{};
+    if (::fstat(fd, &st) != 0 || !S_ISFIFO(st.st_mode)) return;
+    for (size_t want = bytes; want >= (64u << 10); want /= 2)
+        if (::fcntl(fd, F_SETPIPE_SZ, static_cast<int>(want)) >= 0) return;
+}
+
 uint64_t fd_size(int fd) {
     struct stat st{};
     if (::fstat(fd, &st) != 0) fail(errno, "cannot stat input");

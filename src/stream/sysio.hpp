@@ -25,6 +25,10 @@ std::string default_temp_dir();
 
 enum class FdKind { regular, block_device, other };  // other: pipe, socket, terminal, ...
 FdKind fd_kind(int fd);
+/// When `fd` is a pipe, asks the kernel for a pipe buffer of `bytes` (capped by
+/// /proc/sys/fs/pipe-max-size for unprivileged users); a refusal is not an error. A large buffer
+/// lets the writer on the other end run ahead with fewer wake-ups.
+void grow_pipe(int fd, size_t bytes);
 /// Size of a regular file or block device.
 uint64_t fd_size(int fd);
 
