@@ -165,12 +165,13 @@ class QemuHolder:
         cmd = ["qemu-io", "-f", fmt] + (["-r"] if read_only else []) + ["-c", "sleep 120000", img]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         self.img = img
-        # It holds its locks once it has opened the image: wait for its byte-100 lock.
+        # It holds its locks once it has opened the image: wait for its own byte-100 lock (not
+        # anyone's: a qcowfs handle still closing may hold that byte too).
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError("qemu-io exited: %s" % self.proc.stderr.read().decode(errors="replace"))
-            if 100 in lock_bytes(img):
+            if 100 in process_lock_bytes(self.proc.pid, img):
                 return
             time.sleep(0.05)
         self.stop()
@@ -188,6 +189,31 @@ def qemu_write(img, fmt="qcow2", pattern=0x33, offset=0, length="64k"):
                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=60)
     text = (p.stdout + p.stderr).decode(errors="replace")
     return p.returncode == 0 and "lock" not in text and "rror" not in text, text
+
+
+def process_lock_bytes(pid, path):
+    """The byte offsets of the OFD locks that process `pid` holds on `path`, from the "lock:" lines
+    of /proc/PID/fdinfo of each descriptor it has open on the file."""
+    st = os.stat(path)
+    found = set()
+    fd_dir = "/proc/%d/fd" % pid
+    try:
+        fds = os.listdir(fd_dir)
+    except OSError:
+        return found
+    for fd in fds:
+        try:
+            fst = os.stat(os.path.join(fd_dir, fd))
+            if (fst.st_dev, fst.st_ino) != (st.st_dev, st.st_ino):
+                continue
+            with open("/proc/%d/fdinfo/%s" % (pid, fd)) as f:
+                for line in f:
+                    parts = line.split()
+                    if parts and parts[0] == "lock:" and "OFDLCK" in parts:
+                        found.update(range(int(parts[-2]), int(parts[-1]) + 1))
+        except OSError:
+            continue  # closed meanwhile
+    return found
 
 
 def lock_bytes(path):
