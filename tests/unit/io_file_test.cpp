@@ -1,5 +1,6 @@
 // io::open_file over a real temporary file: io_uring reads and writes, concurrency, EOF, errors.
 #include <doctest/doctest.h>
+#include <fcntl.h>
 #include <unistd.h>
 
 #include <boost/asio/co_spawn.hpp>
@@ -130,4 +131,43 @@ TEST_CASE("MemFile: empty reads and writes touch nothing, as pread/pwrite of 0 b
     CHECK(n == 0);
     CHECK(file.size() == 10);
     CHECK(file.content() == std::vector<std::byte>(10, std::byte{0x42}));
+}
+
+TEST_CASE("reads served partly from the page cache and partly from the disk return the right bytes") {
+    // read_at copies what the page cache holds at once (preadv2 RWF_NOWAIT) and reads the rest
+    // through the ring: a range whose first page is cached and the rest not takes both paths.
+    constexpr size_t kSize = 1 << 20;
+    TempFile tmp(kSize);
+    int fd = ::open(tmp.path.c_str(), O_RDONLY);
+    REQUIRE(fd >= 0);
+    REQUIRE(::fdatasync(fd) == 0);
+    REQUIRE(::posix_fadvise(fd, 0, 0, POSIX_FADV_DONTNEED) == 0);
+    REQUIRE(::posix_fadvise(fd, 0, 0, POSIX_FADV_RANDOM) == 0);  // no readahead: only that page
+    char page[4096];
+    REQUIRE(::pread(fd, page, sizeof page, 200 * 1024) == static_cast<ssize_t>(sizeof page));
+    ::close(fd);
+
+    asio::io_context io;
+    auto file = io::open_file(io.get_executor(), tmp.path, false);
+    struct Case {
+        uint64_t offset;
+        size_t length;
+        size_t got = 0;
+        bool good = false;
+    };
+    std::vector<Case> cases{{200 * 1024, 65536}, {200 * 1024 + 100, 300000}, {0, 4096}, {kSize - 5000, 8192}};
+    for (Case& c : cases) {
+        asio::co_spawn(io, [&c, &file]() -> Task<void> {
+            std::vector<std::byte> buf(c.length);
+            c.got = co_await file->read_at(c.offset, buf);
+            c.good = true;
+            for (size_t i = 0; i < c.got; ++i) c.good &= buf[i] == std::byte(expected(c.offset + i));
+        }, asio::detached);
+    }
+    io.run();
+    for (const Case& c : cases) {
+        INFO("offset ", c.offset, " length ", c.length);
+        CHECK(c.got == std::min<uint64_t>(c.length, kSize - c.offset));
+        CHECK(c.good);
+    }
 }
