@@ -20,18 +20,13 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness as H  # noqa: E402
 
 KiB, MiB = H.KiB, H.MiB
-T = H.TestRun("copy_on_read", deadline=300)
-
-D = H.tempdir("cor")
-SRC = os.path.join(D, "src")
-os.makedirs(SRC)
 XATTR = "user.qcowfs.copy_on_read"
 SIZE = 8 * MiB
 CRASH_SIZE = 48 * MiB
+T = H.TestRun("copy_on_read", deadline=300)
 
-
-def img(name):
-    return os.path.join(SRC, name)
+D = H.tempdir("cor")
+SRC = os.path.join(D, "src")  # made by the fixture
 
 
 def data_below(name):
@@ -55,6 +50,10 @@ def sha(name):
     return H.sha256_file(img(name))
 
 
+def img(name):
+    return os.path.join(SRC, name)
+
+
 def read_whole(path, piece):
     with open(path, "rb") as f:
         while f.read(piece):
@@ -65,6 +64,7 @@ def read_whole(path, piece):
 def images():
     """base.qcow2 (data, a zero cluster, holes) and overlays on it; mid.qcow2 for a third level;
     chain.raw: what every overlay reads as."""
+    os.makedirs(SRC)
     H.create(img("base.qcow2"), SIZE, opts="cluster_size=64k")
     H.qemu_io(img("base.qcow2"), "write -P 0x5a 0 3M", "write -z 1M 64k", "write -P 0x3c 5M 100k",
               "write -P 0x77 %d 200k" % (SIZE - 200 * KiB))
