@@ -250,21 +250,24 @@ struct Image::ExtentRun {
     }
     /// Reads the current run, then starts a new one with `piece`.
     Task<void> restart(const Extent& piece) {
-        co_await read_cur();
+        note_backing();
+        co_await image.read_extent(cur, buf.subspan(cur.guest - offset, cur.length));
         cur = piece;
     }
     /// Reads the current run.
     Task<void> finish() {
-        if (cur.kind != Extent::Kind::none) co_await read_cur();
+        if (cur.kind != Extent::Kind::none) {
+            note_backing();
+            co_await image.read_extent(cur, buf.subspan(cur.guest - offset, cur.length));
+        }
         cur = Extent{};
     }
-    Task<void> read_cur() {
-        if (from_backing && cur.kind == Extent::Kind::backing && image.backing_) {
-            // Past the backing file's end the bytes are zeros, not backing data.
-            const uint64_t end = std::min((cur.guest + cur.length).value, image.backing_->size());
-            if (end > cur.guest.value) from_backing->push_back({cur.guest.value, end - cur.guest.value});
-        }
-        co_await image.read_extent(cur, buf.subspan(cur.guest - offset, cur.length));
+    /// Records the current run in `from_backing` if it is read from the backing file.
+    void note_backing() const {
+        if (!from_backing || cur.kind != Extent::Kind::backing || !image.backing_) return;
+        // Past the backing file's end the bytes are zeros, not backing data.
+        const uint64_t end = std::min((cur.guest + cur.length).value, image.backing_->size());
+        if (end > cur.guest.value) from_backing->push_back({cur.guest.value, end - cur.guest.value});
     }
 };
 
