@@ -51,6 +51,9 @@ constexpr const char* kUsage =
     "                     only files inside SOURCE_DIR are used; allow_dir=/ allows any)\n"
     "  -o force_share     read images without taking or checking QEMU's image locks (like\n"
     "                     qemu-img -U); implies -o ro\n"
+    "  -o copy_on_read    reads of an image with a backing file also copy what they read\n"
+    "                     from the backing chain into the image (per image without it:\n"
+    "                     setfattr -n user.qcowfs.copy_on_read -v 1 NAME.raw)\n"
     "  -o threads=N       worker threads (default: number of CPUs, at least 2)\n"
     "  -o l2_cache=SIZE   L2 table cache per open image (default 4M; K, M, G suffixes)\n"
     "  -o compressed_cache=SIZE  decompressed clusters kept per open image (default 4M)\n"
@@ -82,6 +85,7 @@ struct Options {
     std::string log_file;
     std::vector<std::string> allow_dirs;
     bool force_share = false;
+    bool copy_on_read = false;
     std::vector<std::string> fuse_options;
 };
 
@@ -134,6 +138,8 @@ void parse_o(Options& o, const std::string& list) {
         } else if (key == "allow_dir") {
             if (value.empty()) die("allow_dir needs a directory");
             o.allow_dirs.push_back(value);
+        } else if (opt == "copy_on_read") {
+            o.copy_on_read = true;
         } else if (opt == "force_share") {
             o.force_share = true;
             if (!o.read_only) o.fuse_options.push_back("ro");
@@ -304,6 +310,7 @@ fs::FsOptions fs_options_of(const Options& o) {
     fs_options.write_cache_bytes = o.write_cache;
     fs_options.allow_dirs = o.allow_dirs;
     fs_options.force_share = o.force_share;
+    fs_options.copy_on_read = o.copy_on_read;
     fs_options.refcount_memory_bytes = o.refcount_memory;
     fs_options.scan_limit_bytes = o.scan_limit;
     return fs_options;
@@ -345,6 +352,8 @@ void after_mounting(const Options& o, fs::Filesystem& filesystem, bool daemon) {
     set_readahead(o.mountpoint, o.readahead);
     raise_fd_limit();
     log::info("serving " + o.source + " on " + o.mountpoint);
+    if (o.copy_on_read && o.read_only)
+        log::info("copy_on_read: the mount is read-only, so nothing is copied");
     if (o.force_share)
         log::info("force_share: images are read without taking or checking QEMU's image locks; the mount is read-only");
 }

@@ -184,6 +184,13 @@ Task<void> Filesystem::ensure_open(std::shared_ptr<ImageSlot> slot, bool writabl
     slot->disk = co_await qcow2::Disk::open(slot->path, std::move(options), std::move(disk_options));
     slot->live_size = slot->disk->size();
     slot->files = std::move(*files);
+    slot->disk->set_copy_on_read(copy_on_read_for(slot->dev, slot->ino));
+}
+
+bool Filesystem::copy_on_read_for(uint64_t dev, uint64_t ino) const {
+    std::lock_guard lock(copy_on_read_mutex_);
+    auto it = copy_on_read_.find({dev, ino});
+    return it != copy_on_read_.end() ? it->second : options_.copy_on_read;
 }
 
 qcow2::OpenOptions Filesystem::open_options(const std::shared_ptr<ImageSlot>& slot, const io::Credentials& user,

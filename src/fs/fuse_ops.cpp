@@ -4,6 +4,7 @@
 #include <linux/falloc.h>
 #include <sys/stat.h>
 #include <sys/statvfs.h>
+#include <sys/xattr.h>
 #include <unistd.h>
 
 #include <boost/asio/post.hpp>
@@ -27,6 +28,9 @@ constexpr double kEntryTimeout = 0.3;  // seconds: keeps added/removed images vi
 constexpr double kAttrTimeout = 0.3;
 
 constexpr mode_t kWriteBits = S_IWUSR | S_IWGRP | S_IWOTH;
+
+/// The extended attribute that turns copy-on-read on or off per image (Handlers::setxattr).
+constexpr std::string_view kCopyOnReadXattr = "user.qcowfs.copy_on_read";
 
 /// State behind fuse_file_info::fh for an open exposed file.
 struct OpenFile {
@@ -584,6 +588,62 @@ struct Filesystem::Handlers {
         });
     }
 
+    /// setxattr and removexattr of kCopyOnReadXattr on an image node: "1" or "0" turns
+    /// copy-on-read on or off for that image whatever -o copy_on_read says; removing it goes back
+    /// to the mount's option. Kept for the mount's life (not on the host file) and applied to the
+    /// open image at once. Only a user who may write the image may change it: EROFS where it
+    /// cannot be written (-o ro, snapshots, read-only images), EACCES where the host denies the
+    /// user write access. Other names: ENOTSUP. There is no getxattr: answering it would cost
+    /// every write a request (the kernel asks for security.capability before each one), and
+    /// without it the kernel stops asking.
+    static void setxattr(fuse_req_t req, fuse_ino_t ino, const char* name, const char* value, size_t size, int flags) {
+        trace("setxattr", ino, " name=", name);
+        if (std::string_view(name) != kCopyOnReadXattr) return void(fuse_reply_err(req, ENOTSUP));
+        const std::string_view v(value, size);
+        if (v != "1" && v != "0") return void(fuse_reply_err(req, EINVAL));
+        change_copy_on_read(req, ino, v == "1", flags);
+    }
+
+    static void removexattr(fuse_req_t req, fuse_ino_t ino, const char* name) {
+        trace("removexattr", ino, " name=", name);
+        if (std::string_view(name) != kCopyOnReadXattr) return void(fuse_reply_err(req, ENOTSUP));
+        change_copy_on_read(req, ino, std::nullopt, 0);
+    }
+
+    /// Sets (`on`) or removes the copy-on-read setting of image `ino` (see setxattr).
+    static void change_copy_on_read(fuse_req_t req, fuse_ino_t ino, std::optional<bool> on, int flags) {
+        Filesystem& fs = *fs_of(req);
+        auto r = resolve(req, fs, ino);
+        if (!r) return;
+        if (!r->node) return void(fuse_reply_err(req, ENOENT));
+        if (r->key.kind == NodeKey::Kind::directory) return void(fuse_reply_err(req, ENOTSUP));
+        if (refuse_write(req, fs, *r->node, "setxattr", ino)) return;
+        try {
+            io::check_user_access(fs.policy_, credentials_of(req), {host_file_of(*r->node)}, true);
+        } catch (const std::system_error& e) {
+            trace("setxattr", ino, ": ", e.what());
+            return void(fuse_reply_err(req, errno_of(e) == ESTALE ? ENOENT : errno_of(e)));
+        }
+        const std::pair key{r->key.dev, r->key.ino};
+        {
+            std::lock_guard lock(fs.copy_on_read_mutex_);
+            const bool exists = fs.copy_on_read_.contains(key);
+            if ((flags & XATTR_CREATE) && exists) return void(fuse_reply_err(req, EEXIST));
+            if (((flags & XATTR_REPLACE) || !on) && !exists) return void(fuse_reply_err(req, ENODATA));
+            if (on) fs.copy_on_read_[key] = *on;
+            else fs.copy_on_read_.erase(key);
+        }
+        log::info(r->node->image->path + ": copy-on-read " +
+                  (on ? (*on ? "on" : "off") : std::string(fs.options_.copy_on_read ? "on" : "off") + " (the mount's)"));
+        if (auto slot = fs.images_.find(r->key.dev, r->key.ino)) {
+            // The open image learns it on its strand (a later open reads the setting itself).
+            asio::post(slot->strand, [&fs, slot] {
+                if (slot->disk) slot->disk->set_copy_on_read(fs.copy_on_read_for(slot->dev, slot->ino));
+            });
+        }
+        fuse_reply_err(req, 0);
+    }
+
     static void statfs(fuse_req_t req, fuse_ino_t ino) {
         trace("statfs", ino);
         struct statvfs sv{};
@@ -613,6 +673,8 @@ const fuse_lowlevel_ops& Filesystem::operations() {
         o.setattr = Handlers::setattr;
         o.statfs = Handlers::statfs;
         o.lseek = Handlers::lseek;
+        o.setxattr = Handlers::setxattr;
+        o.removexattr = Handlers::removexattr;
         return o;
     }();
     return ops;

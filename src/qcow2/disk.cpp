@@ -129,11 +129,17 @@ Task<void> Disk::write_back() {
 Task<void> Disk::flush() {
     if (!cache_) co_return;
     const uint64_t changes = changes_;
+    const uint64_t copied = image_->copy_stats().copied_bytes;
     co_await cache_->flush();  // write-back, then Image::flush: durable
     flushed_changes_ = std::max(flushed_changes_, changes);
+    flushed_copied_ = std::max(flushed_copied_, copied);
 }
 
-bool Disk::changed_since_flush() const { return cache_ && (!cache_->empty() || changes_ != flushed_changes_); }
+bool Disk::changed_since_flush() const {
+    // Copies made by copy-on-read change the image too (not what it reads as): flushed alike.
+    return cache_ && (!cache_->empty() || changes_ != flushed_changes_ ||
+                      image_->copy_stats().copied_bytes != flushed_copied_);
+}
 
 std::string Disk::lost_writes(const std::string& why) const {
     constexpr size_t kShown = 16;

@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <bit>
+#include <boost/asio/this_coro.hpp>
 #include <cstring>
 
 #include "qcowfs/codec/compression.hpp"
@@ -232,6 +233,7 @@ struct Image::ExtentRun {
     Image& image;
     GuestOffset offset;  // of buf[0]
     std::span<std::byte> buf;
+    std::vector<BackingRead>* from_backing;  // null: not recorded
     Extent cur{};  // being accumulated
 
     /// Appends `piece` to the current run if it continues it (or starts the first run).
@@ -248,13 +250,24 @@ struct Image::ExtentRun {
     }
     /// Reads the current run, then starts a new one with `piece`.
     Task<void> restart(const Extent& piece) {
+        note_backing();
         co_await image.read_extent(cur, buf.subspan(cur.guest - offset, cur.length));
         cur = piece;
     }
     /// Reads the current run.
     Task<void> finish() {
-        if (cur.kind != Extent::Kind::none) co_await image.read_extent(cur, buf.subspan(cur.guest - offset, cur.length));
+        if (cur.kind != Extent::Kind::none) {
+            note_backing();
+            co_await image.read_extent(cur, buf.subspan(cur.guest - offset, cur.length));
+        }
         cur = Extent{};
+    }
+    /// Records the current run in `from_backing` if it is read from the backing file.
+    void note_backing() const {
+        if (!from_backing || cur.kind != Extent::Kind::backing || !image.backing_) return;
+        // Past the backing file's end the bytes are zeros, not backing data.
+        const uint64_t end = std::min((cur.guest + cur.length).value, image.backing_->size());
+        if (end > cur.guest.value) from_backing->push_back({cur.guest.value, end - cur.guest.value});
     }
 };
 
@@ -266,9 +279,14 @@ Task<void> Image::view_read(const L1Table* snapshot, uint64_t offset, std::span<
         } else if (!range_lock_) {
             co_await read_mapped(active_l1(), offset, buf);
         } else {
-            // Shared: writes hold exclusive ranges while their clusters change.
-            auto guard = co_await range_lock_->lock(offset, buf.size(), cache::RangeLock::Mode::shared);
-            co_await read_mapped(active_l1(), offset, buf);
+            std::vector<BackingRead> from_backing;
+            {
+                // Shared: writes hold exclusive ranges while their clusters change.
+                auto guard = co_await range_lock_->lock(offset, buf.size(), cache::RangeLock::Mode::shared);
+                co_await read_mapped(active_l1(), offset, buf, copies_wanted() ? &from_backing : nullptr);
+            }
+            // Copy-on-read: the copy runs after this read has returned its data.
+            if (!from_backing.empty()) start_copy(co_await asio::this_coro::executor, offset, buf, from_backing);
         }
         co_return;
     } catch (...) {
@@ -291,9 +309,10 @@ Task<HostOffset> Image::l2_table_for_read(const L1Table& l1, uint64_t l1_index) 
     co_return l2_table;
 }
 
-Task<void> Image::read_mapped(const L1Table& l1, uint64_t offset, std::span<std::byte> buf) {
+Task<void> Image::read_mapped(const L1Table& l1, uint64_t offset, std::span<std::byte> buf,
+                              std::vector<BackingRead>* from_backing) {
     const ClusterGeometry& g = geometry_;
-    ExtentRun run{*this, GuestOffset{offset}, buf};
+    ExtentRun run{*this, GuestOffset{offset}, buf, from_backing};
     uint64_t done = 0;
     while (done < buf.size()) {
         const GuestOffset guest{offset + done};

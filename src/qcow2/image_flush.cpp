@@ -58,6 +58,9 @@ Task<void> Image::flush() {
 }
 
 Task<void> Image::close() {
+    // Copies started by reads finish first (they may be the only writes this image gets).
+    copy_on_read_ = false;
+    co_await copies_done();
     if (!prepared_ || !refcounts_) co_return;
     {
         auto flush_guard = co_await flush_mutex_.lock();

@@ -360,40 +360,74 @@ Task<void> Image::write_in_table(uint64_t offset, std::span<const std::byte> dat
     co_await link_table(t);
 }
 
+Task<std::optional<format::L2Entry>> Image::active_entry(GuestOffset guest) {
+    const uint64_t l1_index = geometry_.l1_index(guest);
+    if (l1_index >= l1_.size()) co_return std::nullopt;
+    HostOffset l2_table;
+    std::string bad;
+    try {
+        l2_table = format::decode_l1(l1_[l1_index], geometry_.cluster_bits).l2_table();
+    } catch (const std::system_error& ex) {
+        bad = "L1 entry " + std::to_string(l1_index) + ": " + reason_of(ex);
+    }
+    if (!bad.empty()) std::rethrow_exception(co_await signal_corruption(bad));
+    if (!l2_table) co_return std::nullopt;
+    auto [raw, bitmap] = co_await load_l2_entry(l2_table, geometry_.l2_index(guest));
+    co_return co_await decode_l2_checked(raw, bitmap, guest.value);
+}
+
 Task<void> Image::allocate(uint64_t offset, uint64_t length) {
     check_writable();
     if (offset > size() || length > size() - offset)
         fail(EINVAL, "allocating " + std::to_string(length) + " bytes at " + std::to_string(offset) +
                          " passes the end of the disk");
     if (length == 0) co_return;
-    const uint64_t cs = geometry_.cluster_size();
-    const uint32_t cb = geometry_.cluster_bits;
-    uint64_t first = offset / cs, last = (offset + length - 1) / cs;
-    std::vector<std::byte> buf(cs);
-    for (uint64_t c = first; c <= last; ++c) {
-        // A cluster without a host cluster gets one holding what it reads as now (copy-on-write
-        // with nothing new): the same path as a write, so every rule above applies.
-        uint64_t at = c << cb, n = std::min<uint64_t>(cs, size() - at);
-        auto guard = co_await range_lock_->lock(at, cs, cache::RangeLock::Mode::exclusive);
-        uint64_t l1_index = geometry_.l1_index(GuestOffset{at});
-        const HostOffset l2 = l1_index < l1_.size() ? format::decode_l1(l1_[l1_index], cb).l2_table() : HostOffset{0};
-        if (l2.value != 0) {
-            auto [raw, bitmap] = co_await load_l2_entry(l2, geometry_.l2_index(GuestOffset{at}));
-            if (fully_allocated(co_await decode_l2_checked(raw, bitmap, at))) continue;
-        }
-        std::exception_ptr error;
-        try {
-            co_await read_mapped(active_l1(), at, std::span<std::byte>(buf).first(n));
-        } catch (...) {
-            error = std::current_exception();
-        }
-        if (error) std::rethrow_exception(co_await reported(error));
+    {
+        auto meta = co_await meta_mutex_.lock();
+        check_writable();
+        co_await prepare_write();
+    }
+    const ClusterGeometry& g = geometry_;
+    const uint64_t cs = g.cluster_size();
+    const uint64_t end = div_ceil(offset + length, cs) * cs;
+    // One pass: a piece of at most 1 MiB (one cluster at least) inside one L2 table at a time;
+    // its clusters without a host cluster of their own (for every subcluster) get one holding
+    // what they read as now (backing data, compressed data, zeros): copy-on-write with nothing
+    // new, through the write path, so every rule above applies. Adjacent ones are read at once
+    // and written at once (contiguous new clusters); clusters already allocated are skipped.
+    const uint64_t piece = std::max<uint64_t>(cs, 1u << 20);
+    std::vector<std::byte> buf;
+    for (uint64_t at = offset / cs * cs; at < end;) {
+        const uint64_t piece_end = std::min({end, at + piece, at + g.remaining_in_l2_table(GuestOffset{at})});
+        auto guard = co_await range_lock_->lock(at, piece_end - at, cache::RangeLock::Mode::exclusive);
+        check_writable();
+        const uint64_t disk_end = std::min(piece_end, size());
+        std::vector<std::pair<uint64_t, uint64_t>> runs;  // (offset, end) to allocate
         {
             auto meta = co_await meta_mutex_.lock();
             check_writable();
-            co_await prepare_write();
+            for (uint64_t c = at; c < disk_end; c += cs) {
+                const std::optional<format::L2Entry> e = co_await active_entry(GuestOffset{c});
+                if (e && fully_allocated(*e)) continue;
+                const uint64_t c_end = std::min(c + cs, disk_end);
+                if (!runs.empty() && runs.back().second == c)
+                    runs.back().second = c_end;
+                else
+                    runs.emplace_back(c, c_end);
+            }
         }
-        co_await write_locked(at, std::span<const std::byte>(buf).first(n));
+        for (auto [from, to] : runs) {
+            buf.resize(to - from);
+            std::exception_ptr error;
+            try {
+                co_await read_mapped(active_l1(), from, buf);
+            } catch (...) {
+                error = std::current_exception();
+            }
+            if (error) std::rethrow_exception(co_await reported(error));
+            co_await write_locked(from, buf);
+        }
+        at = piece_end;
     }
 }
 

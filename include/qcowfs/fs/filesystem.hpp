@@ -53,6 +53,9 @@ struct FsOptions {
     /// -o force_share: images are read without taking or checking QEMU's image locks (QEMU's
     /// -U); the mount is then read-only.
     bool force_share = false;
+    /// -o copy_on_read: reads of writable images copy backing data into them (qcow2::Disk::
+    /// set_copy_on_read); the xattr user.qcowfs.copy_on_read overrides it per image.
+    bool copy_on_read = false;
     size_t refcount_memory_bytes = 32u << 20;  // qcow2::OpenOptions::refcount_memory
     size_t scan_limit_bytes = size_t{1} << 30; // qcow2::OpenOptions::scan_limit
     unsigned scan_interval_ms = 400;
@@ -231,6 +234,9 @@ private:
     Task<void> close_disk(ImageSlot& slot);
     /// Durable write-back (Disk::flush) if the disk has changed since the last one.
     Task<void> flush_slot(std::shared_ptr<ImageSlot> slot);
+    /// Whether reads of image (dev, ino) copy backing data into it: its xattr setting, else
+    /// -o copy_on_read. Any thread.
+    bool copy_on_read_for(uint64_t dev, uint64_t ino) const;
     /// Why `node` cannot be opened for writing, or "" if it can.
     std::string write_refusal(const Node& node) const;
     void scanner_loop();
@@ -259,6 +265,10 @@ private:
     std::atomic<bool> stopping_{false};
     Gate requests_;  // every coroutine spawn() starts; its waiter runs on serve_strand_
     std::unique_ptr<asio::steady_timer> writeback_timer_;  // serve_strand_ only
+
+    /// Copy-on-read set per image through its xattr (host identity -> on), for the mount's life.
+    mutable std::mutex copy_on_read_mutex_;  // leaf lock; guards copy_on_read_
+    std::map<std::pair<uint64_t, uint64_t>, bool> copy_on_read_;
 
     mutable std::mutex tree_mutex_;  // guards tree_
     std::shared_ptr<const Tree> tree_;

@@ -69,11 +69,17 @@ public:
     /// first, so that the map shows them.
     Task<std::optional<uint64_t>> seek(BlockSource& view, uint64_t pos, bool want_data);
 
+    /// Turns copy-on-read of the active disk on or off (Image::set_copy_on_read: reads copy
+    /// what they find in the backing chain into the image, in the background). A disk that is
+    /// not writable() never copies; snapshots never do.
+    void set_copy_on_read(bool on) { image_->set_copy_on_read(on && writable()); }
+
     /// Writes `data` at `offset` into the cache. Like a regular file, a write past the end grows
     /// the disk first, to the end of the write. Returns the bytes written: fewer when a shrink
     /// came in between, 0 when it left the whole write past the end (ENOSPC for the caller).
     Task<size_t> write(uint64_t offset, std::span<const std::byte> data);
-    /// Makes [offset, offset + length) allocated or zero (see Fill), through the cache. `grow`:
+    /// Makes [offset, offset + length) allocated or zero (see Fill), through the cache (Fill::allocate
+    /// copies what the backing chain shows there into the image: Image::allocate). `grow`:
     /// a range past the end grows the disk first; otherwise the part past the end is ignored.
     Task<void> fill(Fill how, uint64_t offset, uint64_t length, bool grow);
     /// Changes the disk's size to `new_size` rounded up to a multiple of 512 bytes (QEMU reads a
@@ -90,7 +96,8 @@ public:
     /// cache.
     Task<void> flush();
     /// True if the disk has been changed since the start of the last successful flush() (or
-    /// still holds cached data): what the periodic write-back flushes.
+    /// still holds cached data, or copy-on-read has copied into it): what the periodic
+    /// write-back flushes.
     bool changed_since_flush() const;
     /// "N bytes of cached writes (guest ranges 0x..+len, ...) are lost: WHY": what is dropped
     /// with a cache whose write-back failed.
@@ -112,6 +119,7 @@ private:
     cache::RangeLock size_lock_;
     uint64_t changes_ = 0;          // bumped by every change to the disk since it was opened
     uint64_t flushed_changes_ = 0;  // `changes_` as of the start of the last successful flush
+    uint64_t flushed_copied_ = 0;   // Image::copy_stats().copied_bytes as of then
     std::function<void(uint64_t)> on_resize_;
 };
 

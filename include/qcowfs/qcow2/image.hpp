@@ -12,7 +12,9 @@
 #include <span>
 #include <string>
 #include <system_error>
+#include <optional>
 #include <unordered_map>
+#include <unordered_set>
 #include <vector>
 
 #include "qcowfs/cache/data_cache.hpp"
@@ -24,6 +26,7 @@
 #include "qcowfs/io/file.hpp"
 #include "qcowfs/qcow2/overlap.hpp"
 #include "qcowfs/qcow2/refcount.hpp"
+#include "qcowfs/util/async_event.hpp"
 #include "qcowfs/util/async_mutex.hpp"
 #include "qcowfs/util/task.hpp"
 
@@ -45,6 +48,9 @@ struct OpenOptions {
     /// counts at least 4 KiB). Past it, a dirty image is not written (EIO), and a clean image is
     /// written without the check (the overlap check still guards its metadata).
     uint64_t scan_limit = uint64_t{1} << 30;
+    /// Copy-on-read: bytes of read data that copies into this image may hold while they wait or
+    /// run; a read finding more pending is not copied (Image::set_copy_on_read).
+    size_t copy_on_read_pending_bytes = 32u << 20;
     /// Open the image (and its external data file) read-write so that the active disk can be
     /// written. Nothing on disk changes until the first write. Backing files stay read-only.
     bool writable = false;
@@ -165,7 +171,8 @@ public:
     /// otherwise clusters this image owns stay allocated. Partial clusters get zeros written.
     Task<void> write_zeroes(uint64_t offset, uint64_t length, bool discard);
     /// Allocates host clusters for every cluster of the range that has none, content unchanged
-    /// (fallocate mode 0).
+    /// (fallocate mode 0): data showing through from the backing chain is copied into this image.
+    /// One pass of 1 MiB pieces; clusters already allocated (every subcluster) are skipped.
     Task<void> allocate(uint64_t offset, uint64_t length);
     /// Changes the virtual size. Growing: the new part reads as zeros (the L1 table grows and
     /// moves when needed). Shrinking: clusters past the new end are released; ENOTSUP if the
@@ -179,6 +186,25 @@ public:
     Task<void> close();
     /// The internal snapshot with this ID (loads its L1 table). Throws ENOENT if there is none.
     Task<std::shared_ptr<View>> snapshot(const std::string& id);
+
+    // ---- Copy-on-read (image_copy_on_read.cpp; docs/architecture.md, "Copy-on-read") ---------
+    /// While on, every read of the active disk that finds bytes in the backing chain (below
+    /// unallocated clusters or subclusters of this image) starts a copy of them into this image
+    /// once the read has its data: a background coroutine on the image's strand that writes what
+    /// is still unallocated when it runs, under the range lock, through the write path. Reads are
+    /// never delayed or failed by it. Has no effect on an image that cannot be written, has no
+    /// backing file, or on snapshots. A copy that fails other than with EROFS logs one line and
+    /// stops copy-on-read for the image until it is turned on again.
+    void set_copy_on_read(bool on);
+    bool copy_on_read() const { return copy_on_read_; }
+    /// Returns once no copy started by a read is pending or running (close() waits for them).
+    Task<void> copies_done();
+    /// What copy-on-read has done since the image was opened (for tests and logs).
+    struct CopyStats {
+        uint64_t copied_bytes = 0;   // guest bytes written into this image by copies
+        uint64_t skipped_bytes = 0;  // backing bytes read but not copied: too much was pending
+    };
+    const CopyStats& copy_stats() const { return copy_stats_; }
 
 private:
     friend class View;
@@ -218,9 +244,16 @@ private:
     /// active one under a shared range lock (writes hold exclusive ones). Corruption found on the
     /// way is reported (reported()).
     Task<void> view_read(const L1Table* snapshot, uint64_t offset, std::span<std::byte> buf);
+    /// A guest range a read took from the backing file.
+    struct BackingRead {
+        uint64_t offset = 0;
+        uint64_t length = 0;
+    };
     /// Reads guest range [offset, offset + buf.size()) mapped through `l1`; the range must lie
     /// inside the view's size. Throws ImageCorruption for inconsistent metadata of this image.
-    Task<void> read_mapped(const L1Table& l1, uint64_t offset, std::span<std::byte> buf);
+    /// `from_backing`: receives the ranges read from the backing file (not past its end).
+    Task<void> read_mapped(const L1Table& l1, uint64_t offset, std::span<std::byte> buf,
+                           std::vector<BackingRead>* from_backing = nullptr);
     /// The L2 table of L1 entry `l1_index` of `l1` for reading: its host offset, 0 if none (also
     /// past the table's end). ImageCorruption for an invalid entry or one into the header.
     Task<HostOffset> l2_table_for_read(const L1Table& l1, uint64_t l1_index);
@@ -358,6 +391,29 @@ private:
     Task<void> flush_locked();
     /// Rewrites the fixed header fields from meta_.header and syncs.
     Task<void> write_header();
+    /// The entry of guest offset `guest` in the active L2 table (meta_mutex_ held), nullopt when
+    /// its L2 table is not allocated. Inconsistent entries mark the image corrupt (EIO).
+    Task<std::optional<format::L2Entry>> active_entry(GuestOffset guest);
+
+    // ---- Copy-on-read (image_copy_on_read.cpp) --------------------------------------------------
+    struct CopyRun;
+    /// True if reads of the active disk start copies now.
+    bool copies_wanted() const;
+    /// After a read of the active disk at `offset` (`buf` its data): claims the subclusters of
+    /// `from_backing` that no copy holds yet and starts copy_runs on them with a copy of their
+    /// bytes, unless that would pass the pending limit. Does not wait.
+    void start_copy(const Executor& strand, uint64_t offset, std::span<const std::byte> buf,
+                    const std::vector<BackingRead>& from_backing);
+    /// The background copy of one read: copy_range for each run, then gives its claims back.
+    Task<void> copy_runs(std::vector<CopyRun> runs, std::vector<std::byte> data);
+    /// Copies the parts of [offset, offset + data.size()) where the backing chain has data.
+    Task<void> copy_range(uint64_t offset, std::span<const std::byte> data);
+    /// Writes `data` (the backing chain's bytes at `offset`) into the subclusters of its range
+    /// that are still unallocated here, holding the range lock (exclusive, whole clusters) from
+    /// the check to the write: anything written, zeroed or discarded since the read is newer
+    /// and stays.
+    Task<void> fill_unallocated(uint64_t offset, std::span<const std::byte> data);
+
     /// Resize helpers (meta_mutex_ held).
     Task<void> grow_l1(uint64_t entries, uint64_t new_size);
     Task<void> release_beyond(uint64_t new_size);
@@ -389,6 +445,15 @@ private:
     MetadataMap metadata_map_;  // where metadata lies, for the overlap checks
     std::vector<MetadataMap::Area> bitmap_areas_;  // bitmap directory and tables (fixed while open)
     std::weak_ptr<View> active_view_;
+
+    // Copy-on-read (strand only).
+    bool copy_on_read_ = false;
+    std::string copy_stopped_;              // why copies stopped (a failure), "" while they may run
+    std::unordered_set<uint64_t> copying_;  // guest subclusters claimed by a copy not yet done
+    size_t copy_pending_bytes_ = 0;         // data held by copies not yet done
+    size_t copies_running_ = 0;             // copy_runs coroutines started and not yet done
+    std::shared_ptr<AsyncEvent> copies_idle_;  // set when copies_running_ drops to 0 (copies_done)
+    CopyStats copy_stats_;
 
     // Decompressed cluster cache: host offset -> cluster, LRU order in compressed_lru_.
     std::unordered_map<uint64_t, std::pair<std::shared_ptr<const std::vector<std::byte>>, std::list<uint64_t>::iterator>>
