@@ -108,6 +108,7 @@ Task<void> Image::resize(uint64_t new_size) {
         co_await flush_locked();
         meta_.header.size = new_size;
         co_await write_header();
+        if (bitmaps_) bitmaps_->resize(new_size);  // bits past the end go, as QEMU truncates them
         co_return;
     }
     {
@@ -120,6 +121,8 @@ Task<void> Image::resize(uint64_t new_size) {
             meta_.header.size = new_size;
             co_await write_header();
         }
+        // The bitmaps grow with clear bits: a grow alone changes no data (QEMU marks nothing).
+        if (bitmaps_) bitmaps_->resize(new_size);
     }
     // The new part must read as zeros: the rest of the old last cluster may hold bytes from
     // before an earlier shrink, and a longer backing file would show through. Whole clusters, so
