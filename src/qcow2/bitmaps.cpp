@@ -200,10 +200,11 @@ Task<std::unique_ptr<DirtyBitmaps>> DirtyBitmaps::load(io::File& file, const for
     out->directory_bytes_ = std::move(dir);
     out->directory_ = entries;
     for (auto& e : entries) {
-        if ((e.flags & format::kBitmapInUse) || !(e.flags & format::kBitmapAuto)) continue;
+        if (e.flags & format::kBitmapInUse) continue;
         const uint64_t table_bytes = uint64_t{e.table_size} * 8;
         auto raw = co_await read_exact(file, e.table_offset, table_bytes, "bitmap table of '" + e.name + "'");
-        Bitmap b{e, {}, DirtyMap(e.granularity_bits, meta.header.cluster_size(), disk_size), UINT64_MAX, {}};
+        Bitmap b{e, {}, DirtyMap(e.granularity_bits, meta.header.cluster_size(), disk_size),
+                 (e.flags & format::kBitmapAuto) != 0, false, UINT64_MAX, {}};
         b.table.resize(e.table_size);
         for (uint32_t i = 0; i < e.table_size; ++i) {
             b.table[i] = format::load_be64(raw.data() + 8 * uint64_t{i});
@@ -224,7 +225,7 @@ Task<std::unique_ptr<DirtyBitmaps>> DirtyBitmaps::load(io::File& file, const for
 
 DirtyBitmaps::Bitmap& DirtyBitmaps::find(const std::string& name) {
     for (Bitmap& b : tracked_)
-        if (b.entry.name == name) return b;
+        if (b.entry.name == name && b.enabled) return b;
     for (const auto& e : directory_) {
         if (e.name != name) continue;
         if (e.flags & format::kBitmapInUse)
@@ -236,19 +237,24 @@ DirtyBitmaps::Bitmap& DirtyBitmaps::find(const std::string& name) {
 }
 
 void DirtyBitmaps::mark(uint64_t offset, uint64_t length) {
-    for (Bitmap& b : tracked_) b.written.set(offset, length);
+    for (Bitmap& b : tracked_)
+        if (b.enabled) b.written.set(offset, length);
 }
 
 void DirtyBitmaps::resize(uint64_t disk_size) {
     for (Bitmap& b : tracked_) b.written.resize(disk_size);
 }
 
-Task<void> DirtyBitmaps::mark_in_use(io::File& file) {
-    if (marked_in_use_ || tracked_.empty()) co_return;
-    for (const Bitmap& b : tracked_)
-        format::store_be32(directory_bytes_.data() + b.entry.position + 12, b.entry.flags | format::kBitmapInUse);
+Task<void> DirtyBitmaps::mark_in_use(io::File& file, bool all) {
+    std::vector<Bitmap*> now;
+    for (Bitmap& b : tracked_)
+        if (!b.marked && (all || b.enabled)) now.push_back(&b);
+    if (now.empty()) co_return;
+    for (const Bitmap* b : now)
+        format::store_be32(directory_bytes_.data() + b->entry.position + 12, b->entry.flags | format::kBitmapInUse);
     co_await file.write_at(directory_offset_, directory_bytes_);
     co_await file.flush();
+    for (Bitmap* b : now) b->marked = true;
     marked_in_use_ = true;
 }
 

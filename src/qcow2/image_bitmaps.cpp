@@ -84,6 +84,7 @@ Task<void> Image::store_bitmaps() {
 
     std::vector<format::BitmapDirectoryEntry> directory = bitmaps_->directory();
     for (DirtyBitmaps::Bitmap& b : bitmaps_->tracked()) {
+        if (!b.marked) continue;  // a disabled bitmap the disk's size never changed under
         const uint64_t entries = format::bitmap_table_entries(size(), b.entry.granularity_bits, cb);
         if (entries > 0x8000000) fail(EFBIG, "bitmap '" + b.entry.name + "' would need more than 2^27 table entries");
         std::vector<uint64_t> table(entries, 0);

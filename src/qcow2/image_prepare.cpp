@@ -201,7 +201,7 @@ Task<void> Image::claim_header_for_writing() {
     // The enabled bitmaps are kept up to date in memory and written back at close: until then
     // they are in use, set before the first write can make the stored bits stale (disabled ones
     // and those already in use stay as they are).
-    if (bitmaps_) co_await bitmaps_->mark_in_use(*file_);
+    if (bitmaps_) co_await bitmaps_->mark_in_use(*file_, false);
     // Autoclear bits qcowfs keeps true: bitmaps (kept up to date), and the raw external data
     // file (data clusters stay at their guest offset, zeroing zeroes the data file too).
     uint64_t keep = format::kAutoclearBitmaps | format::kAutoclearDataFileRaw;

@@ -98,6 +98,8 @@ Task<void> Image::resize(uint64_t new_size) {
         auto meta = co_await meta_mutex_.lock();
         check_writable();
         co_await prepare_write();
+        // Every consistent bitmap follows the new size, disabled ones too: in use until close.
+        if (bitmaps_) co_await bitmaps_->mark_in_use(*file_, true);
     }
     uint64_t lo = std::min(old_size, new_size) / cs * cs;
     auto guard = co_await range_lock_->lock(lo, UINT64_MAX - lo, cache::RangeLock::Mode::exclusive);

@@ -90,15 +90,18 @@ private:
 void clear_bits(std::span<uint8_t> bits, uint64_t from, uint64_t to);
 
 /// The persistent dirty bitmaps of one image as qcowfs keeps them: the directory as it was at
-/// open, and for every bitmap that is enabled (auto) and consistent (not in use) its table and a
-/// DirtyMap of what was written since. Bitmaps in use at open (inconsistent: QEMU will not use
-/// them) and disabled ones are never changed. All calls on the image's strand.
+/// open, and for every consistent bitmap (not in use) its table and a DirtyMap of what was written
+/// since (enabled bitmaps only: disabled ones take no bits, but follow a resize, as in QEMU).
+/// Bitmaps in use at open (inconsistent: QEMU will not use them) are never changed. All calls on
+/// the image's strand.
 class DirtyBitmaps {
 public:
     struct Bitmap {
         format::BitmapDirectoryEntry entry;  // as found at open
         std::vector<uint64_t> table;         // raw bitmap table entries as found at open
         DirtyMap written;
+        bool enabled = false;  // auto: takes the bits of every write
+        bool marked = false;   // set in use on disk by mark_in_use: written back at close
         uint64_t stored_index = UINT64_MAX;  // the one stored page kept for reads (stored_page)
         std::vector<uint8_t> stored;
     };
@@ -112,20 +115,21 @@ public:
     /// The directory entries as found at open, every bitmap, in order.
     const std::vector<format::BitmapDirectoryEntry>& directory() const { return directory_; }
     std::vector<Bitmap>& tracked() { return tracked_; }
-    /// The tracked bitmap `name`: ENOENT if there is none or it is disabled, EIO if it was in
+    /// The enabled bitmap `name`: ENOENT if there is none or it is disabled, EIO if it was in
     /// use when the image was opened (inconsistent).
     Bitmap& find(const std::string& name);
 
-    /// A guest write, zeroing or discard of [offset, offset + length): every tracked bitmap's
-    /// bits. Synchronous; call it once the bitmaps are marked in use on disk (mark_in_use).
+    /// A guest write, zeroing or discard of [offset, offset + length): every enabled bitmap's
+    /// bits. Synchronous; call it once they are marked in use on disk (mark_in_use).
     void mark(uint64_t offset, uint64_t length);
     /// A change of the disk's size (DirtyMap::resize on every tracked bitmap).
     void resize(uint64_t disk_size);
 
-    /// Sets the in_use flag of the tracked bitmaps in the directory on disk (flags words only,
-    /// rewritten in place, then a flush), once. Call it before the first write reaches the disk.
-    Task<void> mark_in_use(io::File& file);
-    /// True once mark_in_use has written the flags: close must write the bitmaps back.
+    /// Sets the in_use flag of the enabled bitmaps (`all`: of every consistent one, before a
+    /// resize changes them all) in the directory on disk (flags words only, rewritten in place,
+    /// then a flush), each once. Call it before the first write (or resize) reaches the disk.
+    Task<void> mark_in_use(io::File& file, bool all);
+    /// True once mark_in_use has written a flag: close must write the bitmaps back.
     bool marked_in_use() const { return marked_in_use_; }
 
     /// Page `index` of `b` as it is now (stored bits merged with the written ones): page_bytes.
