@@ -529,25 +529,12 @@ TEST_CASE("write-back at close: a power cut at any write or flush leaves the bit
         io::MemFile mem("img", original);
         test::PowerCutFile* cut = nullptr;
         asio::io_context io;
-        qcow2::OpenOptions o;
-        o.writable = true;
-        o.opener = [&](const std::string&, bool) {
-            auto f = std::make_unique<test::PowerCutFile>(mem);
-            cut = f.get();
-            return f;
-        };
-        auto image = test::run(io, qcow2::Image::open(path, o));
+        auto image = test::run(io, qcow2::Image::open(path, test::power_cut_options(mem, cut)));
         tracked_writes(io, *image, std::move(models));
         test::run(io, image->flush());
         cut->ops = 0;
         cut->ops_left = cut_after;
-        try {
-            test::run(io, image->close());
-        } catch (const std::system_error&) {
-        }
-        if (ops_seen) *ops_seen = cut->ops;
-        mem.crash();
-        return mem.content();
+        return test::after_power_cut(mem, *cut, ops_seen, [&] { test::run(io, image->close()); });
     };
     long total = 0;
     scenario(-1, &total, {&b0, &b1});
