@@ -81,22 +81,6 @@ Task<std::vector<BitmapArea>> bitmap_metadata_areas(io::File& file, const format
     co_return areas;
 }
 
-Task<void> mark_bitmaps_in_use(io::File& file, const format::ImageMetadata& meta) {
-    const format::BitmapsExtension* ext = format::active_bitmaps(meta);
-    if (!ext) co_return;
-    auto [dir, entries] = co_await load_directory(file, meta, *ext);
-    bool changed = false;
-    for (const auto& e : entries) {
-        // Disabled bitmaps are never changed by a write: they stay consistent.
-        if ((e.flags & format::kBitmapInUse) || !(e.flags & format::kBitmapAuto)) continue;
-        format::store_be32(dir.data() + e.position + 12, e.flags | format::kBitmapInUse);
-        changed = true;
-    }
-    if (!changed) co_return;
-    co_await file.write_at(ext->bitmap_directory_offset, dir);
-    co_await file.flush();
-}
-
 // ---- DirtyMap ----------------------------------------------------------------------------------
 
 namespace {

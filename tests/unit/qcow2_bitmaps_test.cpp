@@ -1,5 +1,6 @@
 // Persistent dirty bitmaps over images made by qemu-img: the clusters they own, marking them in use
-// (qemu-img info shows the flag, qemu-img check stays clean), no-ops, and invalid directories.
+// (qemu-img info shows the flag, qemu-img check stays clean), no-ops, invalid directories, the bits
+// kept in memory (DirtyMap) and their write-back at close, checked with qemu-nbd and power cuts.
 #include <doctest/doctest.h>
 #include <stdlib.h>
 #include <sys/wait.h>
@@ -76,6 +77,12 @@ void run_void(asio::io_context& io, Task<void> task) {
     }(std::move(task)));
 }
 
+/// What the first write does to the bitmaps: load them, mark the enabled consistent ones in use.
+Task<void> mark_in_use(io::File& file, format::ImageMetadata meta) {
+    auto bitmaps = co_await qcow2::DirtyBitmaps::load(file, meta, meta.header.size);
+    co_await bitmaps->mark_in_use(file, false);
+}
+
 std::vector<uint64_t> clusters_of(io::File& file, const format::ImageMetadata& meta) {
     asio::io_context io;
     return test::run(io, qcow2::bitmap_clusters(file, meta));
@@ -97,7 +104,7 @@ std::string make_bitmap_image(const TempDir& dir, const std::string& cluster_siz
 
 }  // namespace
 
-TEST_CASE("mark_bitmaps_in_use: qemu-img info shows in-use, qemu-img check stays clean") {
+TEST_CASE("DirtyBitmaps::mark_in_use: qemu-img info shows in-use, qemu-img check stays clean") {
     if (!have_qemu()) {
         MESSAGE("qemu-img/qemu-io not found: skipped");
         return;
@@ -117,7 +124,7 @@ TEST_CASE("mark_bitmaps_in_use: qemu-img info shows in-use, qemu-img check stays
         io::MemFile mem("img", image);
         CountingFile file(mem);
         asio::io_context io;
-        run_void(io, qcow2::mark_bitmaps_in_use(file, meta));
+        run_void(io, mark_in_use(file, meta));
         CHECK(file.writes == 1);  // the directory, rewritten in place
         CHECK(file.flushes == 1);
         auto marked = mem.content();
@@ -140,7 +147,7 @@ TEST_CASE("mark_bitmaps_in_use: qemu-img info shows in-use, qemu-img check stays
         // Marking again writes nothing.
         io::MemFile again_mem("img", marked);
         CountingFile again(again_mem);
-        run_void(io, qcow2::mark_bitmaps_in_use(again, metadata_of(marked)));
+        run_void(io, mark_in_use(again, metadata_of(marked)));
         CHECK(again.writes == 0);
         CHECK(again.flushes == 0);
         CHECK(again_mem.content() == marked);
@@ -194,7 +201,7 @@ TEST_CASE("without bitmaps, or with the autoclear bit clear, nothing is listed o
         io::MemFile mem("img", image);
         CountingFile file(mem);
         asio::io_context io;
-        run_void(io, qcow2::mark_bitmaps_in_use(file, metadata_of(image)));
+        run_void(io, mark_in_use(file, metadata_of(image)));
         CHECK(file.writes + file.flushes == 0);
         CHECK(clusters_of(file, metadata_of(image)).empty());
     }
@@ -208,7 +215,7 @@ TEST_CASE("without bitmaps, or with the autoclear bit clear, nothing is listed o
         io::MemFile mem("img", image);
         CountingFile file(mem);
         asio::io_context io;
-        run_void(io, qcow2::mark_bitmaps_in_use(file, metadata_of(image)));
+        run_void(io, mark_in_use(file, metadata_of(image)));
         CHECK(file.writes + file.flushes == 0);
         CHECK(clusters_of(file, metadata_of(image)).empty());
     }
@@ -223,7 +230,7 @@ TEST_CASE("an invalid bitmap directory or table is EIO and nothing is written") 
     const uint64_t d = ext.bitmap_directory_offset;
     const uint64_t table0 = format::load_be64(image.data() + d);
 
-    // Both entry points refuse the image (mark_bitmaps_in_use does not read the tables).
+    // Both entry points refuse the image (mark_in_use only for what it reads before the tables).
     auto expect_eio = [&](const std::vector<std::byte>& bytes, const std::string& words, bool tables_only = false) {
         CAPTURE(words);
         auto m = metadata_of(bytes);
@@ -234,7 +241,7 @@ TEST_CASE("an invalid bitmap directory or table is EIO and nothing is written") 
         CHECK(test::thrown_errno([&] { clusters_of(file, m); }, &what) == EIO);
         CHECK_MESSAGE(what.find(words) != std::string::npos, what);
         if (!tables_only) {
-            CHECK(test::thrown_errno([&] { run_void(io, qcow2::mark_bitmaps_in_use(file, m)); }, &what) == EIO);
+            CHECK(test::thrown_errno([&] { run_void(io, mark_in_use(file, m)); }, &what) == EIO);
             CHECK_MESSAGE(what.find(words) != std::string::npos, what);
         }
         CHECK(file.writes + file.flushes == 0);

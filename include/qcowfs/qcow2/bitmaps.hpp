@@ -40,15 +40,6 @@ struct BitmapArea {
 };
 Task<std::vector<BitmapArea>> bitmap_metadata_areas(io::File& file, const format::ImageMetadata& meta);
 
-/// Sets the in_use flag of every enabled (auto) bitmap in the directory (rewritten in place) and flushes, so
-/// QEMU treats them as inconsistent instead of trusting stale bits. No-op without bitmaps or
-/// when the autoclear bitmaps bit is clear, and without any write when every bitmap is already
-/// in use. Call it, and let it return, before the first guest write that could make a bitmap
-/// stale. Only the flags words change, so a torn rewrite still leaves a valid directory.
-/// Throws std::system_error(EIO) for an invalid directory (nothing is written then), or the
-/// I/O error.
-Task<void> mark_bitmaps_in_use(io::File& file, const format::ImageMetadata& meta);
-
 /// The chunks of one bitmap that were written since the image was opened: one bit per
 /// 2^granularity_bits guest bytes, bit order as on disk (chunk i is bit i % 8 of byte i / 8), in
 /// pages of `page_bytes` bytes (the image's cluster size, so one page is the data of one bitmap
@@ -126,8 +117,12 @@ public:
     void resize(uint64_t disk_size);
 
     /// Sets the in_use flag of the enabled bitmaps (`all`: of every consistent one, before a
-    /// resize changes them all) in the directory on disk (flags words only, rewritten in place,
-    /// then a flush), each once. Call it before the first write (or resize) reaches the disk.
+    /// resize changes them all) in the directory on disk, each once, so that QEMU does not trust
+    /// bits that are about to go stale. Call it, and let it return, before the first write (or
+    /// resize) reaches the disk. The directory is rewritten in place, then flushed; only flags
+    /// words change, so a torn rewrite still leaves a valid directory. No write at all when
+    /// nothing is left to mark (no bitmaps, autoclear bit clear, all in use already). Throws the
+    /// I/O error.
     Task<void> mark_in_use(io::File& file, bool all);
     /// True once mark_in_use has written a flag: close must write the bitmaps back.
     bool marked_in_use() const { return marked_in_use_; }
