@@ -117,7 +117,8 @@ DirtyMap::DirtyMap(uint32_t granularity_bits, uint64_t page_bytes, uint64_t disk
     : granularity_bits_(granularity_bits),
       page_bytes_(page_bytes),
       disk_size_(disk_size),
-      cut_(chunks_of(disk_size, granularity_bits)) {}
+      cut_(chunks_of(disk_size, granularity_bits)),
+      initial_chunks_(cut_) {}
 
 uint64_t DirtyMap::chunks() const { return chunks_of(disk_size_, granularity_bits_); }
 
@@ -266,8 +267,7 @@ Task<std::vector<uint8_t>> DirtyBitmaps::page(io::File& file, Bitmap& b, uint64_
 }
 
 bool DirtyBitmaps::page_changed(const Bitmap& b, uint64_t index) const {
-    const uint64_t per_page = b.written.chunks_per_page();
-    return b.written.pages().count(index) || index >= b.table.size() || b.written.cut() < (index + 1) * per_page;
+    return b.written.pages().count(index) || index >= b.table.size() || b.written.cut_into(index);
 }
 
 Task<std::pair<bool, uint64_t>> DirtyBitmaps::run(io::File& file, Bitmap& b, uint64_t offset, uint64_t disk_size) {

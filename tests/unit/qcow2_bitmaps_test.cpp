@@ -331,8 +331,10 @@ TEST_CASE("DirtyMap: the chunks a range touches, pages made on demand, a shrink 
     CHECK(m.pages().size() == 1);
     CHECK(m.memory_bytes() == 512);
 
+    CHECK(!m.cut_into(0));
     m.resize(5 * 65536 + 1);  // 6 chunks, the last one partial: 159 goes, 5 stays
     CHECK(m.cut() == 6);
+    CHECK(m.cut_into(0));
     CHECK(!m.test(159));
     CHECK(m.test(5));
     m.resize(20 << 20);  // a grow adds clear bits, and the cut stays

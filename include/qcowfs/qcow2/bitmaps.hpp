@@ -60,6 +60,8 @@ public:
     /// The fewest chunks the disk had since the map was made: bits of the data stored before, at
     /// or past this chunk, were dropped by a shrink and no longer count.
     uint64_t cut() const { return cut_; }
+    /// True if a shrink dropped stored bits of page `index` (the cut lies in it or before it).
+    bool cut_into(uint64_t index) const { return cut_ < initial_chunks_ && cut_ < (index + 1) * chunks_per_page(); }
     uint64_t chunks_per_page() const { return page_bytes_ * 8; }
     /// The pages holding set bits, by page index.
     const std::map<uint64_t, std::vector<uint8_t>>& pages() const { return pages_; }
@@ -74,6 +76,7 @@ private:
     uint64_t page_bytes_;
     uint64_t disk_size_;
     uint64_t cut_;
+    uint64_t initial_chunks_;  // chunks when the map was made
     std::map<uint64_t, std::vector<uint8_t>> pages_;
 };
 
