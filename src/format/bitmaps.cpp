@@ -1,6 +1,9 @@
 // Parses and validates the bitmap directory and bitmap table entries of persistent dirty bitmaps.
 #include "qcowfs/format/bitmaps.hpp"
 
+#include <algorithm>
+#include <cstring>
+
 #include "detail.hpp"
 #include "qcowfs/format/error.hpp"
 
@@ -37,6 +40,7 @@ BitmapDirectoryEntry read_entry(std::span<const std::byte> dir, size_t at, const
     const uint64_t entry_bytes = round_up8(kEntryHeaderBytes + uint64_t{e.extra_data_size} + name_size);
     if (entry_bytes > dir.size() - at)
         corrupt(where + " (" + std::to_string(entry_bytes) + " bytes) is cut off by the end of the directory");
+    e.extra_data.assign(p + kEntryHeaderBytes, p + kEntryHeaderBytes + e.extra_data_size);
     e.name.assign(reinterpret_cast<const char*>(p + kEntryHeaderBytes + e.extra_data_size), name_size);
     return e;
 }
@@ -124,6 +128,54 @@ uint64_t decode_bitmap_table_entry(uint64_t raw, uint32_t cluster_bits) {
     if (raw & kTableEntryAllOnes) corrupt("has the all-ones bit set together with a data cluster");
     if (!aligned(offset, cluster_bits)) corrupt("points at a data cluster that is not cluster aligned");
     return offset;
+}
+
+uint64_t bitmap_data_bytes(uint64_t disk_size, uint32_t granularity_bits) {
+    const uint64_t chunks = (disk_size >> granularity_bits) + ((disk_size & ((uint64_t{1} << granularity_bits) - 1)) != 0);
+    return (chunks + 7) / 8;
+}
+
+uint64_t bitmap_table_entries(uint64_t disk_size, uint32_t granularity_bits, uint32_t cluster_bits) {
+    const uint64_t bytes = bitmap_data_bytes(disk_size, granularity_bits);
+    return std::max<uint64_t>(1, (bytes + (uint64_t{1} << cluster_bits) - 1) >> cluster_bits);
+}
+
+std::vector<std::byte> serialize_bitmap_directory(const std::vector<BitmapDirectoryEntry>& entries) {
+    std::vector<std::byte> out;
+    for (const BitmapDirectoryEntry& e : entries) {
+        const size_t at = out.size();
+        out.resize(at + round_up8(kEntryHeaderBytes + e.extra_data.size() + e.name.size()));
+        std::byte* p = out.data() + at;
+        store_be64(p, e.table_offset);
+        store_be32(p + 8, e.table_size);
+        store_be32(p + 12, e.flags);
+        p[16] = std::byte{e.type};
+        p[17] = std::byte{e.granularity_bits};
+        store_be16(p + 18, static_cast<uint16_t>(e.name.size()));
+        store_be32(p + 20, static_cast<uint32_t>(e.extra_data.size()));
+        std::copy(e.extra_data.begin(), e.extra_data.end(), p + kEntryHeaderBytes);
+        std::memcpy(p + kEntryHeaderBytes + e.extra_data.size(), e.name.data(), e.name.size());
+    }
+    return out;
+}
+
+std::optional<uint64_t> bitmaps_extension_position(std::span<const std::byte> c0, const Header& h) {
+    for (uint64_t at = h.header_length; at + 8 <= c0.size();) {
+        const uint32_t type = load_be32(c0.data() + at);
+        const uint32_t len = load_be32(c0.data() + at + 4);
+        if (type == 0) break;
+        if (type == kExtBitmaps) return at + 8;
+        at += 8 + round_up8(len);
+    }
+    return std::nullopt;
+}
+
+std::vector<std::byte> serialize_bitmaps_extension(const BitmapsExtension& ext) {
+    std::vector<std::byte> out(24);
+    store_be32(out.data(), ext.nb_bitmaps);
+    store_be64(out.data() + 8, ext.bitmap_directory_size);
+    store_be64(out.data() + 16, ext.bitmap_directory_offset);
+    return out;
 }
 
 }  // namespace qcowfs::format

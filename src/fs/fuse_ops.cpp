@@ -114,7 +114,7 @@ struct stat Filesystem::attr_of(const Tree& tree, const Node& node) const {
     struct stat st = node.attr;
     if (options_.read_only) st.st_mode &= ~kWriteBits;
     // The scanned size lags a resize by up to a scan interval; qcowfs knows the size now.
-    if (node.key.kind == NodeKey::Kind::image) {
+    if (node.key.kind == NodeKey::Kind::image || node.key.kind == NodeKey::Kind::bitmap) {
         if (auto size = images_.live_size(node.key.dev, node.key.ino, tree.scanned_at()))
             st.st_size = static_cast<off_t>(*size);
     }
@@ -124,6 +124,7 @@ struct stat Filesystem::attr_of(const Tree& tree, const Node& node) const {
 std::string Filesystem::write_refusal(const Node& node) const {
     if (options_.read_only) return "the file system is mounted read-only";
     if (node.key.kind == NodeKey::Kind::snapshot) return "snapshots are read-only";
+    if (node.key.kind == NodeKey::Kind::bitmap) return "bitmap files are read-only";
     if (!node.image) return "not an image";
     if (!node.image->read_only_reason.empty()) return node.image->read_only_reason;
     if (auto slot = images_.find(node.key.dev, node.key.ino); slot && slot->corrupt) return "the image is marked corrupt";
@@ -315,7 +316,8 @@ struct Filesystem::Handlers {
     /// What an open hands to its coroutine (libfuse's `fi` does not outlive the callback).
     struct OpenRequest {
         fuse_file_info info;
-        std::string snapshot_id;  // "": the active disk
+        std::string snapshot_id;  // "": the active disk (or a bitmap)
+        std::string bitmap;       // a bitmap file: the bitmap's name
         io::Credentials user;
         bool for_writing;     // the handle may write (or has O_TRUNC)
         bool writable_image;  // open the image writable (it is shared by every handle)
@@ -337,7 +339,9 @@ struct Filesystem::Handlers {
         const ImageInfo& image = *r->node->image;
         const bool writable_image = !fs.options_.read_only && image.read_only_reason.empty();
         auto slot = fs.images_.acquire(r->key.dev, r->key.ino, image.path, image.path_is_symlink);
-        OpenRequest rq{*fi, r->key.snapshot_id, credentials_of(req), for_writing, writable_image};
+        const bool bitmap = r->key.kind == NodeKey::Kind::bitmap;
+        OpenRequest rq{*fi, bitmap ? "" : r->key.snapshot_id, bitmap ? r->key.snapshot_id : "", credentials_of(req),
+                       for_writing, writable_image};
         run(
             req, slot, [&fs, req, slot, rq] { return open_file(fs, req, slot, rq); },
             [&fs, slot] { fs.release_slot(slot); });
@@ -367,9 +371,12 @@ struct Filesystem::Handlers {
         }
         auto of = std::make_unique<OpenFile>();
         of->slot = slot;
-        of->active = rq.snapshot_id.empty();
+        of->active = rq.snapshot_id.empty() && rq.bitmap.empty();
         of->writable = rq.for_writing;
-        of->view = co_await disk.view(rq.snapshot_id);
+        if (rq.bitmap.empty())
+            of->view = co_await disk.view(rq.snapshot_id);
+        else
+            of->view = co_await disk.bitmap_view(rq.bitmap);
         rq.info.fh = reinterpret_cast<uint64_t>(of.get());
         rq.info.keep_cache = 0;
         if (fuse_reply_open(req, &rq.info) == 0) of.release();

@@ -14,6 +14,7 @@
 #include <span>
 #include <utility>
 
+#include "qcowfs/format/bitmaps.hpp"
 #include "qcowfs/format/error.hpp"
 #include "qcowfs/format/header.hpp"
 #include "qcowfs/format/probe.hpp"
@@ -92,6 +93,27 @@ void run_probe(int fd, format::ImageProbe& probe) {
     }
 }
 
+/// Names of the enabled bitmaps of an image (the bitmap directory, read and validated; an
+/// invalid one lists none).
+std::vector<std::string> enabled_bitmaps(int fd, const format::ImageMetadata& meta) {
+    std::vector<std::string> names;
+    const format::BitmapsExtension* ext = format::active_bitmaps(meta);
+    if (!ext) return names;
+    try {
+        struct stat st {};
+        if (::fstat(fd, &st) != 0) return names;
+        const uint64_t file_size = static_cast<uint64_t>(st.st_size);
+        format::check_bitmap_directory_location(*ext, meta.header.cluster_bits, file_size);
+        std::vector<std::byte> dir(ext->bitmap_directory_size);
+        dir.resize(read_at(fd, dir, ext->bitmap_directory_offset));
+        for (auto& e : format::parse_bitmap_directory(dir, meta, file_size))
+            if (e.flags & format::kBitmapAuto) names.push_back(std::move(e.name));
+    } catch (const std::system_error&) {
+        names.clear();
+    }
+    return names;
+}
+
 /// Fills `info` from the probe's findings (header cluster and snapshot table, never more than
 /// that), doing the reads it asks for. Returns true when `info` also depends on the external
 /// data file (its size counts, or it is missing): such a result is not reused by the next scan.
@@ -125,6 +147,7 @@ bool parse_image(int fd, format::ImageProbe& probe, ImageInfo& info) {
         }
         info.snapshots.push_back(SnapshotInfo{std::move(s.id), std::move(s.name), s.disk_size});
     }
+    info.bitmaps = enabled_bitmaps(fd, meta);
     return reads_data_file;
 }
 
@@ -330,6 +353,20 @@ public:
                 n.attr = snapshot_attr(info, info.snapshots[i]);
                 n.image = item.image;
                 n.snapshot_index = static_cast<int>(i);
+                tree_.add(std::move(n));
+            }
+            // Bitmap files after the snapshots, which keep a name both would take.
+            for (const std::string& bitmap : info.bitmaps) {
+                NodeKey bkey{NodeKey::Kind::bitmap, dev, ino, bitmap};
+                std::string exposed = bitmap_raw_name(item.exposed, bitmap);
+                if (exposed.empty() || linked.count(bkey) != 0 || !claim(exposed, bkey) || tree_.find(bkey) != nullptr)
+                    continue;
+                Node n;
+                n.key = bkey;
+                n.name = std::move(exposed);
+                n.attr = image_attr(info, false);  // read-only, the disk's size
+                n.attr.st_blocks = 0;
+                n.image = item.image;
                 tree_.add(std::move(n));
             }
         }

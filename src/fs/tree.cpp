@@ -68,4 +68,11 @@ std::string snapshot_raw_name(std::string_view image_raw_name, std::string_view 
     return out;
 }
 
+std::string bitmap_raw_name(std::string_view image_raw_name, std::string_view bitmap_name) {
+    if (bitmap_name.empty() || bitmap_name.find('/') != std::string_view::npos ||
+        bitmap_name.find('\0') != std::string_view::npos)
+        return {};
+    return snapshot_raw_name(image_raw_name, std::string("bitmap-").append(bitmap_name));
+}
+
 }  // namespace qcowfs::fs

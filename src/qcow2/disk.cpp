@@ -47,17 +47,24 @@ Task<std::shared_ptr<BlockSource>> Disk::view(const std::string& snapshot_id) {
     co_return co_await image_->snapshot(snapshot_id);
 }
 
+Task<std::shared_ptr<BlockSource>> Disk::bitmap_view(const std::string& name) {
+    co_return co_await image_->bitmap(name);
+}
+
 Task<void> Disk::read(BlockSource& view, uint64_t offset, std::span<std::byte> buf) {
-    if (is_active(view) && cache_)
+    if (is_active(view) && cache_) {
         co_await cache_->read(offset, buf);
-    else
-        co_await view.read(offset, buf);
+        co_return;
+    }
+    // A bitmap's bits are set as writes reach the image: cached writes go there first.
+    if (is_bitmap(view) && cache_ && !cache_->empty()) co_await cache_->write_back();
+    co_await view.read(offset, buf);
 }
 
 Task<std::optional<uint64_t>> Disk::seek(BlockSource& view, uint64_t pos, bool want_data) {
     const uint64_t size = view.size();
     if (pos >= size) co_return std::nullopt;
-    if (is_active(view) && cache_ && !cache_->empty()) co_await cache_->write_back();
+    if ((is_active(view) || is_bitmap(view)) && cache_ && !cache_->empty()) co_await cache_->write_back();
     while (pos < size) {
         MapRun run = co_await view.map(pos);
         if (run.data == want_data) break;

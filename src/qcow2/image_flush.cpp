@@ -67,6 +67,8 @@ Task<void> Image::close() {
         auto meta = co_await meta_mutex_.lock();
         co_await flush_locked();
         co_await refcounts_->flush();  // the refcount decreases of the flush above
+        // The bitmaps last: consistent again only once all the data they describe is durable.
+        if (read_only_reason_.empty()) co_await store_bitmaps();
         if (clear_dirty_bit_ && read_only_reason_.empty()) {
             meta_.header.incompatible_features &= ~format::kIncompatDirty;
             co_await write_header();

@@ -46,6 +46,7 @@ Task<void> Image::init_writing() {
             bitmap_areas_.push_back({first.value, end.value, kMetaBitmapTable, a.what});
         }
         if (!bitmap_areas_.empty()) bitmap_areas_.front().kind = kMetaBitmapDirectory;
+        bitmaps_ = co_await DirtyBitmaps::load(*file_, meta_, size());
     } catch (const std::system_error& e) {
         bad = "bitmaps: " + reason_of(e);
     }
@@ -197,12 +198,11 @@ Task<void> Image::check_refcounts_cover_references() {
 Task<void> Image::claim_header_for_writing() {
     auto& h = meta_.header;
     bool header_changed = false;
-    if (meta_.extensions.bitmaps && (h.autoclear_features & format::kAutoclearBitmaps)) {
-        // The bitmaps are not updated by qcowfs: tell QEMU they are inconsistent before the first
-        // write can make them stale.
-        co_await mark_bitmaps_in_use(*file_, meta_);
-    }
-    // Autoclear bits qcowfs keeps true: bitmaps (marked in use above), and the raw external data
+    // The enabled bitmaps are kept up to date in memory and written back at close: until then
+    // they are in use, set before the first write can make the stored bits stale (disabled ones
+    // and those already in use stay as they are).
+    if (bitmaps_) co_await bitmaps_->mark_in_use(*file_, false);
+    // Autoclear bits qcowfs keeps true: bitmaps (kept up to date), and the raw external data
     // file (data clusters stay at their guest offset, zeroing zeroes the data file too).
     uint64_t keep = format::kAutoclearBitmaps | format::kAutoclearDataFileRaw;
     if (h.autoclear_features & ~keep) {

@@ -98,6 +98,8 @@ Task<void> Image::resize(uint64_t new_size) {
         auto meta = co_await meta_mutex_.lock();
         check_writable();
         co_await prepare_write();
+        // Every consistent bitmap follows the new size, disabled ones too: in use until close.
+        if (bitmaps_) co_await bitmaps_->mark_in_use(*file_, true);
     }
     uint64_t lo = std::min(old_size, new_size) / cs * cs;
     auto guard = co_await range_lock_->lock(lo, UINT64_MAX - lo, cache::RangeLock::Mode::exclusive);
@@ -108,6 +110,7 @@ Task<void> Image::resize(uint64_t new_size) {
         co_await flush_locked();
         meta_.header.size = new_size;
         co_await write_header();
+        if (bitmaps_) bitmaps_->resize(new_size);  // bits past the end go, as QEMU truncates them
         co_return;
     }
     {
@@ -120,6 +123,8 @@ Task<void> Image::resize(uint64_t new_size) {
             meta_.header.size = new_size;
             co_await write_header();
         }
+        // The bitmaps grow with clear bits: a grow alone changes no data (QEMU marks nothing).
+        if (bitmaps_) bitmaps_->resize(new_size);
     }
     // The new part must read as zeros: the rest of the old last cluster may hold bytes from
     // before an earlier shrink, and a longer backing file would show through. Whole clusters, so

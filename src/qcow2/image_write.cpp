@@ -150,6 +150,7 @@ Task<void> Image::write(uint64_t offset, std::span<const std::byte> data) {
         check_writable();
         co_await prepare_write();
     }
+    if (bitmaps_) bitmaps_->mark(offset, data.size());  // in use on disk since prepare_write
     const uint64_t cs = geometry_.cluster_size();
     uint64_t first = offset / cs * cs;
     uint64_t end = (offset + data.size() + cs - 1) / cs * cs;

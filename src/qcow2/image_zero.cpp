@@ -73,6 +73,7 @@ Task<void> Image::write_zeroes(uint64_t offset, uint64_t length, bool discard) {
         check_writable();
         co_await prepare_write();
     }
+    if (bitmaps_) bitmaps_->mark(offset, length);  // zeroing and discarding change the data too
     const uint64_t cs = geometry_.cluster_size();
     uint64_t first = offset / cs * cs;
     uint64_t last = (offset + length + cs - 1) / cs * cs;

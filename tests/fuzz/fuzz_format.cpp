@@ -219,23 +219,14 @@ void bitmap_directory_check(Bytes dir, const ImageMetadata& m, uint64_t file_siz
     size_t at = 0;
     for (const auto& e : entries) {
         FUZZ_EXPECT(e.position == at, "bitmap directory entries are not back to back");
-        std::byte head[24] = {};
-        store_be64(head, e.table_offset);
-        store_be32(head + 8, e.table_size);
-        store_be32(head + 12, e.flags);
-        head[16] = std::byte{e.type};
-        head[17] = std::byte{e.granularity_bits};
-        store_be16(head + 18, static_cast<uint16_t>(e.name.size()));
-        store_be32(head + 20, e.extra_data_size);
-        FUZZ_EXPECT(at + 24 <= dir.size() && std::memcmp(head, dir.data() + at, 24) == 0,
-               "bitmap directory entry fields do not re-encode to the bytes parsed");
-        size_t name_at = at + 24 + e.extra_data_size;
-        FUZZ_EXPECT(name_at + e.name.size() <= dir.size() &&
-                   std::memcmp(e.name.data(), dir.data() + name_at, e.name.size()) == 0,
-               "bitmap name not where the entry says");
+        // The entry as serialize_bitmap_directory writes it: header fields, extra data, name.
+        const std::vector<std::byte> again = serialize_bitmap_directory({e});
+        const size_t used = 24 + e.extra_data_size + e.name.size();
+        FUZZ_EXPECT(at + used <= dir.size() && std::memcmp(again.data(), dir.data() + at, used) == 0,
+               "bitmap directory entry does not re-encode to the bytes parsed");
         FUZZ_EXPECT(e.table_offset % m.header.cluster_size() == 0 && e.table_offset + uint64_t{e.table_size} * 8 <= file_size,
                "bitmap table accepted outside the file or unaligned");
-        at = (name_at + e.name.size() + 7) & ~size_t{7};
+        at = (at + used + 7) & ~size_t{7};
     }
     FUZZ_EXPECT(at == dir.size(), "bitmap directory has bytes after its last entry");
 }

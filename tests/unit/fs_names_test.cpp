@@ -1,4 +1,4 @@
-// Unit tests for exposed name mapping (raw_name, snapshot_raw_name) and the Tree node store.
+// Unit tests for exposed name mapping (raw_name, snapshot_raw_name, bitmap_raw_name) and the Tree node store.
 #include <doctest/doctest.h>
 
 #include "qcowfs/fs/tree.hpp"
@@ -7,6 +7,7 @@ using qcowfs::fs::Node;
 using qcowfs::fs::NodeKey;
 using qcowfs::fs::raw_name;
 using qcowfs::fs::snapshot_raw_name;
+using qcowfs::fs::bitmap_raw_name;
 using qcowfs::fs::Tree;
 
 TEST_CASE("raw_name strips one qcow2/qcow extension and appends .raw") {
@@ -31,6 +32,14 @@ TEST_CASE("snapshot_raw_name puts the snapshot label between the image base and 
     CHECK(snapshot_raw_name("a.qcow2.raw", "3") == "a.qcow2@3.raw");
     CHECK(snapshot_raw_name("disk.img.raw", "before upgrade") == "disk.img@before upgrade.raw");
     CHECK(snapshot_raw_name(raw_name("vm1.qcow2"), "s") == "vm1@s.raw");
+}
+
+TEST_CASE("bitmap_raw_name: NAME@bitmap-BITMAP.raw, nothing for a name a file cannot carry") {
+    CHECK(bitmap_raw_name("vm1.raw", "daily") == "vm1@bitmap-daily.raw");
+    CHECK(bitmap_raw_name("disk.img.raw", "odd name: x y") == "disk.img@bitmap-odd name: x y.raw");
+    CHECK(bitmap_raw_name("vm1.raw", "a/b").empty());
+    CHECK(bitmap_raw_name("vm1.raw", std::string("a\0b", 3)).empty());
+    CHECK(bitmap_raw_name("vm1.raw", "").empty());
 }
 
 namespace {

@@ -266,30 +266,19 @@ TEST_CASE("a power cut at any write or flush of the write path leaves only leaks
         io::MemFile mem("img", original);
         test::PowerCutFile* cut = nullptr;
         asio::io_context io;
-        qcow2::OpenOptions o;
-        o.writable = true;
-        o.opener = [&](const std::string&, bool) {
-            auto f = std::make_unique<test::PowerCutFile>(mem);
-            cut = f.get();
-            return f;
-        };
-        auto image = test::run(io, qcow2::Image::open(img, o));
+        auto image = test::run(io, qcow2::Image::open(img, test::power_cut_options(mem, cut)));
         test::run(io, image->write(10000, first));
         test::run(io, image->flush());
         cut->ops = 0;
         cut->ops_left = cut_after;
-        try {
+        return test::after_power_cut(mem, *cut, ops_seen, [&] {
             test::run(io, image->write(300 * 1024, second));       // new L2 tables, allocation
             test::run(io, image->write(1000, tail));                // COW out of the snapshot
             test::run(io, image->write_zeroes(200 * 1024, 8 * 1024, true));  // release
             test::run(io, image->resize(4 << 20));                  // L1 grows and moves
             test::run(io, image->write((4 << 20) - 4096, tail));
             test::run(io, image->close());
-        } catch (const std::system_error&) {
-        }
-        if (ops_seen) *ops_seen = cut->ops;
-        mem.crash();
-        return mem.content();
+        });
     };
 
     long total = 0;

@@ -19,6 +19,7 @@
 
 #include "qcowfs/format/error.hpp"
 #include "qcowfs/io/file.hpp"
+#include "qcowfs/qcow2/image.hpp"
 
 namespace qcowfs::test {
 
@@ -123,5 +124,31 @@ private:
     }
     io::File& inner_;
 };
+
+/// Runs `body` (it may fail at the power cut), tells how many writes and flushes `cut` saw,
+/// then cuts the power: what `mem` holds afterwards.
+template <class Body>
+std::vector<std::byte> after_power_cut(io::MemFile& mem, const PowerCutFile& cut, long* ops_seen, Body body) {
+    try {
+        body();
+    } catch (const std::system_error&) {
+    }
+    if (ops_seen) *ops_seen = cut.ops;
+    mem.crash();
+    return mem.content();
+}
+
+/// Options that open an image writable over `mem` through a PowerCutFile, which `cut` then
+/// points at (both must outlive the image).
+inline qcow2::OpenOptions power_cut_options(io::MemFile& mem, PowerCutFile*& cut) {
+    qcow2::OpenOptions o;
+    o.writable = true;
+    o.opener = [&mem, &cut](const std::string&, bool) {
+        auto f = std::make_unique<PowerCutFile>(mem);
+        cut = f.get();
+        return f;
+    };
+    return o;
+}
 
 }  // namespace qcowfs::test

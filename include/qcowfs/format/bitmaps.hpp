@@ -3,6 +3,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <optional>
 #include <span>
 #include <string>
 #include <vector>
@@ -27,6 +28,7 @@ struct BitmapDirectoryEntry {
     uint8_t granularity_bits = 0;
     uint32_t extra_data_size = 0;
     std::string name;
+    std::vector<std::byte> extra_data;  // kept as found, for a rewrite of the directory
     size_t position = 0;  // byte offset of the entry inside the directory (flags are at position + 12)
 };
 
@@ -50,5 +52,29 @@ std::vector<BitmapDirectoryEntry> parse_bitmap_directory(std::span<const std::by
 /// Throws std::system_error(EIO) for reserved bits, the all-ones bit together with a cluster, or a
 /// cluster that is not aligned; the reason reads on after "bitmap table entry (0x...)".
 uint64_t decode_bitmap_table_entry(uint64_t raw, uint32_t cluster_bits);
+
+/// A bitmap table entry: bit 0 set when the whole cluster's bits are ones and no cluster is
+/// stored; otherwise the data cluster's offset (0: all zeros).
+inline constexpr uint64_t kBitmapTableAllOnes = 1;
+
+/// Bytes of bitmap data of a disk of `disk_size` bytes, one bit per 2^granularity_bits bytes
+/// (the last chunk may be partial), rounded up to whole bytes.
+uint64_t bitmap_data_bytes(uint64_t disk_size, uint32_t granularity_bits);
+
+/// Entries of the bitmap table that holds that data in clusters of 2^cluster_bits bytes (at
+/// least 1, as QEMU writes it for an empty disk).
+uint64_t bitmap_table_entries(uint64_t disk_size, uint32_t granularity_bits, uint32_t cluster_bits);
+
+/// The bitmap directory holding `entries` in order (name, extra data and padding as the
+/// specification lays them out; `position` is ignored). Round-trips with parse_bitmap_directory.
+std::vector<std::byte> serialize_bitmap_directory(const std::vector<BitmapDirectoryEntry>& entries);
+
+/// Byte offset in cluster 0 of the bitmaps extension's 24 data bytes (nb_bitmaps, reserved,
+/// directory size, directory offset), or nullopt when the extension area has none. `cluster0` as
+/// given to parse_metadata; the walk stops at the end marker or the end of the bytes.
+std::optional<uint64_t> bitmaps_extension_position(std::span<const std::byte> cluster0, const Header& h);
+
+/// The 24 data bytes of a bitmaps extension.
+std::vector<std::byte> serialize_bitmaps_extension(const BitmapsExtension& ext);
 
 }  // namespace qcowfs::format

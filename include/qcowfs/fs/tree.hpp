@@ -17,13 +17,14 @@
 namespace qcowfs::fs {
 
 /// Identity of an exposed object that survives renames and rescans: a directory or image file is
-/// known by its host (st_dev, st_ino); a snapshot view by its image plus the snapshot's unique ID.
+/// known by its host (st_dev, st_ino); a snapshot view by its image plus the snapshot's unique ID;
+/// a bitmap file by its image plus the bitmap's name (unique in an image).
 struct NodeKey {
-    enum class Kind : uint8_t { directory, image, snapshot };
+    enum class Kind : uint8_t { directory, image, snapshot, bitmap };
     Kind kind = Kind::directory;
     uint64_t dev = 0;
     uint64_t ino = 0;
-    std::string snapshot_id;  // Kind::snapshot only
+    std::string snapshot_id;  // Kind::snapshot: the snapshot's ID; Kind::bitmap: the bitmap's name
     auto operator<=>(const NodeKey&) const = default;
 };
 
@@ -49,9 +50,13 @@ struct ImageInfo {
     /// OTHER". Set by the scanner; open() for writing answers EROFS when it is non-empty.
     std::string read_only_reason;
     std::vector<SnapshotInfo> snapshots;
+    /// Names of the enabled (auto) persistent dirty bitmaps, in directory order; none when the
+    /// directory cannot be read (the image then refuses writes for that reason when opened).
+    std::vector<std::string> bitmaps;
 };
 
-/// One entry of the view: a directory, an image's NAME.raw, or a snapshot's NAME@SNAP.raw.
+/// One entry of the view: a directory, an image's NAME.raw, a snapshot's NAME@SNAP.raw, or an
+/// enabled bitmap's NAME@bitmap-BITMAP.raw.
 struct Node {
     NodeKey key;
     std::string name;                         // exposed name inside its parent ("" for the root)
@@ -110,7 +115,9 @@ struct ScanOptions {
 /// would get one name, the short name goes first to a file without either suffix, then to the
 /// ".qcow2" one, then to the ".qcow" one; the others keep their full file name ("a.qcow" beside
 /// "a.qcow2" gives "a.qcow.raw"). Each internal snapshot appears as
-/// NAME@SNAP.raw (SNAP = snapshot name; its ID when the name is empty, contains '/' or clashes).
+/// NAME@SNAP.raw (SNAP = snapshot name; its ID when the name is empty, contains '/' or clashes),
+/// and each enabled persistent dirty bitmap as NAME@bitmap-BITMAP.raw (read-only, the disk's size;
+/// not shown when its name contains '/' or NUL, is too long, or the name is taken already).
 /// Every subdirectory is mirrored. Attributes follow the host file: owner, group, times and
 /// permission bits (write bits removed unless writes are supported and the image is writable:
 /// no error, no corrupt bit, no unknown incompatible feature, and not the backing file of another
@@ -139,5 +146,8 @@ private:
 std::string raw_name(std::string_view file_name);
 /// Base name without ".raw" for snapshots: image_base + "@" + snapshot + ".raw".
 std::string snapshot_raw_name(std::string_view image_raw_name, std::string_view snapshot_label);
+/// The file of a persistent dirty bitmap: image_base + "@bitmap-" + bitmap + ".raw"; "" when the
+/// bitmap's name cannot be part of a file name (contains '/' or NUL).
+std::string bitmap_raw_name(std::string_view image_raw_name, std::string_view bitmap_name);
 
 }  // namespace qcowfs::fs

@@ -60,6 +60,9 @@ public:
     /// The active disk (empty `snapshot_id`) or that internal snapshot, for a handle to read.
     /// Throws ENOENT if the image has no such snapshot.
     Task<std::shared_ptr<BlockSource>> view(const std::string& snapshot_id);
+    /// The enabled persistent dirty bitmap `name` as a read-only disk (Image::bitmap: ENOENT,
+    /// EIO). Reads and seeks of it write the cached data back first, so that its bits show it.
+    Task<std::shared_ptr<BlockSource>> bitmap_view(const std::string& name);
     /// Reads `view` (one of this disk's views): the active disk through the cache, so that cached
     /// writes show.
     Task<void> read(BlockSource& view, uint64_t offset, std::span<std::byte> buf);
@@ -108,6 +111,7 @@ public:
 
 private:
     bool is_active(const BlockSource& view) const { return &view == static_cast<const BlockSource*>(active_.get()); }
+    static bool is_bitmap(const BlockSource& view) { return dynamic_cast<const BitmapView*>(&view) != nullptr; }
     /// EROFS (the image's reason) unless the disk is writable().
     void check_writable() const;
 

@@ -24,6 +24,7 @@
 #include "qcowfs/format/header.hpp"
 #include "qcowfs/format/snapshot.hpp"
 #include "qcowfs/io/file.hpp"
+#include "qcowfs/qcow2/bitmaps.hpp"
 #include "qcowfs/qcow2/overlap.hpp"
 #include "qcowfs/qcow2/refcount.hpp"
 #include "qcowfs/util/async_event.hpp"
@@ -123,6 +124,22 @@ private:
     uint64_t size_ = 0;       // snapshots only
 };
 
+/// An enabled persistent dirty bitmap of the active disk, seen as a disk of the active disk's size:
+/// its bytes where the bitmap marks a chunk dirty, zeros elsewhere; map() reports the dirty chunks
+/// as data and the rest as holes. Read-only. The bits include every write the image has taken
+/// (Image::write, write_zeroes), not data still in a DataCache.
+class BitmapView final : public BlockSource {
+public:
+    BitmapView(std::shared_ptr<Image> image, std::string name) : image_(std::move(image)), name_(std::move(name)) {}
+    uint64_t size() const override;
+    Task<void> read(uint64_t offset, std::span<std::byte> buf) override;
+    Task<MapRun> map(uint64_t offset) override;
+
+private:
+    std::shared_ptr<Image> image_;
+    std::string name_;
+};
+
 /// An open qcow2 image file. All methods run on one strand (the caller's); nothing is locked.
 class Image : public std::enable_shared_from_this<Image> {
 public:
@@ -186,6 +203,10 @@ public:
     Task<void> close();
     /// The internal snapshot with this ID (loads its L1 table). Throws ENOENT if there is none.
     Task<std::shared_ptr<View>> snapshot(const std::string& id);
+    /// The enabled persistent dirty bitmap `name` as a read-only disk (BitmapView). Throws ENOENT
+    /// if there is none (or it is disabled), EIO if it was in use when the image was opened
+    /// (inconsistent) or the bitmaps cannot be read.
+    Task<std::shared_ptr<BitmapView>> bitmap(const std::string& name);
 
     // ---- Copy-on-read (image_copy_on_read.cpp; docs/architecture.md, "Copy-on-read") ---------
     /// While on, every read of the active disk that finds bytes in the backing chain (below
@@ -208,6 +229,7 @@ public:
 
 private:
     friend class View;
+    friend class BitmapView;
     struct Private {};
 
 public:
@@ -414,6 +436,14 @@ private:
     /// and stays.
     Task<void> fill_unallocated(uint64_t offset, std::span<const std::byte> data);
 
+    /// The bitmaps: loaded by init_writing for a writable image, else on first use (ENOENT/EIO
+    /// as bitmap()).
+    Task<DirtyBitmaps*> dirty_bitmaps();
+    /// At close (meta_mutex_ held), when the tracked bitmaps were marked in use: writes each
+    /// changed bitmap's pages to new clusters, then its new table, then the whole directory in a
+    /// new place, syncs, points the bitmaps extension at it (its in_use flags clear), and only then
+    /// releases the old clusters (image_bitmaps.cpp; docs/architecture.md, "Persistent bitmaps").
+    Task<void> store_bitmaps();
     /// Resize helpers (meta_mutex_ held).
     Task<void> grow_l1(uint64_t entries, uint64_t new_size);
     Task<void> release_beyond(uint64_t new_size);
@@ -444,6 +474,7 @@ private:
     uint64_t file_end_ = 0;  // bytes of the image file, counting clusters allocated but not yet written
     MetadataMap metadata_map_;  // where metadata lies, for the overlap checks
     std::vector<MetadataMap::Area> bitmap_areas_;  // bitmap directory and tables (fixed while open)
+    std::unique_ptr<DirtyBitmaps> bitmaps_;  // null until loaded (dirty_bitmaps)
     std::weak_ptr<View> active_view_;
 
     // Copy-on-read (strand only).
