@@ -34,8 +34,10 @@ void Image::set_copy_on_read(bool on) {
     if (on) copy_stopped_.clear();  // turned on again: a failure before is tried again
 }
 
-bool Image::copies_wanted() const {
-    return copy_on_read_ && copy_stopped_.empty() && backing_ && range_lock_ && read_only_reason_.empty();
+bool Image::copies_wanted() const { return copy_on_read_ && copies_can_run(); }
+
+bool Image::copies_can_run() const {
+    return copy_stopped_.empty() && backing_ && range_lock_ && read_only_reason_.empty();
 }
 
 Task<void> Image::copies_done() {
@@ -102,7 +104,10 @@ Task<void> Image::copy_runs(std::vector<CopyRun> runs, std::vector<std::byte> da
     for (const CopyRun& run : runs) {
         std::string failure;
         int code = 0;
-        if (copies_wanted()) {
+        // A copy once started runs to its end even if copy-on-read was turned off meanwhile, or
+        // the image is closing (close turns it off, then waits for the copies): the read that
+        // started it may have been the reader's last before it closed the file.
+        if (copies_can_run()) {
             try {
                 co_await copy_range(run.offset, std::span<const std::byte>(data).subspan(run.at, run.length));
             } catch (const std::system_error& e) {

@@ -150,7 +150,6 @@ Task<void> Image::write(uint64_t offset, std::span<const std::byte> data) {
         check_writable();
         co_await prepare_write();
     }
-    if (bitmaps_) bitmaps_->mark(offset, data.size());  // in use on disk since prepare_write
     const uint64_t cs = geometry_.cluster_size();
     uint64_t first = offset / cs * cs;
     uint64_t end = (offset + data.size() + cs - 1) / cs * cs;
@@ -159,6 +158,10 @@ Task<void> Image::write(uint64_t offset, std::span<const std::byte> data) {
 }
 
 Task<void> Image::write_locked(uint64_t offset, std::span<const std::byte> data) {
+    // Every caller (a write, a copy-on-read copy, fallocate's copy of backing data) ran
+    // prepare_write first: the bitmaps are in use on disk. Copies change no byte a read returns,
+    // but they change what the image holds, and an incremental backup must see it.
+    if (bitmaps_) bitmaps_->mark(offset, data.size());
     while (!data.empty()) {
         check_writable();
         uint64_t n = std::min<uint64_t>(data.size(), geometry_.remaining_in_l2_table(GuestOffset{offset}));

@@ -11,6 +11,7 @@ and the data intact."""
 import errno
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -81,12 +82,14 @@ def images():
                               ("plain", "base.qcow2", "cluster_size=64k"),
                               ("snap", "base.qcow2", "cluster_size=64k"),
                               ("fal", "base.qcow2", "cluster_size=64k"),
-                              ("crash", "crashbase.qcow2", "cluster_size=64k")):
+                              ("crash", "crashbase.qcow2", "cluster_size=64k"),
+                              ("bm", "base.qcow2", "cluster_size=64k")):
         H.create(img(name + ".qcow2"), CRASH_SIZE if name == "crash" else SIZE, opts=opts, backing=below,
                  cwd=SRC)
         H.qemu_io(img(name + ".qcow2"), "write -P 0xee 128k 8k")  # a cluster of its own
         refs[name] = H.to_raw(img(name + ".qcow2"), os.path.join(D, name + ".ref"), cwd=SRC)
     H.qemu_img("snapshot", "-c", "s1", img("snap.qcow2"))
+    H.qemu_img("bitmap", "--add", "-g", str(64 * KiB), img("bm.qcow2"), "b")  # after its own write
     return refs
 
 
@@ -186,6 +189,48 @@ def test_fallocate_populates_a_range():
     T.check("fal: qemu-img check clean", rc == 0, H.clip_text(out))
     rc, out = H.qemu_compare(img("fal.qcow2"), refs["fal"], cwd=SRC)
     T.check("fal: qemu-img compare with the chain identical", rc == 0, out[-500:])
+
+
+def qemu_dirty(name, bitmap):
+    """Dirty extents [(start, end)] of `bitmap` of image `name`, as qemu-nbd -B serves them."""
+    p = H.run(["nbdinfo", "--map=qemu:dirty-bitmap:" + bitmap, "--", "[", "qemu-nbd", "-r", "-f", "qcow2",
+               "-B", bitmap, img(name), "]"], timeout=60, cwd=SRC)
+    runs = []
+    for f in (line.split() for line in p.out.splitlines()):
+        if len(f) >= 4 and f[3] == "dirty":
+            start, end = int(f[0]), int(f[0]) + int(f[1])
+            if runs and runs[-1][1] == start:
+                runs[-1][1] = end
+            else:
+                runs.append([start, end])
+    return [tuple(r) for r in runs]
+
+
+@T.test
+def test_copies_mark_bitmaps():
+    """A copy changes what the image holds, so an incremental backup must include it: copies by
+    reads and by fallocate set the bits of the overlay's enabled bitmaps, and nothing else does."""
+    if not all(shutil.which(t) for t in ("qemu-nbd", "nbdinfo")):
+        print("  qemu-nbd/nbdinfo missing: skipped", flush=True)
+        return
+    refs = images()
+    with H.Mount(SRC, args=["-o", "copy_on_read"]) as m:
+        # O_DIRECT: no readahead, so the read copies exactly its own range.
+        r = H.run(["dd", "if=" + m.path("bm.raw"), "of=/dev/null", "bs=1M", "count=1", "iflag=direct",
+                   "status=none"], check=False)
+        T.check("bm: direct read of the first MiB", r.returncode == 0, r.err.strip())
+        r = H.run(["fallocate", "-o", str(5 * MiB), "-l", str(128 * KiB), m.path("bm.raw")], check=False)
+        T.check("bm: fallocate -o 5M -l 128k exits 0", r.returncode == 0, r.err.strip())
+    # [0, 1M) from the base except the overlay's own cluster at 128k; [5M, 5M + 128k) from
+    # fallocate (the base's 100 KiB there fill two clusters).
+    want = [(0, 128 * KiB), (192 * KiB, 1 * MiB), (5 * MiB, 5 * MiB + 128 * KiB)]
+    got = qemu_dirty("bm.qcow2", "b")
+    T.check("bm: the bitmap's dirty extents are exactly the copied clusters", got == want,
+            "got %s, want %s" % (got, want))
+    rc, out = H.check_clean(img("bm.qcow2"))
+    T.check("bm: qemu-img check clean", rc == 0, H.clip_text(out))
+    rc, out = H.qemu_compare(img("bm.qcow2"), refs["bm"], cwd=SRC)
+    T.check("bm: qemu-img compare with the chain identical", rc == 0, out[-500:])
 
 
 @T.test

@@ -297,6 +297,25 @@ TEST_CASE("copy-on-read: a slow base is read once per cluster, and reads racing 
     for (auto [start, length] : below) CHECK_MESSAGE((start + length <= off || start >= off + len), start);
 }
 
+TEST_CASE("copy-on-read: a close right after a read still finishes every copy the read started") {
+    // `cat` closes the file as soon as its last read returns: the close must not drop the copies
+    // of that read (it turns copy-on-read off for new reads, then waits for the running ones).
+    if (!have_qemu()) return;
+    Chain c;
+    c.make();
+    auto disk = c.open();
+    auto view = c.run(disk->view(""));
+    std::vector<std::byte> buf(1 * MiB);  // two runs from the base: [0, 128k) and [192k, 1M)
+    c.run([&]() -> Task<void> {
+        co_await disk->read(*view, 0, buf);
+        co_await disk->write_back();
+        co_await disk->close();
+    }());
+    disk.reset();
+    for (auto [start, length] : c.data_below_top()) CHECK_MESSAGE(start >= 1 * MiB, start);
+    c.expect_check_clean();
+}
+
 TEST_CASE("copy-on-read never overwrites a write that got there first, nor one that came after") {
     if (!have_qemu()) return;
     Chain c;

@@ -421,6 +421,8 @@ private:
     struct CopyRun;
     /// True if reads of the active disk start copies now.
     bool copies_wanted() const;
+    /// True while copies already started may write: the image takes writes and none failed.
+    bool copies_can_run() const;
     /// After a read of the active disk at `offset` (`buf` its data): claims the subclusters of
     /// `from_backing` that no copy holds yet and starts copy_runs on them with a copy of their
     /// bytes, unless that would pass the pending limit. Does not wait.
