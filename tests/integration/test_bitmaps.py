@@ -17,10 +17,9 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness as H  # noqa: E402
 
-KiB, MiB = H.KiB, H.MiB
 T = H.TestRun("bitmaps", deadline=240)
-
-work = H.tempdir("bitmaps")
+KiB, MiB = H.KiB, H.MiB
+work = H.tempdir("bitmaps")  # src/ is mounted; the copies and the kill case go beside it
 SRC = os.path.join(work, "src")
 os.makedirs(SRC)
 
