@@ -12,7 +12,8 @@ packages=(
     libboost1.81-dev liburing-dev          # Asio coroutines over io_uring
     doctest-dev                            # unit tests
     clang-14 libclang-rt-14-dev libfuzzer-14-dev  # sanitizer build and libFuzzer targets (build-asan/)
-    qemu-utils python3                     # qemu-img/qemu-io: test oracle and demo images
+    qemu-utils python3                     # qemu-img/qemu-io/qemu-nbd: test oracle and demo images
+    libnbd-bin                             # nbdinfo: the dirty bitmaps QEMU serves (bitmap tests)
     e2fsprogs util-linux kmod              # mkfs.ext4, losetup/mount, modprobe
     ca-certificates
 )
