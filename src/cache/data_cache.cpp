@@ -26,7 +26,8 @@ namespace {
 constexpr uint64_t kMaxWriteBytes = 1 << 20;
 // A write of at least this many bytes goes straight to the target instead of being cached:
 // caching it would copy it twice (into the cache, then into a write-back call) to save nothing,
-// as it is already as large as a coalesced write-back.
+// as it is already as large as a coalesced write-back. Smaller writes go straight to the target
+// too unless they continue the previous write or rewrite cached data (see DataCache::write).
 constexpr uint64_t kWriteThroughBytes = 256 << 10;
 // Runs of one write-back in flight at once.
 constexpr size_t kParallelRuns = 16;
@@ -65,15 +66,18 @@ struct DataCache::State {
         std::vector<std::byte> data;
     };
 
-    State(CacheTarget& target, size_t limit_bytes) : target_(target), limit_(limit_bytes) {}
+    State(CacheTarget& target, size_t limit_bytes, SmallWrites small)
+        : target_(target), limit_(limit_bytes), small_(small) {}
 
     CacheTarget& target_;
     size_t limit_;
+    SmallWrites small_;
     std::map<uint64_t, Extent> extents_;  // guest offset -> extent
     size_t dirty_ = 0;                    // bytes in data buffers
     std::optional<RangeLock> ranges_;     // made on first use, with the first caller's executor
     AsyncMutex writeback_;                // one write-back at a time (see lock order above)
     uint64_t sweep_ = 0;                  // where the next limit-triggered write-back starts
+    uint64_t stream_end_ = kEnd;          // where the last write ended: a write there continues it
 
     RangeLock& ranges(const Executor& ex) {
         if (!ranges_) ranges_.emplace(ex);
@@ -81,6 +85,22 @@ struct DataCache::State {
     }
 
     size_t memory() const { return dirty_ + extents_.size() * kExtentOverhead; }
+
+    /// Whether a small write of [offset, offset + length) is worth caching: it continues the
+    /// previous write (a sequential stream, which the cache joins into large target writes) or it
+    /// falls inside one cached data extent (rewritten in place). Anything else — a random write —
+    /// gains nothing from the cache but a second copy and a later write-back, so it goes to the
+    /// target at once. Notes where this write ends for the next call.
+    bool worth_caching(uint64_t offset, uint64_t length) {
+        if (small_ == SmallWrites::cache_all) return true;
+        const bool continues = offset == stream_end_;
+        stream_end_ = offset + length;
+        if (continues) return true;
+        auto it = extents_.upper_bound(offset);
+        if (it == extents_.begin()) return false;
+        --it;
+        return !it->second.zero && offset + length <= end_of(it);
+    }
 
     static uint64_t end_of(const std::map<uint64_t, Extent>::const_iterator& it) {
         return it->first + it->second.length;
@@ -306,8 +326,8 @@ struct DataCache::State {
     }
 };
 
-DataCache::DataCache(CacheTarget& target, size_t limit_bytes)
-    : state_(std::make_unique<State>(target, limit_bytes)) {}
+DataCache::DataCache(CacheTarget& target, size_t limit_bytes, SmallWrites small)
+    : state_(std::make_unique<State>(target, limit_bytes, small)) {}
 
 DataCache::~DataCache() = default;
 
@@ -352,7 +372,8 @@ Task<void> DataCache::write(uint64_t offset, std::span<const std::byte> data) {
     State& s = *state_;
     s.check_range(offset, data.size(), "write");
     if (data.empty()) co_return;
-    if (data.size() >= kWriteThroughBytes) co_return co_await s.write_through(offset, data);
+    if (data.size() >= kWriteThroughBytes || !s.worth_caching(offset, data.size()))
+        co_return co_await s.write_through(offset, data);
     // Make room first, without holding our range: the write-back may need that range. If it
     // fails, this write is not cached and its caller gets the error.
     co_await s.make_room(data.size() + kExtentOverhead);

@@ -24,6 +24,8 @@ namespace {
 
 constexpr size_t KiB = 1024;
 constexpr size_t MiB = 1024 * 1024;
+// The mechanics tests cache every write; the default policy has tests of its own.
+constexpr auto kCacheAll = cache::DataCache::SmallWrites::cache_all;
 
 std::string describe(const char* what, uint64_t offset, uint64_t length) {
     std::string s = what;
@@ -181,7 +183,7 @@ TEST_CASE("data cache: reads see cached writes; a fully cached read does not tou
     FakeTarget target(256 * KiB);
     target.disk = pattern(256 * KiB, 1);
     auto model = target.disk;
-    cache::DataCache c(target, 16 * MiB);
+    cache::DataCache c(target, 16 * MiB, kCacheAll);
 
     auto a = pattern(8 * KiB, 2);
     write_cache(io, c, 12 * KiB, a);
@@ -218,7 +220,7 @@ TEST_CASE("data cache: overlapping writes replace the parts they cover") {
     asio::io_context io;
     FakeTarget target(64 * KiB, 0x11);
     auto model = target.disk;
-    cache::DataCache c(target, 16 * MiB);
+    cache::DataCache c(target, 16 * MiB, kCacheAll);
 
     struct W {
         uint64_t offset;
@@ -246,7 +248,7 @@ TEST_CASE("data cache: zero ranges take no buffer, read as zeros and go back as 
     asio::io_context io;
     FakeTarget target(4 * MiB, 0xff);
     auto model = target.disk;
-    cache::DataCache c(target, 16 * MiB);
+    cache::DataCache c(target, 16 * MiB, kCacheAll);
 
     zero_cache(io, c, 4096, 2 * MiB, true);
     std::fill_n(model.begin() + 4096, 2 * MiB, std::byte{0});
@@ -279,7 +281,7 @@ TEST_CASE("data cache: zero ranges take no buffer, read as zeros and go back as 
 TEST_CASE("data cache: adjacent small writes reach the target as few large writes") {
     asio::io_context io;
     FakeTarget target(8 * MiB);
-    cache::DataCache c(target, 64 * MiB);
+    cache::DataCache c(target, 64 * MiB, kCacheAll);
     auto model = target.disk;
 
     SUBCASE("sequential") {
@@ -310,7 +312,7 @@ TEST_CASE("data cache: a write that would pass the limit waits for a write-back 
     FakeTarget target(1 * MiB);
     auto model = target.disk;
     const size_t limit = 64 * KiB;
-    cache::DataCache c(target, limit);
+    cache::DataCache c(target, limit, kCacheAll);
 
     // 15 sequential 4 KiB writes fit: nothing is written.
     uint64_t off = 0;
@@ -350,7 +352,7 @@ TEST_CASE("data cache: a write that would pass the limit waits for a write-back 
 TEST_CASE("data cache: flush writes back, then flushes the target") {
     asio::io_context io;
     FakeTarget target(1 * MiB);
-    cache::DataCache c(target, 16 * MiB);
+    cache::DataCache c(target, 16 * MiB, kCacheAll);
 
     // Nothing cached: flush still makes the target durable.
     flush_cache(io, c);
@@ -373,7 +375,7 @@ TEST_CASE("data cache: a failed write-back keeps the data dirty and a later flus
     asio::io_context io;
     FakeTarget target(1 * MiB, 0x22);
     auto model = target.disk;
-    cache::DataCache c(target, 16 * KiB);
+    cache::DataCache c(target, 16 * KiB, kCacheAll);
 
     auto a = pattern(4 * KiB, 1), b = pattern(4 * KiB, 2);
     write_cache(io, c, 0, a);
@@ -422,7 +424,7 @@ TEST_CASE("data cache: a large write goes to the target at once and replaces wha
     asio::io_context io;
     FakeTarget target(4 * MiB, 0x44);
     auto model = target.disk;
-    cache::DataCache c(target, 16 * MiB);
+    cache::DataCache c(target, 16 * MiB, kCacheAll);
 
     // Two small cached writes, one inside the large write's range and one straddling its end.
     auto a = pattern(8 * KiB, 1), b = pattern(8 * KiB, 2), big = pattern(1 * MiB, 3);
@@ -464,11 +466,59 @@ TEST_CASE("data cache: a large write goes to the target at once and replaces wha
     CHECK(target.conflicts == 0);
 }
 
+TEST_CASE("data cache: by default a random small write goes to the target at once, a stream is cached") {
+    asio::io_context io;
+    FakeTarget target(4 * MiB, 0x44);
+    auto model = target.disk;
+    cache::DataCache c(target, 16 * MiB);
+    auto put = [&](uint64_t offset, size_t n, uint32_t seed) {
+        auto d = pattern(n, seed);
+        write_cache(io, c, offset, d);
+        apply(model, offset, d);
+    };
+
+    // Scattered 4 KiB writes: each reaches the target before write() returns, nothing is cached.
+    put(3 * MiB, 4 * KiB, 1);
+    put(1 * MiB, 4 * KiB, 2);
+    put(2 * MiB + 512, 4 * KiB, 3);
+    CHECK(joined(target.log) == "write 3145728+4096 | write 1048576+4096 | write 2097664+4096");
+    CHECK(c.empty());
+
+    // A stream: the first write goes to the target, every write continuing it is cached and the
+    // write-back joins them.
+    target.log.clear();
+    for (uint64_t off = 64 * KiB; off < 64 * KiB + 64 * 4 * KiB; off += 4 * KiB) put(off, 4 * KiB, static_cast<uint32_t>(off));
+    CHECK(joined(target.log) == "write 65536+4096");
+    CHECK(c.dirty_bytes() == 63 * 4 * KiB);
+
+    // A rewrite inside cached data is cached in place. Only the previous write counts as the
+    // stream: a write straddling the cached run's end now goes to the target and replaces the
+    // cached bytes it covers, and the write continuing that one is cached again.
+    target.log.clear();
+    put(100 * KiB, 1000, 4);
+    CHECK(target.log.empty());
+    CHECK(c.dirty_bytes() == 63 * 4 * KiB);
+    put(316 * KiB, 16 * KiB, 5);
+    CHECK(joined(target.log) == "write 323584+16384");
+    CHECK(c.dirty_bytes() == 62 * 4 * KiB);
+    put(332 * KiB, 4 * KiB, 6);
+    CHECK(joined(target.log) == "write 323584+16384");
+    CHECK(c.dirty_bytes() == 63 * 4 * KiB);
+    CHECK(read_cache(io, c, 0, 4 * MiB) == model);
+
+    target.log.clear();
+    flush_cache(io, c);
+    CHECK(joined(target.log) == "write 69632+253952 | write 339968+4096 | flush");
+    CHECK(target.disk == model);
+    CHECK(c.empty());
+    CHECK(target.conflicts == 0);
+}
+
 TEST_CASE("data cache: truncate forgets changes at and beyond the new size") {
     asio::io_context io;
     FakeTarget target(64 * KiB, 0x33);
     auto model = target.disk;
-    cache::DataCache c(target, 16 * MiB);
+    cache::DataCache c(target, 16 * MiB, kCacheAll);
 
     auto a = pattern(4000, 1), b = pattern(3000, 2);
     write_cache(io, c, 1000, a);  // [1000, 5000): cut at 3000
@@ -497,7 +547,7 @@ TEST_CASE("data cache: truncate forgets changes at and beyond the new size") {
 TEST_CASE("data cache: requests outside the disk fail with EINVAL") {
     asio::io_context io;
     FakeTarget target(64 * KiB);
-    cache::DataCache c(target, 16 * MiB);
+    cache::DataCache c(target, 16 * MiB, kCacheAll);
     CHECK(test::thrown_errno([&] { write_cache(io, c, 64 * KiB - 1, pattern(2, 1)); }) == EINVAL);
     CHECK(test::thrown_errno([&] { zero_cache(io, c, 1, UINT64_MAX, false); }) == EINVAL);
     CHECK(c.empty());
@@ -508,7 +558,7 @@ TEST_CASE("data cache: requests outside the disk fail with EINVAL") {
 TEST_CASE("data cache: a write-back in flight and a rewrite of its range reach the target in order") {
     asio::io_context io;
     FakeTarget target(64 * KiB);
-    cache::DataCache c(target, 16 * MiB);
+    cache::DataCache c(target, 16 * MiB, kCacheAll);
     auto a = pattern(8 * KiB, 1), b = pattern(4 * KiB, 2);
     write_cache(io, c, 0, a);
 
@@ -548,7 +598,9 @@ TEST_CASE("data cache: concurrent reads, writes and write-backs agree with a ref
         bool failures = seed % 3 == 2;
         if (failures) target.fail_rate = 0.2;
         auto model = target.disk;
-        cache::DataCache c(target, (seed % 2 ? 16 : 64) * KiB);
+        // Both policies: every small write cached, or only streams and rewrites (the default).
+        cache::DataCache c(target, (seed % 2 ? 16 : 64) * KiB,
+                           seed % 4 < 2 ? kCacheAll : cache::DataCache::SmallWrites::cache_streams);
 
         int bad_reads = 0, ops = 0, failed_writes = 0, unexpected = 0;
         uint32_t stamp = 0;
