@@ -366,14 +366,6 @@ void report_ready(int ready_fd) {
     ::close(ready_fd);
 }
 
-/// Runs `io` on `threads` threads (this one included) until it stops.
-void run_threads(asio::io_context& io, unsigned threads) {
-    std::vector<std::thread> pool;
-    for (unsigned i = 1; i < threads; ++i) pool.emplace_back([&io] { io.run(); });
-    io.run();
-    for (auto& t : pool) t.join();
-}
-
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -382,8 +374,9 @@ int main(int argc, char** argv) {
     check_before_mounting(o);
     int ready_fd = o.foreground ? -1 : daemonize_wait();
 
-    asio::io_context io;
-    fs::Filesystem filesystem(io, fs_options_of(o));
+    // One event loop per thread; every one reads requests from /dev/fuse and runs them.
+    Workers workers(o.threads ? o.threads : std::max(2u, std::thread::hardware_concurrency()));
+    fs::Filesystem filesystem(workers, fs_options_of(o));
     try {
         filesystem.initial_scan();
     } catch (const std::system_error& e) {
@@ -392,7 +385,7 @@ int main(int argc, char** argv) {
     fuse_session* se = mount(o, filesystem);
     after_mounting(o, filesystem, ready_fd >= 0);
 
-    asio::signal_set signals(io, SIGINT, SIGTERM, SIGHUP);
+    asio::signal_set signals(workers.context(0), SIGINT, SIGTERM, SIGHUP);
     signals.async_wait([&](const boost::system::error_code& ec, int sig) {
         if (ec) return;
         log::info(std::string("received ") + ::strsignal(sig) + ", unmounting");
@@ -400,10 +393,10 @@ int main(int argc, char** argv) {
     });
     filesystem.start(se, [&] {
         signals.cancel();
-        io.stop();
+        workers.stop();
     });
     report_ready(ready_fd);
-    run_threads(io, o.threads ? o.threads : std::max(2u, std::thread::hardware_concurrency()));
+    workers.run_all();
 
     fuse_session_unmount(se);
     fuse_session_destroy(se);

@@ -22,12 +22,19 @@
 
 namespace qcowfs::fs {
 
-Filesystem::Filesystem(asio::io_context& io, FsOptions options)
-    : io_(io),
+std::vector<std::unique_ptr<Filesystem::Reader>> Filesystem::make_readers(Workers& workers) {
+    std::vector<std::unique_ptr<Reader>> readers;
+    for (unsigned i = 0; i < workers.size(); ++i) readers.push_back(std::make_unique<Reader>(workers.context(i)));
+    return readers;
+}
+
+Filesystem::Filesystem(Workers& workers, FsOptions options)
+    : workers_(workers),
       options_(std::move(options)),
       scanner_(options_.source_dir, ScanOptions{&policy_, options_.mountpoint, !options_.read_only}),
-      images_(io),
-      serve_strand_(asio::make_strand(io)),
+      images_(workers),
+      readers_(make_readers(workers)),
+      serve_strand_(readers_[0]->strand),
       requests_(serve_strand_) {
     policy_.allowed_dirs.push_back(options_.source_dir);
     for (const auto& d : options_.allow_dirs) policy_.allowed_dirs.push_back(d);
@@ -96,54 +103,84 @@ void Filesystem::start(fuse_session* session, std::function<void()> on_finished)
     writeback_timer_ = std::make_unique<asio::steady_timer>(serve_strand_);
     asio::co_spawn(serve_strand_, writeback_loop(),
                    [](std::exception_ptr error) { log_failure("the periodic write-back", error); });
-    asio::co_spawn(serve_strand_, serve(), [this](std::exception_ptr error) {
-        // serve() handles its own errors; anything escaping still ends the mount cleanly.
-        if (!error) return;
-        log_failure("request loop", error);
-        stopping_ = true;
-        asio::co_spawn(serve_strand_, drain(), [](std::exception_ptr e) { log_failure("shutdown", e); });
-    });
+    int fd = fuse_session_fd(session_);
+    ::fcntl(fd, F_SETFL, ::fcntl(fd, F_GETFL) | O_NONBLOCK);
+    serving_ = static_cast<unsigned>(readers_.size());
+    for (unsigned i = 0; i < readers_.size(); ++i) {
+        asio::co_spawn(readers_[i]->strand, serve(i), [this](std::exception_ptr error) {
+            // serve() handles its own errors; anything escaping still ends the mount cleanly.
+            if (!error) return;
+            log_failure("request loop", error);
+            stop();
+            if (--serving_ == 0)
+                asio::co_spawn(serve_strand_, drain(), [](std::exception_ptr e) { log_failure("shutdown", e); });
+        });
+    }
 }
 
 void Filesystem::stop() {
     if (stopping_.exchange(true)) return;
-    // Wake the reader, which waits on serve_strand_, so it notices.
-    asio::post(serve_strand_, [this] {
-        if (session_) fuse_session_exit(session_);
-        if (device_) device_->cancel();
-    });
+    if (session_) fuse_session_exit(session_);
+    stop_readers();
 }
 
-Task<void> Filesystem::serve() {
-    int fd = fuse_session_fd(session_);
-    int flags = ::fcntl(fd, F_GETFL);
-    ::fcntl(fd, F_SETFL, flags | O_NONBLOCK);
-    // stop() cancels the wait through device_, on this strand; a stop() that came before the
-    // device existed is seen through stopping_.
-    device_ = std::make_unique<asio::posix::stream_descriptor>(serve_strand_, fd);
-    fuse_buf buf{};
+void Filesystem::stop_readers() {
+    // Wake each reader, which waits on its strand, so it notices.
+    for (auto& r : readers_)
+        asio::post(r->strand, [reader = r.get()] {
+            if (reader->device) reader->device->cancel();
+        });
+}
+
+namespace {
+constexpr size_t kRequestHeaderBytes = 40;  // struct fuse_in_header
+}  // namespace
+
+Task<void> Filesystem::serve(unsigned worker) {
+    Reader& reader = *readers_[worker];
+    // Each reader reads its own dup() of the device, watched by its own worker's epoll; a request
+    // is taken by whichever worker reads first. It reads with plain non-blocking read()s while
+    // requests are there, and waits through async_read_some, which registers the descriptor
+    // once: async_wait would re-arm it with an epoll_ctl at every wait (one per request).
+    // stop() cancels the wait through reader.device, on this strand; a stop() that came before
+    // the device existed is seen through stopping_.
+    int fd = ::dup(fuse_session_fd(session_));
+    if (fd < 0) fail(errno, "dup of /dev/fuse failed");
+    reader.device = std::make_unique<asio::posix::stream_descriptor>(reader.strand, fd);
+    // The kernel refuses reads into a buffer smaller than the largest request (a write of
+    // max_write bytes and its headers).
+    std::vector<char> mem(kRequestBufferBytes);
     bool ended = false;
     while (!ended && !stopping_ && !fuse_session_exited(session_)) {
-        auto [ec] = co_await device_->async_wait(asio::posix::stream_descriptor::wait_read,
-                                                  asio::as_tuple(asio::use_awaitable));
-        if (ec) continue;
-        for (;;) {
-            int res = fuse_session_receive_buf(session_, &buf);
-            if (res == -EAGAIN) break;
-            if (res == -EINTR) continue;
-            if (res <= 0) {
-                if (res < 0) log::error(std::string("reading /dev/fuse failed: ") + std::strerror(-res));
-                ended = true;  // 0: unmounted (ENODEV) or session exited
-                break;
-            }
-            fuse_session_process_buf(session_, &buf);
+        ssize_t n = ::read(fd, mem.data(), mem.size());
+        int error = n < 0 ? errno : 0;
+        if (error == EAGAIN) {
+            auto [ec, got] = co_await reader.device->async_read_some(asio::buffer(mem), asio::as_tuple(asio::use_awaitable));
+            n = static_cast<ssize_t>(got);
+            error = ec == asio::error::eof ? ENODEV : ec.value();
+            if (ec == asio::error::operation_aborted) continue;  // stop(): the loop condition ends it
         }
+        if (error == EINTR || error == EAGAIN || error == ENOENT) continue;  // ENOENT: the request was interrupted
+        if (error || n == 0) {
+            if (error && error != ENODEV) log::error(std::string("reading /dev/fuse failed: ") + std::strerror(error));
+            ended = true;  // ENODEV: unmounted
+            break;
+        }
+        if (static_cast<size_t>(n) < kRequestHeaderBytes) {
+            log::error("short read on /dev/fuse: " + std::to_string(n) + " bytes");
+            continue;
+        }
+        fuse_buf buf{};
+        buf.mem = mem.data();
+        buf.size = static_cast<size_t>(n);
+        fuse_session_process_buf(session_, &buf);
     }
-    device_->release();  // the session owns the fd
-    device_.reset();
-    std::free(buf.mem);
-    stopping_ = true;
-    co_await drain();
+    reader.device.reset();  // closes the dup
+    // The first reader to end ends the others; the last one starts the drain (on worker 0's
+    // reader strand, the gate's).
+    if (!stopping_.exchange(true)) stop_readers();
+    if (--serving_ == 0)
+        asio::co_spawn(serve_strand_, drain(), [](std::exception_ptr e) { log_failure("shutdown", e); });
 }
 
 Task<void> Filesystem::drain() {
@@ -213,7 +250,7 @@ qcow2::OpenOptions Filesystem::open_options(const std::shared_ptr<ImageSlot>& sl
             request.role = writable ? io::FileRole::data_file : io::FileRole::backing;
         }
         io::FileIdentity identity;
-        auto file = io::open_host_file(io_.get_executor(), policy_, request, &identity);
+        auto file = io::open_host_file(workers_.context(0).get_executor(), policy_, request, &identity);
         io::HostFile record{path, request.role, request.follow_final, identity};
         bool known = std::any_of(files->begin(), files->end(), [&](const io::HostFile& f) {
             return f.path == record.path && f.identity == record.identity;

@@ -29,6 +29,9 @@ constexpr double kAttrTimeout = 0.3;
 
 constexpr mode_t kWriteBits = S_IWUSR | S_IWGRP | S_IWOTH;
 
+/// A read reply at least this large is sent by the worker that received the request (read()).
+constexpr size_t kRemoteReplyBytes = 64 << 10;
+
 /// The extended attribute that turns copy-on-read on or off per image (Handlers::setxattr).
 constexpr std::string_view kCopyOnReadXattr = "user.qcowfs.copy_on_read";
 
@@ -387,7 +390,11 @@ struct Filesystem::Handlers {
     static void read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, fuse_file_info* fi) {
         trace("read", ino, " off=", off, " size=", size);
         auto* of = reinterpret_cast<OpenFile*>(fi->fh);
-        run(req, of->slot, [req, of, size, off]() -> Task<int> {
+        // A large reply is sent by the worker that received the request: when another worker
+        // ran it (it held the image's strand), the copy into the reader's buffer is not added
+        // to that worker's work.
+        asio::io_context* origin = detail::current_worker.context;
+        run(req, of->slot, [req, of, size, off, origin]() -> Task<int> {
             const uint64_t vsize = of->view->size(), offset = static_cast<uint64_t>(off);
             if (offset >= vsize || size == 0) {
                 fuse_reply_buf(req, nullptr, 0);
@@ -397,7 +404,11 @@ struct Filesystem::Handlers {
             std::unique_ptr<std::byte[]> buf(new std::byte[n]);
             // The active disk of a writable image reads through its cache: cached writes show.
             co_await of->slot->disk->read(*of->view, offset, std::span<std::byte>(buf.get(), n));
-            fuse_reply_buf(req, reinterpret_cast<const char*>(buf.get()), n);
+            auto reply = [req, buf = std::move(buf), n] { fuse_reply_buf(req, reinterpret_cast<const char*>(buf.get()), n); };
+            if (n < kRemoteReplyBytes || !origin || origin == detail::current_worker.context)
+                reply();
+            else
+                asio::post(*origin, std::move(reply));
             co_return 0;
         });
     }

@@ -8,8 +8,8 @@
 
 namespace qcowfs::fs {
 
-ImageSlot::ImageSlot(asio::io_context& io, uint64_t d, uint64_t i, std::string p, bool follow)
-    : strand(asio::make_strand(io)), dev(d), ino(i), path(std::move(p)), follow_final(follow) {}
+ImageSlot::ImageSlot(const Workers& workers, uint64_t d, uint64_t i, std::string p, bool follow)
+    : strand(asio::make_strand(workers.here_executor())), dev(d), ino(i), path(std::move(p)), follow_final(follow) {}
 
 // Out of line: qcow2::Disk is complete here.
 ImageSlot::~ImageSlot() = default;
@@ -18,7 +18,7 @@ std::shared_ptr<ImageSlot> ImageRegistry::acquire(uint64_t dev, uint64_t ino, co
                                                   bool follow_final) {
     std::lock_guard lock(mutex_);
     auto& slot = slots_[{dev, ino}];
-    if (!slot) slot = std::make_shared<ImageSlot>(io_, dev, ino, path, follow_final);
+    if (!slot) slot = std::make_shared<ImageSlot>(workers_, dev, ino, path, follow_final);
     ++slot->handles;
     return slot;
 }

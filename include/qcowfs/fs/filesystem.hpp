@@ -29,6 +29,7 @@
 #include "qcowfs/io/host.hpp"
 #include "qcowfs/util/async_mutex.hpp"
 #include "qcowfs/util/task.hpp"
+#include "qcowfs/util/workers.hpp"
 
 struct fuse_session;
 struct fuse_lowlevel_ops;
@@ -98,8 +99,10 @@ private:
 /// registry, so an open arriving meanwhile finds this slot, waits for the close and reopens: one
 /// file never has two Image objects.
 struct ImageSlot {
-    using Strand = asio::strand<asio::io_context::executor_type>;
-    ImageSlot(asio::io_context& io, uint64_t d, uint64_t i, std::string p, bool follow);
+    /// Runs on whichever worker takes it (HereExecutor): a request runs on the thread that
+    /// received it unless another request of this image holds the strand.
+    using Strand = asio::strand<HereExecutor>;
+    ImageSlot(const Workers& workers, uint64_t d, uint64_t i, std::string p, bool follow);
     ~ImageSlot();  // out of line: qcow2::Disk is complete there
     Strand strand;
     uint64_t dev, ino;  // host identity of the image file
@@ -125,7 +128,7 @@ struct ImageSlot {
 /// snapshots), and closed when its last handle is released. Lock order: leaf lock.
 class ImageRegistry {
 public:
-    explicit ImageRegistry(asio::io_context& io) : io_(io) {}
+    explicit ImageRegistry(const Workers& workers) : workers_(workers) {}
     /// The slot of (dev, ino), created if needed, with one more handle.
     std::shared_ptr<ImageSlot> acquire(uint64_t dev, uint64_t ino, const std::string& path, bool follow_final);
     /// Drops a handle; true if it was the last one (the caller then closes the image and calls
@@ -158,7 +161,7 @@ public:
     void report_corrupt(const std::string& path, const std::string& reason);
 
 private:
-    asio::io_context& io_;
+    const Workers& workers_;
     mutable std::mutex mutex_;  // guards slots_, reported_, ImageSlot::handles
     std::map<std::pair<uint64_t, uint64_t>, std::shared_ptr<ImageSlot>> slots_;
     struct Closed {
@@ -176,7 +179,7 @@ private:
 
 class Filesystem {
 public:
-    Filesystem(asio::io_context& io, FsOptions options);
+    Filesystem(Workers& workers, FsOptions options);
     ~Filesystem();
 
     /// Scans SOURCE_DIR once (blocking). Throws std::system_error if it cannot be read.
@@ -197,9 +200,13 @@ public:
 
 private:
     friend struct Handlers;
-    Task<void> serve();
+    /// The /dev/fuse reader of worker `worker`, on its serve strand: every worker reads requests
+    /// and runs their callbacks. The last reader to end runs drain().
+    Task<void> serve(unsigned worker);
+    /// Makes every reader end (from any thread).
+    void stop_readers();
     /// After serving: waits for the requests (requests_), closes every image still open, stops
-    /// the scanner, calls on_finished_. On serve_strand_.
+    /// the scanner, calls on_finished_. On a serve strand.
     Task<void> drain();
     /// Tells the scanner thread to end (it is joined by the destructor).
     void stop_scanner();
@@ -252,15 +259,27 @@ private:
     /// the file system starts, so that none is dropped unseen.
     static void log_failure(const std::string& what, std::exception_ptr error);
 
-    asio::io_context& io_;
+    Workers& workers_;
     FsOptions options_;
     io::HostPolicy policy_;  // fixed once serving starts
     Scanner scanner_;
     ImageRegistry images_;
     std::unique_ptr<InodeTable> inodes_;
-    asio::strand<asio::io_context::executor_type> serve_strand_;
+    /// Per worker: the strand of its /dev/fuse reader and the reader's wait on the device (a
+    /// dup() of the session's descriptor, so each worker's epoll watches its own; only that
+    /// strand touches it).
+    struct Reader {
+        explicit Reader(asio::io_context& io) : strand(asio::make_strand(io)) {}
+        asio::strand<asio::io_context::executor_type> strand;
+        std::unique_ptr<asio::posix::stream_descriptor> device;
+    };
+    static std::vector<std::unique_ptr<Reader>> make_readers(Workers& workers);
+    /// A reader's buffer: the largest request (a write of max_write = 1 MiB) and its headers.
+    static constexpr size_t kRequestBufferBytes = (1u << 20) + (64u << 10);
+    std::vector<std::unique_ptr<Reader>> readers_;
+    asio::strand<asio::io_context::executor_type>& serve_strand_;  // worker 0's reader strand
+    std::atomic<unsigned> serving_{0};  // readers still running
     fuse_session* session_ = nullptr;
-    std::unique_ptr<asio::posix::stream_descriptor> device_;  // /dev/fuse; serve_strand_ only
     std::function<void()> on_finished_;
     std::atomic<bool> stopping_{false};
     Gate requests_;  // every coroutine spawn() starts; its waiter runs on serve_strand_

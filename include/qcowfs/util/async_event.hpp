@@ -1,32 +1,54 @@
 // A one-shot event that coroutines on one strand can await: the engine's only wait primitive.
 #pragma once
 
-#include <boost/asio/as_tuple.hpp>
-#include <boost/asio/steady_timer.hpp>
+#include <boost/asio/any_completion_handler.hpp>
+#include <boost/asio/associated_executor.hpp>
+#include <boost/asio/async_result.hpp>
+#include <boost/asio/post.hpp>
 #include <boost/asio/use_awaitable.hpp>
+#include <utility>
+#include <vector>
 
 #include "qcowfs/util/task.hpp"
 
 namespace qcowfs {
 
-/// Waiters park on a timer that never expires; set() cancels it, which resumes every waiter.
-/// Not thread-safe: create, wait and set from the same strand (each image runs on its own).
+/// Waiters park as completion handlers; set() posts every one to its own executor (the waiting
+/// coroutine's strand), so a waiter resumes on the thread that set the event when that thread may
+/// take the strand, with no timer and no other thread involved. Not thread-safe: create, wait and
+/// set from the same strand (each image runs on its own). Must not be destroyed while a
+/// coroutine waits.
 class AsyncEvent {
 public:
-    explicit AsyncEvent(const Executor& ex) : timer_(ex, asio::steady_timer::time_point::max()) {}
+    /// `ex` is unused; kept so that every waiter's executor is visibly the creator's strand.
+    explicit AsyncEvent(const Executor&) {}
+    AsyncEvent(const AsyncEvent&) = delete;
+    AsyncEvent& operator=(const AsyncEvent&) = delete;
 
     /// Returns once set() has been called (at once if it already was).
     Task<void> wait() {
-        while (!set_) co_await timer_.async_wait(asio::as_tuple(asio::use_awaitable));
+        if (set_) co_return;
+        co_await asio::async_initiate<decltype(asio::use_awaitable), void()>(
+            [this](auto handler) {
+                Executor ex = asio::get_associated_executor(handler);
+                waiters_.push_back(Waiter{std::move(ex), std::move(handler)});
+            },
+            asio::use_awaitable);
     }
     void set() {
         set_ = true;
-        timer_.cancel();
+        auto waiters = std::move(waiters_);
+        waiters_.clear();
+        for (auto& w : waiters) asio::post(w.executor, [h = std::move(w.handler)]() mutable { std::move(h)(); });
     }
     bool is_set() const { return set_; }
 
 private:
-    asio::steady_timer timer_;
+    struct Waiter {
+        Executor executor;  // the waiting coroutine's
+        asio::any_completion_handler<void()> handler;
+    };
+    std::vector<Waiter> waiters_;
     bool set_ = false;
 };
 
