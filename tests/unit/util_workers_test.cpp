@@ -126,7 +126,8 @@ TEST_CASE("off_strand runs its function outside the strand: another worker takes
     CHECK(finished == 2);
     CHECK(fn_on == 0);
     CHECK(fn_saw_other);
-    CHECK(resumed_on == 0);
+    // On worker 0, or on worker 1 if it still held the strand when the copy ended.
+    CHECK(resumed_on < 2);
 }
 
 TEST_CASE("off_strand passes the function's exception to the caller") {
