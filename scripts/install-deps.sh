@@ -14,6 +14,7 @@ packages=(
     clang-14 libclang-rt-14-dev libfuzzer-14-dev  # sanitizer build and libFuzzer targets (build-asan/)
     qemu-utils python3                     # qemu-img/qemu-io/qemu-nbd: test oracle and demo images
     libnbd-bin                             # nbdinfo: the dirty bitmaps QEMU serves (bitmap tests)
+    fio                                    # many large writes in flight at once, verified (write tests)
     e2fsprogs util-linux kmod              # mkfs.ext4, losetup/mount, modprobe
     ca-certificates
 )

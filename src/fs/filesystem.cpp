@@ -134,7 +134,41 @@ void Filesystem::stop_readers() {
 
 namespace {
 constexpr size_t kRequestHeaderBytes = 40;  // struct fuse_in_header
+/// The request buffer this thread's reader is processing a request from (inside
+/// fuse_session_process_buf), for take_request_buffer.
+thread_local Filesystem::RequestBuffer* processing = nullptr;
 }  // namespace
+
+void Filesystem::BufferReturn::operator()(char* p) const {
+    if (!p) return;
+    {
+        std::lock_guard lock(fs->spare_mutex_);
+        if (fs->spare_buffers_.size() < kSpareBuffers) {
+            fs->spare_buffers_.push_back(p);
+            return;
+        }
+    }
+    delete[] p;
+}
+
+Filesystem::RequestBuffer Filesystem::request_buffer() {
+    {
+        std::lock_guard lock(spare_mutex_);
+        if (!spare_buffers_.empty()) {
+            char* p = spare_buffers_.back();
+            spare_buffers_.pop_back();
+            return RequestBuffer(p, BufferReturn{this});
+        }
+    }
+    return RequestBuffer(new char[kRequestBufferBytes], BufferReturn{this});
+}
+
+Filesystem::RequestBuffer Filesystem::take_request_buffer(const char* data, size_t size) {
+    if (!processing || !*processing) return RequestBuffer(nullptr, BufferReturn{this});
+    const char* begin = processing->get();
+    if (data < begin || data + size > begin + kRequestBufferBytes) return RequestBuffer(nullptr, BufferReturn{this});
+    return std::move(*processing);
+}
 
 Task<void> Filesystem::serve(unsigned worker) {
     Reader& reader = *readers_[worker];
@@ -149,13 +183,15 @@ Task<void> Filesystem::serve(unsigned worker) {
     reader.device = std::make_unique<asio::posix::stream_descriptor>(reader.strand, fd);
     // The kernel refuses reads into a buffer smaller than the largest request (a write of
     // max_write bytes and its headers).
-    std::vector<char> mem(kRequestBufferBytes);
+    RequestBuffer mem = request_buffer();
     bool ended = false;
     while (!ended && !stopping_ && !fuse_session_exited(session_)) {
-        ssize_t n = ::read(fd, mem.data(), mem.size());
+        if (!mem) mem = request_buffer();  // the last one went with a write (take_request_buffer)
+        ssize_t n = ::read(fd, mem.get(), kRequestBufferBytes);
         int error = n < 0 ? errno : 0;
         if (error == EAGAIN) {
-            auto [ec, got] = co_await reader.device->async_read_some(asio::buffer(mem), asio::as_tuple(asio::use_awaitable));
+            auto [ec, got] = co_await reader.device->async_read_some(asio::buffer(mem.get(), kRequestBufferBytes),
+                                                                   asio::as_tuple(asio::use_awaitable));
             n = static_cast<ssize_t>(got);
             error = ec == asio::error::eof ? ENODEV : ec.value();
             if (ec == asio::error::operation_aborted) continue;  // stop(): the loop condition ends it
@@ -171,9 +207,11 @@ Task<void> Filesystem::serve(unsigned worker) {
             continue;
         }
         fuse_buf buf{};
-        buf.mem = mem.data();
+        buf.mem = mem.get();
         buf.size = static_cast<size_t>(n);
+        processing = &mem;
         fuse_session_process_buf(session_, &buf);
+        processing = nullptr;
     }
     reader.device.reset();  // closes the dup
     // The first reader to end ends the others; the last one starts the drain (on worker 0's

@@ -70,6 +70,16 @@ void reply_error(fuse_req_t req, ImageRegistry& images, const std::string& path,
     fuse_reply_err(req, code);
 }
 
+/// A write's bytes: the request buffer they lie in (taken over from the reader), or a copy.
+struct WriteData {
+    Filesystem::RequestBuffer owner{nullptr, Filesystem::BufferReturn{}};
+    std::vector<std::byte> copy;
+    std::span<const std::byte> bytes;  // into owner or copy (both keep their bytes when moved)
+};
+
+/// Writes at least this large keep the request buffer instead of copying it (Handlers::write).
+constexpr size_t kZeroCopyWriteBytes = 64 << 10;
+
 /// State behind fuse_file_info::fh for an open directory: its entries when opened.
 struct DirEntry {
     std::string name;
@@ -417,16 +427,20 @@ struct Filesystem::Handlers {
 
     static void write(fuse_req_t req, fuse_ino_t ino, const char* buf, size_t size, off_t off, fuse_file_info* fi) {
         trace("write", ino, " off=", off, " size=", size);
-        // libfuse owns `buf` only until this callback returns.
-        std::vector<std::byte> data(reinterpret_cast<const std::byte*>(buf), reinterpret_cast<const std::byte*>(buf) + size);
+        // libfuse owns `buf` only until this callback returns: a large write takes the request
+        // buffer it lies in over from the reader (no copy of up to 1 MiB), a small one is copied.
+        WriteData data;
+        if (size >= kZeroCopyWriteBytes) data.owner = fs_of(req)->take_request_buffer(buf, size);
+        if (!data.owner) data.copy.assign(reinterpret_cast<const std::byte*>(buf), reinterpret_cast<const std::byte*>(buf) + size);
+        data.bytes = data.owner ? std::span(reinterpret_cast<const std::byte*>(buf), size) : std::span<const std::byte>(data.copy);
         asio::io_context* origin = detail::current_worker.context;
         run_write(req, fi, [req, data = std::move(data), off, origin](qcow2::Disk& disk) -> Task<int> {
             if (off < 0) co_return EINVAL;
-            if (data.empty()) {
+            if (data.bytes.empty()) {
                 fuse_reply_write(req, 0);
                 co_return 0;
             }
-            const size_t n = co_await disk.write(static_cast<uint64_t>(off), data);
+            const size_t n = co_await disk.write(static_cast<uint64_t>(off), data.bytes);
             if (n == 0) co_return ENOSPC;  // a shrink that came in between left it past the end
             reply_from(origin, [req, n] { fuse_reply_write(req, n); });
             co_return 0;

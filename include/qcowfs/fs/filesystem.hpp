@@ -198,6 +198,13 @@ public:
     // Request handlers, called by the libfuse callbacks in fuse_ops.cpp.
     struct Handlers;
 
+    /// A request buffer that goes back to the spare buffers when dropped.
+    struct BufferReturn {
+        Filesystem* fs = nullptr;
+        void operator()(char* p) const;
+    };
+    using RequestBuffer = std::unique_ptr<char[], BufferReturn>;
+
 private:
     friend struct Handlers;
     /// The /dev/fuse reader of worker `worker`, on its serve strand: every worker reads requests
@@ -276,6 +283,15 @@ private:
     static std::vector<std::unique_ptr<Reader>> make_readers(Workers& workers);
     /// A reader's buffer: the largest request (a write of max_write = 1 MiB) and its headers.
     static constexpr size_t kRequestBufferBytes = (1u << 20) + (64u << 10);
+    /// A spare request buffer, or a new one.
+    RequestBuffer request_buffer();
+    /// The buffer of the request this worker is processing now, if `data` lies in it: handed
+    /// over (the reader takes another), so that a large write keeps its bytes without a copy.
+    /// Only inside a libfuse callback; null otherwise.
+    RequestBuffer take_request_buffer(const char* data, size_t size);
+    std::mutex spare_mutex_;  // leaf lock; guards spare_buffers_
+    std::vector<char*> spare_buffers_;  // at most kSpareBuffers
+    static constexpr size_t kSpareBuffers = 2;
     std::vector<std::unique_ptr<Reader>> readers_;
     asio::strand<asio::io_context::executor_type>& serve_strand_;  // worker 0's reader strand
     std::atomic<unsigned> serving_{0};  // readers still running
