@@ -523,7 +523,8 @@ def test_large_direct_writes_in_flight():
            "--iodepth=16", "--size=%d" % size, "--verify=crc32c", "--randseed=%d" % (SEED % 100000)]
 
     def fio(path, *extra):
-        p = subprocess.run(["fio", "--filename=" + path] + job + list(extra),
+        # In the test's directory: fio leaves its verify state file where it runs.
+        p = subprocess.run(["fio", "--filename=" + path] + job + list(extra), cwd=BIG,
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300)
         return p.returncode, p.stdout
 
