@@ -43,7 +43,11 @@ Task<RangeLock::Guard> RangeLock::lock(uint64_t offset, uint64_t length, Mode mo
 }
 
 void RangeLock::unlock(uint64_t id) {
-    held_.remove_if([&](const Request& h) { return h.id == id; });
+    auto held = std::find_if(held_.begin(), held_.end(), [&](const Request& h) { return h.id == id; });
+    if (held != held_.end()) {
+        *held = std::move(held_.back());
+        held_.pop_back();
+    }
     // Grant, in order, every waiter that conflicts neither with a held lock nor with an earlier
     // waiter that stays blocked.
     for (auto it = waiters_.begin(); it != waiters_.end();) {

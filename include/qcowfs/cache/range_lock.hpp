@@ -3,6 +3,7 @@
 
 #include <cstdint>
 #include <list>
+#include <vector>
 #include <memory>
 
 #include "qcowfs/util/async_event.hpp"
@@ -66,7 +67,7 @@ private:
 
     Executor executor_;
     uint64_t next_id_ = 1;
-    std::list<Request> held_;
+    std::vector<Request> held_;   // in no order; a vector, so that locking allocates nothing once warm
     std::list<Request> waiters_;  // in arrival order
 };
 
