@@ -14,6 +14,7 @@
 #include <algorithm>
 #include <bit>
 #include <cstring>
+#include <memory>
 
 #include "qcowfs/format/entries.hpp"
 #include "qcowfs/format/error.hpp"
@@ -261,11 +262,14 @@ Task<void> Image::plan_table(TableWrite& t, uint64_t l1_index) {
     const uint64_t cs = geometry_.cluster_size();
     // Bytes at or past this offset of the file have never been written since the image was
     // opened (file_end_ counts every data and L2 cluster handed out; the file's size every write
-    // that has completed), so they read as zeros.
-    const uint64_t fresh_from = std::max(file_end_, file_->size());
+    // that has completed), so they read as zeros. Only asked (an fstat) when some new cluster
+    // would have nothing to copy around its write: not on every copy-on-write.
+    const bool any_zero = std::any_of(t.clusters.begin(), t.clusters.end(),
+                                      [](const ClusterWrite& w) { return w.needs_new && w.reads_zero; });
+    const uint64_t fresh_from = any_zero ? std::max(file_end_, file_->size()) : 0;
     t.first_new = co_await allocate_clusters(t.allocated);
     file_end_ = std::max(file_end_, (t.first_new + t.allocated * cs).value);
-    const bool fresh = t.first_new.value >= fresh_from;
+    const bool fresh = any_zero && t.first_new.value >= fresh_from;
     HostOffset next = t.first_new;
     for (auto& w : t.clusters) {
         if (!w.needs_new) continue;
@@ -300,20 +304,30 @@ Task<void> Image::write_data(const TableWrite& t, uint64_t offset, std::span<con
             co_await f.write_at(host_start.value, data.subspan(guest - start, host_end - host_start));
             continue;
         }
-        std::vector<std::byte> buf(host_end - host_start);
+        // Every byte of buf is filled below (old bytes around each write, then the write's own).
+        const uint64_t n = host_end - host_start;
+        auto buf = std::make_unique_for_overwrite<std::byte[]>(n);
         for (const ClusterWrite& w : run) {
             // The cluster's byte 0 (before buf when the run's first window starts inside it).
-            std::byte* base = buf.data() + static_cast<ptrdiff_t>(w.host.value - host_start.value);
+            std::byte* base = buf.get() + static_cast<ptrdiff_t>(w.host.value - host_start.value);
             co_await copy_around(w, base);
             const GuestOffset guest = g.offset_of(w.guest_cluster) + w.from;
             std::memcpy(base + w.from, data.data() + (guest - start), w.to - w.from);
         }
-        co_await f.write_at(host_start.value, buf);
+        co_await f.write_at(host_start.value, std::span<const std::byte>(buf.get(), n));
     }
 }
 
 Task<void> Image::copy_around(const ClusterWrite& w, std::byte* base) {
     const GuestOffset guest = geometry_.offset_of(w.guest_cluster);
+    if (w.window_from < w.from && w.to < w.window_to) {
+        // Old bytes on both sides: one read of the whole window (the write's own bytes are read
+        // too and then overwritten), so a small write into a copied cluster costs one read of
+        // the backing file, not two.
+        co_await read_mapped(active_l1(), (guest + w.window_from).value,
+                             std::span<std::byte>(base + w.window_from, w.window_to - w.window_from));
+        co_return;
+    }
     if (w.window_from < w.from)
         co_await read_mapped(active_l1(), (guest + w.window_from).value,
                              std::span<std::byte>(base + w.window_from, w.from - w.window_from));
