@@ -19,6 +19,7 @@
 #include "qcowfs/format/error.hpp"
 #include "qcowfs/fs/filesystem.hpp"
 #include "qcowfs/qcow2/disk.hpp"
+#include "qcowfs/util/buffer_pool.hpp"
 #include "qcowfs/util/log.hpp"
 
 namespace qcowfs::fs {
@@ -73,7 +74,7 @@ void reply_error(fuse_req_t req, ImageRegistry& images, const std::string& path,
 /// A write's bytes: the request buffer they lie in (taken over from the reader), or a copy.
 struct WriteData {
     Filesystem::RequestBuffer owner{nullptr, Filesystem::BufferReturn{}};
-    std::vector<std::byte> copy;
+    PooledBuffer copy;
     std::span<const std::byte> bytes;  // into owner or copy (both keep their bytes when moved)
 };
 
@@ -417,10 +418,10 @@ struct Filesystem::Handlers {
                 co_return 0;
             }
             const size_t n = static_cast<size_t>(std::min<uint64_t>(size, vsize - offset));
-            std::unique_ptr<std::byte[]> buf(new std::byte[n]);
+            PooledBuffer buf(n);
             // The active disk of a writable image reads through its cache: cached writes show.
-            co_await of->slot->disk->read(*of->view, offset, std::span<std::byte>(buf.get(), n));
-            reply_from(origin, [req, buf = std::move(buf), n] { fuse_reply_buf(req, reinterpret_cast<const char*>(buf.get()), n); });
+            co_await of->slot->disk->read(*of->view, offset, std::span<std::byte>(buf.data(), n));
+            reply_from(origin, [req, buf = std::move(buf), n] { fuse_reply_buf(req, reinterpret_cast<const char*>(buf.data()), n); });
             co_return 0;
         });
     }
@@ -431,8 +432,12 @@ struct Filesystem::Handlers {
         // buffer it lies in over from the reader (no copy of up to 1 MiB), a small one is copied.
         WriteData data;
         if (size >= kZeroCopyWriteBytes) data.owner = fs_of(req)->take_request_buffer(buf, size);
-        if (!data.owner) data.copy.assign(reinterpret_cast<const std::byte*>(buf), reinterpret_cast<const std::byte*>(buf) + size);
-        data.bytes = data.owner ? std::span(reinterpret_cast<const std::byte*>(buf), size) : std::span<const std::byte>(data.copy);
+        if (!data.owner) {
+            data.copy = PooledBuffer(size);
+            if (size) std::memcpy(data.copy.data(), buf, size);
+        }
+        data.bytes = data.owner ? std::span(reinterpret_cast<const std::byte*>(buf), size)
+                                : std::span<const std::byte>(data.copy.data(), size);
         asio::io_context* origin = detail::current_worker.context;
         run_write(req, fi, [req, data = std::move(data), off, origin](qcow2::Disk& disk) -> Task<int> {
             if (off < 0) co_return EINVAL;

@@ -1,0 +1,60 @@
+// PooledBuffer: a dropped buffer serves the next request of its size class, whichever thread
+// dropped it; large buffers are never kept; the cache keeps a bounded number.
+#include <doctest/doctest.h>
+
+#include <cstring>
+#include <thread>
+#include <vector>
+
+#include "qcowfs/util/buffer_pool.hpp"
+
+using namespace qcowfs;
+
+TEST_CASE("PooledBuffer: a dropped buffer is reused for a request of its size class") {
+    std::byte* first = nullptr;
+    {
+        PooledBuffer a(5000);
+        CHECK(a.size() == 5000);
+        std::memset(a.data(), 0x5a, a.size());  // all of it is writable
+        first = a.data();
+    }
+    PooledBuffer b(8192);  // 5000 and 8192 share the 8 KiB class
+    CHECK(b.data() == first);
+    PooledBuffer c(5000);  // the cached one is taken: a new one
+    CHECK(c.data() != first);
+}
+
+TEST_CASE("PooledBuffer: a buffer dropped on another thread serves this one") {
+    PooledBuffer a(20000);
+    std::byte* p = a.data();
+    std::thread([buf = std::move(a)]() mutable { buf = PooledBuffer(); }).join();
+    PooledBuffer b(30000);
+    CHECK(b.data() == p);
+}
+
+TEST_CASE("PooledBuffer: large buffers are not kept, and the cache is bounded") {
+    const size_t big = detail::BufferCache::kMaxCachedBytes + 1;
+    CHECK(detail::pooled_capacity(big) == big);  // exactly what was asked, no rounding up
+    CHECK(detail::pooled_capacity(1) == 4096);
+    CHECK(detail::pooled_capacity(4097) == 8192);
+    auto& cache = detail::buffer_cache();
+    std::byte* large = new std::byte[big];
+    CHECK_FALSE(cache.give(large, big));
+    delete[] large;
+    // Fill the cache with buffers of an unusual class; past kCachedBuffers it refuses.
+    const size_t cls = 64 << 10;
+    std::vector<std::byte*> taken;
+    while (std::byte* q = cache.take(cls)) taken.push_back(q);  // what earlier cases left
+    std::vector<std::byte*> kept;
+    size_t refused = 0;
+    for (size_t i = 0; i < 2 * detail::BufferCache::kCachedBuffers; ++i) {
+        auto* q = new std::byte[cls];
+        if (cache.give(q, cls)) kept.push_back(q);
+        else delete[] q, ++refused;
+    }
+    CHECK(kept.size() <= detail::BufferCache::kCachedBuffers);
+    CHECK(refused >= detail::BufferCache::kCachedBuffers);
+    // Empty it again so later cases start as they would.
+    while (std::byte* q = cache.take(cls)) delete[] q;
+    for (std::byte* q : taken) delete[] q;
+}
