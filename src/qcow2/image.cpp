@@ -156,7 +156,11 @@ Task<uint64_t> Image::l1_entry(const L1Table& l1, uint64_t index) {
     if (l1.entries) co_return (*l1.entries)[index];
     const size_t slice_bytes = l2_cache_->slice_bytes();
     uint64_t byte = l1.offset + index * 8;
-    if (byte / slice_bytes * slice_bytes + slice_bytes > file_->size()) {
+    const uint64_t slice_end = byte / slice_bytes * slice_bytes + slice_bytes;
+    // Files only grow under us (a truncation from outside fails the slice's read with EIO, as
+    // it fails any read of the cut metadata), so a size seen once still holds.
+    if (slice_end > file_size_seen_) file_size_seen_ = std::max(file_size_seen_, file_->size());
+    if (slice_end > file_size_seen_) {
         // The file ends inside this slice (checked at open: not inside the table): read the entry alone.
         std::byte raw[8];
         if (co_await file_->read_at(byte, raw) != 8) corruption("L1 entry at " + hex(byte) + " lies beyond the end of the file");

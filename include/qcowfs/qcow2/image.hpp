@@ -474,6 +474,9 @@ private:
     std::set<uint64_t> dirty_l1_;   // L1 entries changed in memory, not yet on disk
     std::vector<std::pair<HostCluster, uint64_t>> pending_free_;  // (first cluster, count), rule 4
     uint64_t file_end_ = 0;  // bytes of the image file, counting clusters allocated but not yet written
+    /// The largest size the image file was seen to have (l1_entry): an fstat per L1 lookup only
+    /// while a slice might reach past the file's end.
+    uint64_t file_size_seen_ = 0;
     MetadataMap metadata_map_;  // where metadata lies, for the overlap checks
     std::vector<MetadataMap::Area> bitmap_areas_;  // bitmap directory and tables (fixed while open)
     std::unique_ptr<DirtyBitmaps> bitmaps_;  // null until loaded (dirty_bitmaps)
