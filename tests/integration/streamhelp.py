@@ -55,12 +55,12 @@ def decode_file(img, out, args=""):
     return sh("cat %s | %s decode %s - %s" % (q(img), q(stream_bin()), args, q(out)))
 
 
-def decode_fed(img, out, pipe_out=False, tail=0, args="", timeout=60):
-    """IMG and then `tail` zero bytes, written by a thread of this process into a pipe, into
-    `qcowfs-stream decode ARGS - OUT` (pipe_out: `- - | cat > OUT`). The thread counts what the
-    decoder took: once it exits the pipe breaks, so at most the pipe's buffer more than it read.
-    Returns a Result with .fed (bytes written) and .total (len(IMG) + tail); code None if the
-    decoder had not finished after `timeout` seconds (it is killed then)."""
+def decode_fed(img, out, pipe_out=False, endless=False, args="", timeout=60):
+    """IMG, written by a thread of this process into a pipe, into `qcowfs-stream decode ARGS -
+    OUT` (pipe_out: `- - | cat > OUT`). `endless`: zeros follow IMG for as long as the decoder
+    reads, so that it never sees the end of its input: it can only stop by itself. Returns a
+    Result with .fed, the bytes written (what the decoder read, plus at most the pipe's buffer);
+    code None if the decoder had not finished after `timeout` seconds (it is killed then)."""
     with open(img, "rb") as f:
         data = f.read()
     script = "%s decode %s - %s" % (q(stream_bin()), args, "- | cat > %s" % q(out) if pipe_out else q(out))
@@ -72,18 +72,15 @@ def decode_fed(img, out, pipe_out=False, tail=0, args="", timeout=60):
     fed = [0]
 
     def feed():
-        zeros = bytes(1 << 20)
+        zeros = memoryview(bytes(1 << 20))
         try:
             view = memoryview(data)
             while view:
                 n = os.write(w, view)
                 fed[0] += n
                 view = view[n:]
-            left = tail
-            while left:
-                n = os.write(w, zeros[:min(left, len(zeros))])
-                fed[0] += n
-                left -= n
+            while endless:
+                fed[0] += os.write(w, zeros)
         except OSError:  # EPIPE: the decoder has exited
             pass
         finally:
@@ -100,7 +97,7 @@ def decode_fed(img, out, pipe_out=False, tail=0, args="", timeout=60):
         code = None
     th.join()
     res = Result(code, err.decode("utf-8", "replace"), time.monotonic() - t0)
-    res.fed, res.total = fed[0], len(data) + tail
+    res.fed = fed[0]
     return res
 
 
