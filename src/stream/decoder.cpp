@@ -283,7 +283,12 @@ private:
     std::vector<std::vector<std::byte>> l2_tables_;
     std::vector<uint32_t> l2_pending_;  // by L1 index: clusters whose data has not been written
     uint64_t parsing_l1_ = UINT64_MAX;  // the L1 index whose table parse_l2 is walking
-    void release_table(uint64_t l1i) { std::vector<std::byte>().swap(l2_tables_[l1i]); }
+    /// Frees table l1i, unless parse_l2 is still walking it: a cluster it resolves on the way
+    /// (data that has passed, a finished decompression batch) may complete the table's output
+    /// before the walk is done. parse_l2 frees it at the end if nothing needs it any more.
+    void release_table(uint64_t l1i) {
+        if (l1i != parsing_l1_) std::vector<std::byte>().swap(l2_tables_[l1i]);
+    }
     std::unordered_set<uint64_t> refblocks_;  // refcount blocks named by the refcount table, not yet passed
     std::unordered_map<uint64_t, uint64_t> l2_wanted_;    // host offset -> L1 index
     std::unordered_map<uint64_t, uint64_t> data_wanted_;  // host offset -> guest cluster | kGuestKeyBit if data needed
@@ -557,7 +562,7 @@ void Decoder::parse_l2(uint64_t l1i, uint64_t host, std::span<const std::byte> t
         if (!needs_data) resolved_without_data(c, e);
     }
     parsing_l1_ = UINT64_MAX;
-    if (sparse_ && l2_pending_[l1i] == 0) release_table(l1i);
+    if (sparse_ ? l2_pending_[l1i] == 0 : cursor_ >= last) release_table(l1i);
     advance();
 }
 
@@ -750,7 +755,7 @@ void Decoder::cluster_ready(uint64_t c, std::span<const std::byte> data) {
     uint64_t l1i = c / l2_entries_;
     if (sparse_) {
         write_sparse(c, data);
-        if (--l2_pending_[l1i] == 0 && l1i != parsing_l1_) release_table(l1i);
+        if (--l2_pending_[l1i] == 0) release_table(l1i);
     } else if (c == cursor_) {
         sink_->write_at(c * cs_, data.first(guest_len(c)));
         done_ += guest_len(c);

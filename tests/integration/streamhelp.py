@@ -5,8 +5,10 @@ purpose; qemu-img check and convert accept it)."""
 import math
 import os
 import random
+import signal
 import struct
 import subprocess
+import threading
 import time
 import zlib
 
@@ -51,6 +53,52 @@ def decode_pipe(img, out, args=""):
 def decode_file(img, out, args=""):
     """cat IMG | qcowfs-stream decode ARGS - OUT: a pipe in, a sparse file out."""
     return sh("cat %s | %s decode %s - %s" % (q(img), q(stream_bin()), args, q(out)))
+
+
+def decode_fed(img, out, pipe_out=False, endless=False, args="", timeout=60):
+    """IMG, written by a thread of this process into a pipe, into `qcowfs-stream decode ARGS -
+    OUT` (pipe_out: `- - | cat > OUT`). `endless`: zeros follow IMG for as long as the decoder
+    reads, so that it never sees the end of its input: it can only stop by itself. Returns a
+    Result with .fed, the bytes written (what the decoder read, plus at most the pipe's buffer);
+    code None if the decoder had not finished after `timeout` seconds (it is killed then)."""
+    with open(img, "rb") as f:
+        data = f.read()
+    script = "%s decode %s - %s" % (q(stream_bin()), args, "- | cat > %s" % q(out) if pipe_out else q(out))
+    r, w = os.pipe()
+    t0 = time.monotonic()
+    p = subprocess.Popen(["bash", "-o", "pipefail", "-c", script], stdin=r, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.PIPE, start_new_session=True)
+    os.close(r)  # only the decoder's end stays open: its exit breaks the pipe
+    fed = [0]
+
+    def feed():
+        zeros = memoryview(bytes(1 << 20))
+        try:
+            view = memoryview(data)
+            while view:
+                n = os.write(w, view)
+                fed[0] += n
+                view = view[n:]
+            while endless:
+                fed[0] += os.write(w, zeros)
+        except OSError:  # EPIPE: the decoder has exited
+            pass
+        finally:
+            os.close(w)
+
+    th = threading.Thread(target=feed, daemon=True)
+    th.start()
+    try:
+        _, err = p.communicate(timeout=timeout)
+        code = p.returncode
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        _, err = p.communicate()
+        code = None
+    th.join()
+    res = Result(code, err.decode("utf-8", "replace"), time.monotonic() - t0)
+    res.fed = fed[0]
+    return res
 
 
 def allocated(path):

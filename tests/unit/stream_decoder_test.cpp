@@ -189,6 +189,28 @@ TEST_CASE("decode: tables before or after their data, any memory bound, position
     }
 }
 
+TEST_CASE("decode: a table whose data has all passed, unallocated after its last data cluster") {
+    // Parsing the table resolves its data clusters from the retained store one by one; the last
+    // one lets sequential output run to the table's end (the rest is unallocated) while the parse
+    // is still walking the table's later entries: the table must stay until the walk is done.
+    std::mt19937 rnd(5);
+    std::map<uint64_t, Write> writes;
+    for (uint64_t c : {0, 1, 600, 700}) {
+        Write x;
+        x.data.resize(kCs);
+        for (auto& byte : x.data) byte = std::byte(static_cast<unsigned char>(rnd()));
+        writes[c] = x;
+    }
+    for (const auto& order : std::vector<std::vector<std::string>>{{"l1", "data", "l2"}, {"data", "l2", "l1"}}) {
+        Built b = build(writes, order);
+        for (bool positioned : {false, true}) {
+            CAPTURE(order[0] + "," + order[1] + "," + order[2]);
+            CAPTURE(positioned);
+            CHECK(run_decode(b.image, positioned, 256 << 20) == b.raw);
+        }
+    }
+}
+
 namespace {
 
 /// Host clusters: 0 header, 1 refcount table, 2 L1, 3 the L2 table for guest clusters 0-511,
