@@ -266,7 +266,7 @@ Task<std::exception_ptr> Image::reported(std::exception_ptr error) {
     co_return co_await signal_corruption(std::move(reason));
 }
 
-Task<void> Image::check_host_cluster(HostOffset host, const std::string& what, uint32_t ignore) {
+Task<void> Image::check_host_cluster(HostOffset host, ClusterName what, uint32_t ignore) {
     const HostCluster c = geometry_.host_cluster(host);
     std::string problem;
     if (c == HostCluster{0})
@@ -276,7 +276,7 @@ Task<void> Image::check_host_cluster(HostOffset host, const std::string& what, u
     else if (auto meta = metadata_map_.find(c.value, 1, ignore, refcounts_.get()))
         problem = "points into " + *meta;
     if (problem.empty() && co_await refcounts_->get(c) == 0) problem = "is in use but its refcount is 0";
-    if (!problem.empty()) std::rethrow_exception(co_await signal_corruption(what + " at " + hex(host.value) + " " + problem));
+    if (!problem.empty()) std::rethrow_exception(co_await signal_corruption(what.str() + " at " + hex(host.value) + " " + problem));
 }
 
 void Image::free_later(HostCluster first, uint64_t count) {

@@ -108,7 +108,7 @@ Task<HostOffset> Image::l2_for_write(uint64_t l1_index) {
     if (!bad.empty()) std::rethrow_exception(co_await signal_corruption(bad));
     const HostOffset old = e.l2_table();
     if (old) {
-        co_await check_host_cluster(old, "L2 table of L1 entry " + std::to_string(l1_index), kMetaActiveL2);
+        co_await check_host_cluster(old, {"L2 table of L1 entry ", l1_index, false}, kMetaActiveL2);
         if (e.copied) co_return old;
         if (co_await refcounts_->get(g.host_cluster(old)) == 1) {
             // Only we use it (a snapshot that shared it is gone): just mark it ours.
@@ -202,7 +202,7 @@ Task<void> Image::plan_cluster(ClusterWrite& w, HostOffset l2_table) {
         if (data_file_) {
             in_place = true;  // external data file: data clusters sit at their guest offset, no refcounts
         } else {
-            co_await check_host_cluster(e.host(), "data cluster of guest offset " + hex(guest.value));
+            co_await check_host_cluster(e.host(), {"data cluster of guest offset ", guest.value, true});
             in_place = e.copied || co_await refcounts_->get(g.host_cluster(e.host())) == 1;
         }
     }

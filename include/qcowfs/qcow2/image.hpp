@@ -21,6 +21,7 @@
 #include "qcowfs/cache/range_lock.hpp"
 #include "qcowfs/cache/slice_cache.hpp"
 #include "qcowfs/format/entries.hpp"
+#include "qcowfs/format/error.hpp"
 #include "qcowfs/format/header.hpp"
 #include "qcowfs/format/snapshot.hpp"
 #include "qcowfs/io/file.hpp"
@@ -141,6 +142,15 @@ private:
 };
 
 /// An open qcow2 image file. All methods run on one strand (the caller's); nothing is locked.
+/// What check_host_cluster names in its error message ("L2 table of L1 entry 3"), kept as its
+/// parts: the text is built only when there is an error, not on every write.
+struct ClusterName {
+    const char* what;
+    uint64_t number;
+    bool as_hex;  // the number as 0x..., else decimal
+    std::string str() const { return what + (as_hex ? hex(number) : std::to_string(number)); }
+};
+
 class Image : public std::enable_shared_from_this<Image> {
 public:
     /// Opens `path` and, recursively, its data file and backing chain. Validates the header,
@@ -396,7 +406,7 @@ private:
     /// Host cluster `host` about to be written in place or used as an L2 table: EIO (and the
     /// corrupt bit) if it lies in other metadata, past the end of the file, or has refcount 0.
     /// `ignore`: MetadataKind bits the cluster may be (an L2 table checked as one).
-    Task<void> check_host_cluster(HostOffset host, const std::string& what, uint32_t ignore = 0);
+    Task<void> check_host_cluster(HostOffset host, ClusterName what, uint32_t ignore = 0);
     /// Points refcounts_ back at this image: header rewrite on table moves, overlap checks.
     void install_refcount_hooks();
     /// Refcounts::allocate(count), with the overlap check on what it hands out: refcounts that
