@@ -2,6 +2,7 @@
 #include "qcowfs/qcow2/rebuild.hpp"
 
 #include <algorithm>
+#include <concepts>
 #include <optional>
 #include <string>
 
@@ -71,11 +72,17 @@ private:
     /// Adds `times` references to every cluster that [offset, offset + bytes) touches. EIO naming
     /// `what` if a cluster is 0 (the header) or starts at or beyond the end of the file.
     void add(uint64_t offset, uint64_t bytes, uint64_t times, const std::string& what) {
+        add(offset, bytes, times, [&] { return what; });
+    }
+    /// The same, with the name made by `name()` only for an error: a walk adds every data
+    /// cluster of the image, and building a string for each cost three allocations.
+    template <std::invocable Name>
+    void add(uint64_t offset, uint64_t bytes, uint64_t times, const Name& name) {
         if (bytes == 0) return;
         const uint64_t first = offset >> cluster_bits_, last = (offset + bytes - 1) >> cluster_bits_;
-        if (first == 0) corrupt(what + " at " + hex(offset) + " lies in cluster 0, the header");
+        if (first == 0) corrupt(name() + " at " + hex(offset) + " lies in cluster 0, the header");
         if (last >= file_clusters_ || offset + bytes < offset)
-            corrupt(what + " at " + hex(offset) + " (" + std::to_string(bytes) + " bytes) lies beyond the end of " +
+            corrupt(name() + " at " + hex(offset) + " (" + std::to_string(bytes) + " bytes) lies beyond the end of " +
                     file_.name() + " (" + std::to_string(file_.size()) + " bytes)");
         last_ = std::max(last_, last);
         const uint64_t hi = lo_ + counts_->size();
@@ -133,9 +140,11 @@ private:
                 corrupt(what + " entry " + std::to_string(i) + ": " + reason_of(x));
             }
             if (e.compressed)
-                add(e.host_offset, e.compressed_size, times, what + " entry " + std::to_string(i) + ": compressed cluster");
+                add(e.host_offset, e.compressed_size, times,
+                    [&] { return what + " entry " + std::to_string(i) + ": compressed cluster"; });
             else if (e.host_offset != 0 && !external)
-                add(e.host_offset, g.cluster_size(), times, what + " entry " + std::to_string(i) + ": data cluster");
+                add(e.host_offset, g.cluster_size(), times,
+                    [&] { return what + " entry " + std::to_string(i) + ": data cluster"; });
         }
     }
 

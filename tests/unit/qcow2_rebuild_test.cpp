@@ -386,11 +386,13 @@ TEST_CASE("rebuild refuses inconsistent metadata with EIO and writes nothing") {
         auto bytes = image;
         format::store_be64(bytes.data() + l2 + 8 * 3, format::encode_l2_standard(image.size() + (1 << 20), true, false));
         expect_eio(bytes, "beyond the end");
+        expect_eio(bytes, "entry 3: data cluster at " + hex(image.size() + (1 << 20)));
     }
     SUBCASE("a compressed cluster past the end of the file") {
         auto bytes = image;
         format::store_be64(bytes.data() + l2 + 8 * 20, format::encode_l2_compressed(image.size() + 4096 + 100, 700, 12));
         expect_eio(bytes, "beyond the end");
+        expect_eio(bytes, "entry 20: compressed cluster at");
     }
     SUBCASE("a compressed cluster inside cluster 0, the header") {
         auto bytes = image;
