@@ -141,7 +141,6 @@ private:
     std::string name_;
 };
 
-/// An open qcow2 image file. All methods run on one strand (the caller's); nothing is locked.
 /// What check_host_cluster names in its error message ("L2 table of L1 entry 3"), kept as its
 /// parts: the text is built only when there is an error, not on every write.
 struct ClusterName {
@@ -151,6 +150,7 @@ struct ClusterName {
     std::string str() const { return what + (as_hex ? hex(number) : std::to_string(number)); }
 };
 
+/// An open qcow2 image file. All methods run on one strand (the caller's); nothing is locked.
 class Image : public std::enable_shared_from_this<Image> {
 public:
     /// Opens `path` and, recursively, its data file and backing chain. Validates the header,
