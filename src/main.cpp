@@ -55,6 +55,9 @@ constexpr const char* kUsage =
     "                     from the backing chain into the image (per image without it:\n"
     "                     setfattr -n user.qcowfs.copy_on_read -v 1 NAME.raw)\n"
     "  -o threads=N       worker threads (default: number of CPUs, at least 2)\n"
+    "  -o scan_interval=MS  how often SOURCE_DIR is scanned for added, removed and renamed\n"
+    "                     images (default 400; 10 to 86400000). A request that finds an\n"
+    "                     image moved since the last scan asks for a scan at once.\n"
     "  -o l2_cache=SIZE   L2 table cache per open image (default 4M; K, M, G suffixes)\n"
     "  -o compressed_cache=SIZE  decompressed clusters kept per open image (default 4M)\n"
     "  -o write_cache=SIZE  written data cached per writable open image (default 64M)\n"
@@ -76,6 +79,7 @@ struct Options {
     bool debug = false;
     bool read_only = false;
     unsigned threads = 0;
+    unsigned scan_interval_ms = 400;
     size_t l2_cache = 4u << 20;
     size_t compressed_cache = 4u << 20;
     size_t write_cache = 64u << 20;
@@ -131,6 +135,13 @@ void parse_o(Options& o, const std::string& list) {
             o.fuse_options.push_back("ro");
         } else if (key == "threads") {
             o.threads = static_cast<unsigned>(parse_size(key, value));
+        } else if (key == "scan_interval") {
+            char* end = nullptr;
+            errno = 0;
+            unsigned long ms = std::strtoul(value.c_str(), &end, 10);
+            if (errno || end == value.c_str() || *end != '\0' || ms < 10 || ms > 86400000)
+                die("invalid value for scan_interval (milliseconds, 10 to 86400000): " + value);
+            o.scan_interval_ms = static_cast<unsigned>(ms);
         } else if (size_option != std::end(kSizeOptions)) {
             o.*(size_option->second) = parse_size(key, value);
         } else if (key == "log") {
@@ -313,6 +324,7 @@ fs::FsOptions fs_options_of(const Options& o) {
     fs_options.copy_on_read = o.copy_on_read;
     fs_options.refcount_memory_bytes = o.refcount_memory;
     fs_options.scan_limit_bytes = o.scan_limit;
+    fs_options.scan_interval_ms = o.scan_interval_ms;
     return fs_options;
 }
 

@@ -11,6 +11,7 @@
 #include <boost/asio/posix/stream_descriptor.hpp>
 #include <boost/asio/post.hpp>
 #include <boost/asio/steady_timer.hpp>
+#include <boost/asio/this_coro.hpp>
 #include <boost/asio/use_awaitable.hpp>
 #include <chrono>
 #include <cstring>
@@ -80,7 +81,20 @@ std::shared_ptr<const Tree> Filesystem::tree() const {
 
 void Filesystem::scanner_loop() {
     std::unique_lock lock(scan_mutex_);
-    while (!scan_cv_.wait_for(lock, std::chrono::milliseconds(options_.scan_interval_ms), [this] { return scan_stop_; })) {
+    auto last_end = std::chrono::steady_clock::time_point{};
+    while (!scan_stop_) {
+        // A request that found the view behind the host asks for a scan now; requested scans still
+        // keep kRequestedScanGap between them, so requests cannot keep the scanner busy.
+        scan_cv_.wait_for(lock, std::chrono::milliseconds(options_.scan_interval_ms),
+                          [this] { return scan_stop_ || !scan_waiters_.empty(); });
+        if (scan_stop_) break;
+        if (!scan_waiters_.empty()) {
+            const auto gap_end = last_end + kRequestedScanGap;
+            if (scan_cv_.wait_until(lock, gap_end, [this] { return scan_stop_; })) break;
+        }
+        // Whoever asked before the scan starts is answered by it: it reads the directory later.
+        std::vector<std::function<void()>> answered = std::move(scan_waiters_);
+        scan_waiters_.clear();
         lock.unlock();
         try {
             auto tree = scanner_.scan();
@@ -92,8 +106,34 @@ void Filesystem::scanner_loop() {
         } catch (const std::exception& e) {
             images_.report(options_.source_dir, std::string("directory scan failed: ") + e.what());
         }
+        for (auto& wake : answered) wake();
+        last_end = std::chrono::steady_clock::now();
         lock.lock();
     }
+    // Stopping: nobody waits for a scan that will not come.
+    std::vector<std::function<void()>> answered = std::move(scan_waiters_);
+    scan_waiters_.clear();
+    lock.unlock();
+    for (auto& wake : answered) wake();
+}
+
+Task<void> Filesystem::fresh_scan() {
+    // The caller runs on a strand: the wake-up posted to it cannot run before the wait starts.
+    auto timer = std::make_shared<asio::steady_timer>(co_await asio::this_coro::executor, kFreshScanLimit);
+    {
+        std::lock_guard lock(scan_mutex_);
+        if (scan_stop_) co_return;
+        scan_waiters_.push_back([timer] { asio::post(timer->get_executor(), [timer] { timer->cancel(); }); });
+    }
+    scan_cv_.notify_all();
+    co_await timer->async_wait(asio::as_tuple(asio::use_awaitable));  // cancelled: the scan is in
+}
+
+void Filesystem::redo_after_scan(std::function<void()> redo) {
+    spawn(serve_strand_, [this, redo = std::move(redo)]() -> Task<void> {
+        co_await fresh_scan();
+        redo();
+    });
 }
 
 void Filesystem::start(fuse_session* session, std::function<void()> on_finished) {
@@ -245,11 +285,15 @@ Task<void> Filesystem::writeback_loop() {
     }
 }
 
-Task<void> Filesystem::ensure_open(std::shared_ptr<ImageSlot> slot, bool writable_wanted,
+Task<void> Filesystem::ensure_open(std::shared_ptr<ImageSlot> slot, const io::HostFile& image, bool writable_wanted,
                                    const io::Credentials& user) {
     // One open or close per image at a time; later handles share the Disk.
     auto guard = co_await slot->lifecycle.lock();
     if (slot->disk) co_return;
+    // The slot may outlive a rename (an open that failed, a close that is still running): open
+    // the image where the view has it now.
+    slot->path = image.path;
+    slot->follow_final = image.follow_final;
     auto files = std::make_shared<std::vector<io::HostFile>>();
     qcow2::OpenOptions options = open_options(slot, user, files);
     options.writable = writable_wanted && !slot->corrupt;
@@ -310,9 +354,9 @@ qcow2::OpenOptions Filesystem::open_options(const std::shared_ptr<ImageSlot>& sl
     return options;
 }
 
-Task<void> Filesystem::open_for(std::shared_ptr<ImageSlot> slot, bool writable_wanted, const io::Credentials& user,
-                                bool for_writing) {
-    co_await ensure_open(slot, writable_wanted, user);
+Task<void> Filesystem::open_for(std::shared_ptr<ImageSlot> slot, const io::HostFile& image, bool writable_wanted,
+                                const io::Credentials& user, bool for_writing) {
+    co_await ensure_open(slot, image, writable_wanted, user);
     // Whoever opened the image first, this user gets only what the host would give them.
     io::check_user_access(policy_, user, slot->files, for_writing);
     if (for_writing && slot->disk->writable() && !slot->corrupt) slot->disk->image().lock_for_writing();

@@ -53,6 +53,20 @@ struct OpenFile {
     bool writable = false;  // opened for writing (then the disk is writable)
 };
 
+/// The answer to a request for a node the view no longer has (its file was removed, replaced or
+/// renamed away): ESTALE makes the kernel look the name up again (once) and redo the request, so
+/// the caller gets ENOENT if the name is gone, or the file that has it now.
+constexpr int kGoneFromView = ESTALE;
+
+/// Whether `e` says the image file is not at the path the view has for it (ENOENT: gone;
+/// ESTALE: another file there now): renamed or replaced since the scan, or the scan ran across a
+/// rename. A fresh scan tells where it is now, if anywhere.
+bool view_behind(const std::system_error& e) { return errno_of(e) == ENOENT || errno_of(e) == ESTALE; }
+
+/// The errno to answer for a host file refusal: ESTALE (the scanned file was replaced) is ENOENT,
+/// as for a file removed.
+int answer_of(const std::system_error& e) { return errno_of(e) == ESTALE ? ENOENT : errno_of(e); }
+
 /// run()'s default: nothing to undo before replying to a failed request.
 struct NoCleanup {
     void operator()() const {}
@@ -236,12 +250,18 @@ struct Filesystem::Handlers {
         conn->congestion_threshold = 48;
     }
 
-    static void lookup(fuse_req_t req, fuse_ino_t parent, const char* name) {
+    static void lookup(fuse_req_t req, fuse_ino_t parent, const char* name) { lookup_name(req, parent, name, false); }
+
+    /// lookup(), or its second try after a fresh scan (`after_rescan`): a name the view lacks may
+    /// have been added on the host since the last scan ("qemu-img create x.qcow2 && mkfs x.raw").
+    static void lookup_name(fuse_req_t req, fuse_ino_t parent, std::string_view name, bool after_rescan) {
         Filesystem& fs = *fs_of(req);
         trace("lookup", parent, " name=", name);
         auto dir = resolve(req, fs, parent);
         if (!dir) return;
         const Node* node = dir->tree->child(dir->key, name);
+        if (!node && !after_rescan)
+            return fs.redo_after_scan([req, parent, name = std::string(name)] { lookup_name(req, parent, name, true); });
         if (!node) return void(fuse_reply_err(req, ENOENT));
         fuse_entry_param e{};
         e.attr = fs.attr_of(*dir->tree, *node);
@@ -307,7 +327,7 @@ struct Filesystem::Handlers {
         trace("opendir", ino);
         auto r = resolve(req, fs, ino);
         if (!r) return;
-        if (!r->node) return void(fuse_reply_err(req, ENOENT));
+        if (!r->node) return void(fuse_reply_err(req, kGoneFromView));
         if (r->key.kind != NodeKey::Kind::directory) return void(fuse_reply_err(req, ENOTDIR));
         fi->fh = reinterpret_cast<uint64_t>(list_dir(fs, *r->tree, *r->node, ino).release());
         if (fuse_reply_open(req, fi) != 0) delete reinterpret_cast<OpenDir*>(fi->fh);
@@ -339,6 +359,7 @@ struct Filesystem::Handlers {
     /// What an open hands to its coroutine (libfuse's `fi` does not outlive the callback).
     struct OpenRequest {
         fuse_file_info info;
+        io::HostFile image;       // the image file, where the view has it
         std::string snapshot_id;  // "": the active disk (or a bitmap)
         std::string bitmap;       // a bitmap file: the bitmap's name
         io::Credentials user;
@@ -346,13 +367,18 @@ struct Filesystem::Handlers {
         bool writable_image;  // open the image writable (it is shared by every handle)
     };
 
-    static void open(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi) {
+    static void open(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi) { open_image(req, ino, *fi, false); }
+
+    /// open(), or its second try (`after_rescan`) when the first found the image gone from the
+    /// path the view had for it: the fresh view has it under its new path, or no longer has it.
+    static void open_image(fuse_req_t req, fuse_ino_t ino, fuse_file_info info, bool after_rescan) {
         Filesystem& fs = *fs_of(req);
+        fuse_file_info* fi = &info;
         trace("open", ino, " flags=", fi->flags);
         auto r = resolve(req, fs, ino);
         if (!r) return;
         if (r->key.kind == NodeKey::Kind::directory) return void(fuse_reply_err(req, EISDIR));
-        if (!r->node || !r->node->image) return void(fuse_reply_err(req, ENOENT));
+        if (!r->node || !r->node->image) return void(fuse_reply_err(req, kGoneFromView));
         // O_TRUNC arrives here (FUSE_CAP_ATOMIC_O_TRUNC), with any access mode: the truncation is a
         // write, refused like one, and done by open_file once the image is open.
         const bool for_writing = (fi->flags & O_ACCMODE) != O_RDONLY || (fi->flags & O_TRUNC);
@@ -363,17 +389,33 @@ struct Filesystem::Handlers {
         const bool writable_image = !fs.options_.read_only && image.read_only_reason.empty();
         auto slot = fs.images_.acquire(r->key.dev, r->key.ino, image.path, image.path_is_symlink);
         const bool bitmap = r->key.kind == NodeKey::Kind::bitmap;
-        OpenRequest rq{*fi, bitmap ? "" : r->key.snapshot_id, bitmap ? r->key.snapshot_id : "", credentials_of(req),
-                       for_writing, writable_image};
+        OpenRequest rq{*fi,
+                       host_file_of(*r->node),
+                       bitmap ? "" : r->key.snapshot_id,
+                       bitmap ? r->key.snapshot_id : "",
+                       credentials_of(req),
+                       for_writing,
+                       writable_image};
         run(
-            req, slot, [&fs, req, slot, rq] { return open_file(fs, req, slot, rq); },
+            req, slot,
+            [&fs, req, ino, slot, rq, after_rescan]() -> Task<int> {
+                try {
+                    co_return co_await open_file(fs, req, slot, rq);
+                } catch (const std::system_error& e) {
+                    if (after_rescan || !view_behind(e)) throw;
+                }
+                fs.release_slot(slot);
+                co_await fs.fresh_scan();
+                open_image(req, ino, rq.info, true);
+                co_return 0;
+            },
             [&fs, slot] { fs.release_slot(slot); });
     }
 
     /// The coroutine of open: opens the image or shares it, refuses a writer the disk cannot take
     /// (EROFS), empties the disk for O_TRUNC, and replies with a new OpenFile.
     static Task<int> open_file(Filesystem& fs, fuse_req_t req, std::shared_ptr<ImageSlot> slot, OpenRequest rq) {
-        co_await fs.open_for(slot, rq.writable_image, rq.user, rq.for_writing);
+        co_await fs.open_for(slot, rq.image, rq.writable_image, rq.user, rq.for_writing);
         qcow2::Disk& disk = *slot->disk;
         if (rq.for_writing && (!disk.writable() || slot->corrupt)) {
             // Opened read-only after all (no write permission on the host file, or the image
@@ -516,29 +558,48 @@ struct Filesystem::Handlers {
     }
 
     static void setattr(fuse_req_t req, fuse_ino_t ino, struct stat* attr, int to_set, fuse_file_info*) {
+        change_attributes(req, ino, *attr, to_set, false);
+    }
+
+    /// setattr(), or its second try (`after_rescan`, see open_image). Everything it changes is
+    /// set to a value, so doing it again is harmless.
+    static void change_attributes(fuse_req_t req, fuse_ino_t ino, struct stat wanted, int to_set, bool after_rescan) {
         Filesystem& fs = *fs_of(req);
+        const struct stat* attr = &wanted;
         trace("setattr", ino, " to_set=", to_set);
         auto r = resolve(req, fs, ino);
         if (!r) return;
-        if (!r->node) return void(fuse_reply_err(req, ENOENT));
+        if (!r->node) return void(fuse_reply_err(req, kGoneFromView));
         if (fs.options_.read_only || r->key.kind != NodeKey::Kind::image) return void(fuse_reply_err(req, EROFS));
         if (to_set & FUSE_SET_ATTR_SIZE) {
             if (attr->st_size < 0) return void(fuse_reply_err(req, EINVAL));
             if (refuse_write(req, fs, *r->node, "setattr", ino)) return;
         }
         const io::Credentials user = credentials_of(req);
-        if (!change_host_attributes(req, fs, *r->node, ino, *attr, to_set, user)) return;
-        if (to_set & FUSE_SET_ATTR_SIZE)
-            return truncate(req, fs, std::move(*r), ino, static_cast<uint64_t>(attr->st_size), user);
+        try {
+            change_host_attributes(fs, *r->node, *attr, to_set, user);
+        } catch (const std::system_error& e) {
+            trace("setattr", ino, ": ", e.what());
+            if (after_rescan || !view_behind(e)) return void(fuse_reply_err(req, answer_of(e)));
+            return fs.redo_after_scan([req, ino, wanted, to_set] { change_attributes(req, ino, wanted, to_set, true); });
+        }
+        if (to_set & FUSE_SET_ATTR_SIZE) {
+            auto redo = [req, ino, wanted, to_set, after_rescan]() -> std::function<void()> {
+                if (after_rescan) return nullptr;
+                return [req, ino, wanted, to_set] { change_attributes(req, ino, wanted, to_set, true); };
+            };
+            return truncate(req, fs, std::move(*r), ino, static_cast<uint64_t>(wanted.st_size), user, redo());
+        }
         struct stat fresh = fresh_attr(fs, *r->tree, *r->node, ino);
         fuse_reply_attr(req, &fresh, kAttrTimeout);
     }
 
     /// The mode, owner and times `to_set` asks for. They belong to the host image file: changed
     /// on the scanned file itself (never on whatever its path names now), with `user`'s rights.
-    /// Replies the error and returns false if that fails.
-    static bool change_host_attributes(fuse_req_t req, Filesystem& fs, const Node& node, fuse_ino_t ino,
-                                       const struct stat& attr, int to_set, const io::Credentials& user) {
+    /// Throws std::system_error if that fails (ESTALE or ENOENT: the file is not at the path the
+    /// view has for it).
+    static void change_host_attributes(Filesystem& fs, const Node& node, const struct stat& attr, int to_set,
+                                       const io::Credentials& user) {
         std::optional<mode_t> mode;
         if (to_set & FUSE_SET_ATTR_MODE) mode = attr.st_mode & 07777;
         uid_t uid = (to_set & FUSE_SET_ATTR_UID) ? attr.st_uid : static_cast<uid_t>(-1);
@@ -550,28 +611,37 @@ struct Filesystem::Handlers {
         else if (to_set & FUSE_SET_ATTR_ATIME) times[0] = attr.st_atim;
         if (to_set & FUSE_SET_ATTR_MTIME_NOW) times[1].tv_nsec = UTIME_NOW;
         else if (to_set & FUSE_SET_ATTR_MTIME) times[1] = attr.st_mtim;
-        if (!mode && uid == static_cast<uid_t>(-1) && gid == static_cast<gid_t>(-1) && !set_times) return true;
-        try {
-            io::change_attributes(fs.policy_, user, host_file_of(node), mode, uid, gid, set_times ? times : nullptr);
-        } catch (const std::system_error& e) {
-            trace("setattr", ino, ": ", e.what());
-            fuse_reply_err(req, errno_of(e) == ESTALE ? ENOENT : errno_of(e));
-            return false;
-        }
-        return true;
+        if (!mode && uid == static_cast<uid_t>(-1) && gid == static_cast<gid_t>(-1) && !set_times) return;
+        io::change_attributes(fs.policy_, user, host_file_of(node), mode, uid, gid, set_times ? times : nullptr);
     }
 
     /// truncate(2), ftruncate(2) and open(O_TRUNC) of an open file: a handle of its own keeps the
     /// image open (or opens it, for truncate by name) while it is resized.
+    /// `redo` (if set) runs instead of a reply when the image is not at the path the view has for
+    /// it, after a fresh scan (see open_image).
     static void truncate(fuse_req_t req, Filesystem& fs, Resolved r, fuse_ino_t ino, uint64_t new_size,
-                         io::Credentials user) {
+                         io::Credentials user, std::function<void()> redo = nullptr) {
         const ImageInfo& image = *r.node->image;
         auto slot = fs.images_.acquire(r.key.dev, r.key.ino, image.path, image.path_is_symlink);
         run(
             req, slot,
-            [&fs, req, ino, slot, r = std::move(r), new_size, user]() -> Task<int> {
-                // EROFS and ENOTSUP (a shrink of an image with snapshots) are answers, not logged.
-                if (int refused = co_await refusal_of(resize_image(fs, slot, user, new_size))) co_return refused;
+            [&fs, req, ino, slot, r = std::move(r), new_size, user, redo = std::move(redo)]() -> Task<int> {
+                int refused = 0;
+                bool behind = false;
+                try {
+                    // EROFS and ENOTSUP (a shrink of an image with snapshots) are answers, not logged.
+                    refused = co_await refusal_of(resize_image(fs, slot, host_file_of(*r.node), user, new_size));
+                } catch (const std::system_error& e) {
+                    if (!redo || !view_behind(e)) throw;
+                    behind = true;
+                }
+                if (behind) {
+                    fs.release_slot(slot);
+                    co_await fs.fresh_scan();
+                    redo();
+                    co_return 0;
+                }
+                if (refused) co_return refused;
                 struct stat fresh = fresh_attr(fs, *r.tree, *r.node, ino);
                 fs.release_slot(slot);
                 fuse_reply_attr(req, &fresh, kAttrTimeout);
@@ -580,9 +650,9 @@ struct Filesystem::Handlers {
             [&fs, slot] { fs.release_slot(slot); });
     }
 
-    static Task<void> resize_image(Filesystem& fs, std::shared_ptr<ImageSlot> slot, io::Credentials user,
-                                   uint64_t new_size) {
-        co_await fs.open_for(slot, true, user, true);
+    static Task<void> resize_image(Filesystem& fs, std::shared_ptr<ImageSlot> slot, io::HostFile image,
+                                   io::Credentials user, uint64_t new_size) {
+        co_await fs.open_for(slot, image, true, user, true);
         if (!slot->disk->writable() || slot->corrupt) fail(EROFS, "the image cannot be written");
         co_await slot->disk->resize(new_size);
     }
@@ -650,19 +720,22 @@ struct Filesystem::Handlers {
         change_copy_on_read(req, ino, std::nullopt, 0);
     }
 
-    /// Sets (`on`) or removes the copy-on-read setting of image `ino` (see setxattr).
-    static void change_copy_on_read(fuse_req_t req, fuse_ino_t ino, std::optional<bool> on, int flags) {
+    /// Sets (`on`) or removes the copy-on-read setting of image `ino` (see setxattr); tried again
+    /// after a fresh scan (`after_rescan`, see open_image) if the image moved since the last one.
+    static void change_copy_on_read(fuse_req_t req, fuse_ino_t ino, std::optional<bool> on, int flags,
+                                    bool after_rescan = false) {
         Filesystem& fs = *fs_of(req);
         auto r = resolve(req, fs, ino);
         if (!r) return;
-        if (!r->node) return void(fuse_reply_err(req, ENOENT));
+        if (!r->node) return void(fuse_reply_err(req, kGoneFromView));
         if (r->key.kind == NodeKey::Kind::directory) return void(fuse_reply_err(req, ENOTSUP));
         if (refuse_write(req, fs, *r->node, "setxattr", ino)) return;
         try {
             io::check_user_access(fs.policy_, credentials_of(req), {host_file_of(*r->node)}, true);
         } catch (const std::system_error& e) {
             trace("setxattr", ino, ": ", e.what());
-            return void(fuse_reply_err(req, errno_of(e) == ESTALE ? ENOENT : errno_of(e)));
+            if (after_rescan || !view_behind(e)) return void(fuse_reply_err(req, answer_of(e)));
+            return fs.redo_after_scan([req, ino, on, flags] { change_copy_on_read(req, ino, on, flags, true); });
         }
         const std::pair key{r->key.dev, r->key.ino};
         {

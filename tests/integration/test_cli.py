@@ -120,6 +120,8 @@ def test_errors():
     notdir = os.path.join(work, "afile")
     open(notdir, "w").close()
     expect_error("SOURCE_DIR is a regular file", ["-f", notdir, mnt], mnt)
+    for bad in ("5", "86400001", "abc", "100ms", ""):
+        expect_error("-o scan_interval=%s" % bad, ["-f", "-o", "scan_interval=" + bad, SRC, mnt], mnt)
     # No /dev/fuse: an empty /dev in a private mount namespace (nothing outside it changes).
     if shutil.which("unshare"):
         code, out, err = run_bin_wrapped(["unshare", "-m", "--propagation", "private", "sh", "-c",

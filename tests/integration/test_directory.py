@@ -2,6 +2,7 @@
 """The directory view: names, subdirectories, attributes, snapshot names, images appearing and
 disappearing while mounted, open files surviving renames, du/ls, no namespace changes."""
 
+import errno
 import os
 import shutil
 import stat
@@ -335,6 +336,142 @@ def test_open_file_across_renames():
     if ok:
         T.check_compare("sub/moved-deeper.raw reads correctly", M("sub", "moved-deeper.raw"),
                         ref_mv, nreads=20)
+
+
+# ---- a view behind the host: requests that find an image moved ask for a fresh scan --------
+
+
+@T.test
+def test_view_behind_host():
+    """Between two scans the view can name an image at a path it has left (and a scan that runs
+    across a rename can list it under its new name with its old path). A request that finds it
+    gone must not fail for that: it asks for a scan at once and tries again with what it finds.
+    The scan interval is ten minutes here, so only such a requested scan can help."""
+    src = os.path.join(work, "behind")
+    os.makedirs(os.path.join(src, "sub"))
+    P = lambda *p: os.path.join(src, *p)  # noqa: E731
+    for name, pattern in (("a", 0x51), ("b", 0x52), ("c", 0x53), ("d", 0x54), ("e", 0x55), ("f", 0x56),
+                          ("g", 0x57)):
+        make(P(name + ".qcow2"), pattern=pattern)
+    make(os.path.join(STAGE, "other.qcow2"), pattern=0x5f)
+    refdir = os.path.join(work, "behind-ref")  # ref_of() keeps refs by file name: others use these
+    os.makedirs(refdir)
+    refs = {n: H.to_raw(P(n + ".qcow2"), os.path.join(refdir, n + ".raw")) for n in "abcdefg"}
+    with H.Mount(src, args=["-o", "scan_interval=600000"]) as m:
+        M = lambda *p: os.path.join(m.mnt, *p)  # noqa: E731
+        T.check("all seven images listed", all(os.path.exists(M(n + ".raw")) for n in "abcdefg"),
+                H.listdir_safe(m.mnt))
+        # renamed into a subdirectory, then opened by the name the view still has
+        os.rename(P("a.qcow2"), P("sub", "moved-a.qcow2"))
+        T.check("the view still names a.raw (no scan for ten minutes)", "a.raw" in os.listdir(m.mnt))
+        t0 = time.monotonic()
+        T.check_compare("a.raw opens and reads the moved image", M("a.raw"), refs["a"], nreads=10)
+        T.check("the open waited for one scan, not for the interval", time.monotonic() - t0 < 5,
+                "%.1fs" % (time.monotonic() - t0))
+        T.check("the requested scan shows sub/moved-a.raw", H.listdir_safe(M("sub")) == ["moved-a.raw"],
+                H.listdir_safe(M("sub")))
+        # renamed, then opened for writing
+        os.rename(P("b.qcow2"), P("b2.qcow2"))
+        try:
+            with open(M("b.raw"), "r+b") as f:
+                f.seek(4096)
+                f.write(b"\xab" * 4096)
+            T.check("b.raw opens for writing after its image was renamed", True)
+        except OSError as e:
+            T.check("b.raw opens for writing after its image was renamed", False, str(e))
+        # removed: ENOENT once a fresh scan agrees
+        os.unlink(P("c.qcow2"))
+        try:
+            open(M("c.raw"), "rb").close()
+            T.check("a removed image's stale name answers ENOENT", False, "it opened")
+        except OSError as e:
+            T.check("a removed image's stale name answers ENOENT", e.errno == errno.ENOENT, str(e))
+        # replaced by another image under the same name: the kernel's node is the old file, which
+        # is gone; it looks the name up again and opens the file that has the name now
+        ref_other = H.to_raw(os.path.join(STAGE, "other.qcow2"), os.path.join(refdir, "other.raw"))
+        os.rename(os.path.join(STAGE, "other.qcow2"), P("d.qcow2"))
+        T.check_compare("d.raw, replaced on the host, opens the image that has the name now",
+                        M("d.raw"), ref_other, nreads=10)
+        # truncate by name and chmod after a rename
+        os.rename(P("e.qcow2"), P("e2.qcow2"))
+        try:
+            os.truncate(M("e.raw"), 4 * MiB)
+            T.check("truncate by a stale name resizes the moved image",
+                    H.virtual_size(P("e2.qcow2")) == 4 * MiB, H.virtual_size(P("e2.qcow2")))
+        except OSError as e:
+            T.check("truncate by a stale name resizes the moved image", False, str(e))
+        os.rename(P("f.qcow2"), P("f2.qcow2"))
+        try:
+            os.chmod(M("f.raw"), 0o640)
+            T.check("chmod by a stale name changes the moved image",
+                    stat.S_IMODE(os.stat(P("f2.qcow2")).st_mode) == 0o640, oct(os.stat(P("f2.qcow2")).st_mode))
+        except OSError as e:
+            T.check("chmod by a stale name changes the moved image", False, str(e))
+        os.rename(P("g.qcow2"), P("g2.qcow2"))
+        try:
+            os.setxattr(M("g.raw"), "user.qcowfs.copy_on_read", b"1")
+            T.check("setxattr by a stale name succeeds", True)
+        except OSError as e:
+            T.check("setxattr by a stale name succeeds", False, str(e))
+        # added on the host: a name the view lacks is looked up again after a fresh scan
+        make(os.path.join(STAGE, "h.qcow2"), pattern=0x58)
+        ref_h = H.to_raw(os.path.join(STAGE, "h.qcow2"), os.path.join(refdir, "h.raw"))
+        os.makedirs(P("newdir"))
+        os.rename(os.path.join(STAGE, "h.qcow2"), P("newdir", "h.qcow2"))
+        T.check_compare("newdir/h.raw opens at once after the host made it", M("newdir", "h.raw"), ref_h,
+                        nreads=10)
+        T.check("a name that is nowhere still answers ENOENT", not os.path.exists(M("nowhere.raw")))
+        T.check("qcowfs still running", m.alive())
+        T.check("nothing logged as an error", " error: " not in m.log_text(), m.log_text()[-800:])
+    rc, out = H.check_clean(P("b2.qcow2"))
+    T.check("qemu-img check: b2.qcow2 is clean after the write", rc == 0, out)
+    data = H.read_raw(P("b2.qcow2"), os.path.join(work, "b2-after.raw"))
+    with open(refs["b"], "rb") as f:
+        expect = bytearray(f.read())
+    expect[4096:8192] = b"\xab" * 4096
+    diff = [i for i in range(0, len(data), 512) if data[i:i + 512] != bytes(expect[i:i + 512])]
+    T.check("the write reached the renamed image, nothing else changed", data == bytes(expect),
+            "%d bytes, %d expected; 512-byte blocks that differ: %s" % (len(data), len(expect), diff[:8]))
+
+
+@T.test
+def test_renames_racing_scans():
+    """Scans every 10 ms while an image moves between directories: some scans read the old
+    directory before a rename and the new one after it. Whatever a listing shows opens and
+    reads right, every time."""
+    src = os.path.join(work, "racing")
+    dirs = ["", "one", os.path.join("one", "two"), "three"]
+    for d in dirs[1:]:
+        os.makedirs(os.path.join(src, d))
+    # Files that are not images, sorted between the image and the subdirectories: each scan
+    # spends a while between reading the image's old directory and its new one.
+    for i in range(2000):
+        with open(os.path.join(src, "n%04d" % i), "w") as f:
+            f.write("not an image")
+    path = os.path.join(src, "m0.qcow2")
+    make(path, pattern=0x61)
+    ref = H.to_raw(path, os.path.join(work, "racing-ref.raw"))
+    with H.Mount(src, args=["-o", "scan_interval=10"]) as m:
+        bad = []
+        for i in range(1, 41):
+            new = os.path.join(src, dirs[i % len(dirs)], "m%d.qcow2" % i)
+            os.rename(path, new)
+            path = new
+            view = os.path.join(m.mnt, dirs[i % len(dirs)], "m%d.raw" % i)
+            ok, _ = H.wait_for(lambda: os.path.basename(view) in os.listdir(os.path.dirname(view)),
+                               interval=0.0002)
+            if not ok:
+                bad.append("%s never listed" % view)
+                continue
+            try:
+                probs = H.compare(view, ref, nreads=4)
+            except OSError as e:
+                probs = [str(e)]
+            if probs:
+                bad.append("%s: %s" % (view, probs[:2]))
+        T.check("every listed name opened and read right (40 renames)", not bad, bad[:4])
+        T.check("qcowfs still running", m.alive())
+        T.check("nothing logged as an error", " error: " not in m.log_text(), m.log_text()[-800:])
 
 
 T.run()

@@ -106,9 +106,9 @@ struct ImageSlot {
     ~ImageSlot();  // out of line: qcow2::Disk is complete there
     Strand strand;
     uint64_t dev, ino;  // host identity of the image file
-    std::string path;
+    // Strand only (set when the image is opened):
+    std::string path;   // where the image was last opened (or will be), for opens and log lines
     bool follow_final;  // the scan found a symlink at `path`: opens follow it
-    // Strand only:
     /// The open image with its views, data cache, size lock and change counter; null while
     /// closed. Stays while the slot has handles.
     std::unique_ptr<qcow2::Disk> disk;
@@ -226,11 +226,14 @@ private:
     /// `for_writing`. On the slot's strand. Throws std::system_error: EACCES (the user may not,
     /// or policy refuses a file), EBUSY (QEMU holds the image), ESTALE (replaced since the scan),
     /// EIO/ENOTSUP from opening the image.
-    Task<void> open_for(std::shared_ptr<ImageSlot> slot, bool writable_wanted, const io::Credentials& user,
-                        bool for_writing);
+    /// `image` is the image file as the current view has it (host_file_of): a slot whose image is
+    /// closed opens it there, so a reopen after a rename uses the new path.
+    Task<void> open_for(std::shared_ptr<ImageSlot> slot, const io::HostFile& image, bool writable_wanted,
+                        const io::Credentials& user, bool for_writing);
     /// The open part of open_for: every file is first checked readable by `user` (so the daemon
     /// never reads a file for a user who could not), then opened as the daemon.
-    Task<void> ensure_open(std::shared_ptr<ImageSlot> slot, bool writable_wanted, const io::Credentials& user);
+    Task<void> ensure_open(std::shared_ptr<ImageSlot> slot, const io::HostFile& image, bool writable_wanted,
+                           const io::Credentials& user);
     /// The options ensure_open opens the slot's image with (not yet `writable`): the opener that
     /// takes every file through policy_ on behalf of `user` and records it in `files`, the cache
     /// sizes, and the corruption report.
@@ -253,7 +256,19 @@ private:
     bool copy_on_read_for(uint64_t dev, uint64_t ino) const;
     /// Why `node` cannot be opened for writing, or "" if it can.
     std::string write_refusal(const Node& node) const;
+    /// Rescans every scan_interval_ms, or sooner when fresh_scan() asks; answers the askers.
     void scanner_loop();
+    /// Completes once the view is no older than this call: a scan that started after it has been
+    /// published (or failed, or the scanner stopped; kFreshScanLimit at most). For a request that
+    /// found an image gone from the path the view has for it (renamed since the scan, or a scan
+    /// that ran across a rename): the fresh view has it under its new path, or no longer has it.
+    /// Must be awaited on a strand.
+    Task<void> fresh_scan();
+    /// Calls `redo` (a request handler again, which then replies) on serve_strand_ once
+    /// fresh_scan() completes; inside requests_, so shutdown waits for it.
+    void redo_after_scan(std::function<void()> redo);
+    static constexpr std::chrono::milliseconds kRequestedScanGap{50};
+    static constexpr std::chrono::seconds kFreshScanLimit{10};
     std::shared_ptr<const Tree> tree() const;
     /// Attributes to expose for `node` of `tree` (read-only adjustments applied; the live size of
     /// an open or just closed image instead of the scanned one).
@@ -308,9 +323,10 @@ private:
     mutable std::mutex tree_mutex_;  // guards tree_
     std::shared_ptr<const Tree> tree_;
 
-    std::mutex scan_mutex_;  // guards scan_stop_
+    std::mutex scan_mutex_;  // guards scan_stop_, scan_waiters_
     std::condition_variable scan_cv_;
     bool scan_stop_ = false;
+    std::vector<std::function<void()>> scan_waiters_;  // fresh_scan()s waiting: called after the next scan
     std::thread scan_thread_;
 };
 
