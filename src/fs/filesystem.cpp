@@ -390,10 +390,17 @@ Task<void> Filesystem::close_disk(ImageSlot& slot) {
         // What the cache still holds is dropped with it: say exactly what.
         images_.report_loss(slot.path, disk.lost_writes("writing back at close failed: " + describe(e)));
     }
+    // What the last durable flush did not cover depends on the metadata the close writes.
+    const bool unflushed = disk.changed_since_flush();
     try {
         co_await disk.close();
     } catch (const std::system_error& e) {
-        images_.report(slot.path, "closing the image failed: " + describe(e));
+        if (unflushed)
+            images_.report_loss(slot.path, "closing the image failed before its metadata was on disk, so what was "
+                                           "written since the last fsync or periodic write-back may read as "
+                                           "before: " + describe(e));
+        else
+            images_.report(slot.path, "closing the image failed: " + describe(e));
     }
     images_.closed(slot, disk.size());
     slot.disk.reset();  // the cache, then the active view, then the image

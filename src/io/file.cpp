@@ -366,6 +366,14 @@ Task<void> File::discard(uint64_t, uint64_t) { fail(EOPNOTSUPP, "discard is not 
 Task<void> File::allocate(uint64_t, uint64_t) { fail(EOPNOTSUPP, "allocate is not supported by " + name()); }
 Task<void> File::truncate(uint64_t) { fail(EOPNOTSUPP, "truncate is not supported by " + name()); }
 
+Task<void> File::reserve(uint64_t offset, uint64_t length) {
+    try {
+        co_await allocate(offset, length);
+    } catch (const std::system_error& e) {
+        if (errno_of(e) != EOPNOTSUPP) throw;
+    }
+}
+
 MemFile::MemFile(std::string name, std::vector<std::byte> content)
     : name_(std::move(name)), durable_(content), current_(std::move(content)) {}
 

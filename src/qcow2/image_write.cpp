@@ -119,6 +119,18 @@ Task<HostOffset> Image::l2_for_write(uint64_t l1_index) {
     }
     // A new table: empty, or a copy of the one shared with a snapshot.
     const HostOffset table = co_await allocate_clusters(1);
+    // Its space now (the table is written at the next flush): a full host file system fails this
+    // write, rather than a later flush or close that would lose every write mapped through it.
+    std::exception_ptr no_space;
+    try {
+        co_await file_->reserve(table.value, cs);
+    } catch (const std::system_error&) {
+        no_space = std::current_exception();
+    }
+    if (no_space) {
+        co_await refcounts_->update(g.host_cluster(table), 1, -1);  // nothing refers to it yet
+        std::rethrow_exception(no_space);
+    }
     file_end_ = std::max(file_end_, (table + cs).value);
     for (uint64_t s = 0; s < cs; s += slice_bytes) {
         std::shared_ptr<const cache::Slice> copied;

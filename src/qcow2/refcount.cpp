@@ -213,6 +213,9 @@ Task<void> Refcounts::allocate_block(uint64_t table_index, Range exclude) {
 Task<void> Refcounts::create_block(uint64_t table_index, uint64_t cluster_index) {
     const bool self = cluster_index / block_entries_ == table_index;
     check_placement(cluster_index, 1, "a new refcount block");
+    // Its space first (the block is written at the next flush): a full host file system fails
+    // this allocation, before anything changed.
+    co_await file_.reserve(cluster_index << cluster_bits_, cluster_size());
     // An existing block's entry first: the only step that can fail (reading it).
     if (!self) co_await set_refcount(cluster_index, 1);
     uint64_t offset = cluster_index << cluster_bits_;

@@ -66,6 +66,47 @@ def test_enospc_write_back():
         subprocess.run(["umount", "-l", small])
 
 
+@T.test
+def test_enospc_keeps_what_was_written():
+    """Writes large enough to go to the image at once fill a small tmpfs until one fails. The
+    writes that succeeded are kept: the metadata they need had its space taken when they were
+    made, so the close does not fail on a full file system and lose all of them."""
+    small = os.path.join(work, "small2")
+    os.makedirs(small)
+    H.run(["mount", "-t", "tmpfs", "-o", "size=3M", "qcowfs-it-small2", small])
+    try:
+        img = os.path.join(small, "full.qcow2")
+        H.create(img, 64 * MiB)
+        chunk = 256 * 1024
+        with H.Mount(small) as m:
+            fd = os.open(m.path("full.raw"), os.O_WRONLY)
+            done, failed = 0, None
+            try:
+                for i in range(64):
+                    os.pwrite(fd, bytes([i + 1]) * chunk, i * chunk)
+                    done += 1
+            except OSError as e:
+                failed = e.errno
+            T.check("a write fails with ENOSPC once the file system is full", failed == errno.ENOSPC,
+                    "%s after %d writes" % (H.errname(failed), done))
+            try:
+                os.close(fd)
+                closed = None
+            except OSError as e:
+                closed = e.errno
+            T.check("close succeeds", closed is None, H.errname(closed))
+        log = m.log_text()
+        T.check("no DATA LOST line", "DATA LOST" not in log, log[-800:])
+        rc, out = H.check_clean(img)
+        T.check("qemu-img check: clean", rc == 0, out[-800:])
+        data = H.read_raw(img, os.path.join(work, "full-after.raw"))
+        kept = [i for i in range(done) if data[i * chunk:(i + 1) * chunk] == bytes([i + 1]) * chunk]
+        T.check("every write that succeeded is in the image (%d of them)" % done,
+                done > 0 and len(kept) == done, "kept %d of %d" % (len(kept), done))
+    finally:
+        subprocess.run(["umount", "-l", small])
+
+
 # ---- refusals are notices; real errors still show; renames; huge snapshot ------------------------
 SRC = os.path.join(work, "src")
 os.makedirs(SRC)

@@ -44,6 +44,11 @@ public:
     /// needed; reserves the space where the host file system can. Throws std::system_error.
     /// The base version fails with EOPNOTSUPP.
     virtual Task<void> allocate(uint64_t offset, uint64_t length);
+    /// allocate() for metadata that will be written later (at a flush): the space is taken now,
+    /// so that a full host file system fails the request that needs it, not the flush that
+    /// would lose what was written before. A file that cannot allocate (EOPNOTSUPP) is left as
+    /// it is. Throws std::system_error (ENOSPC, EIO).
+    Task<void> reserve(uint64_t offset, uint64_t length);
     /// Sets the size of the file (bytes past it are dropped; new ones read as zeros).
     /// The base version fails with EOPNOTSUPP.
     virtual Task<void> truncate(uint64_t size);
