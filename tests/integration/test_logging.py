@@ -5,6 +5,7 @@ after the image's errors were logged; expected refusals (O_TRUNC on an image wit
 notices that do not mute a real error of the same image; an open racing a rename logs nothing;
 a snapshot claiming 2^63 bytes or more is left out with one log line, and stat of the rest works."""
 
+import contextlib
 import errno
 import os
 import struct
@@ -20,13 +21,22 @@ T = H.TestRun("logging", deadline=300)
 work = H.tempdir("logging")
 
 
+@contextlib.contextmanager
+def small_fs(name):
+    """A 3 MiB tmpfs mounted at WORK/NAME for the block."""
+    small = os.path.join(work, name)
+    os.makedirs(small)
+    H.run(["mount", "-t", "tmpfs", "-o", "size=3M", "qcowfs-it-" + name, small])
+    try:
+        yield small
+    finally:
+        subprocess.run(["umount", "-l", small])
+
+
 @T.test
 def test_enospc_write_back():
     """A small tmpfs holds the image."""
-    small = os.path.join(work, "small")
-    os.makedirs(small)
-    H.run(["mount", "-t", "tmpfs", "-o", "size=3M", "qcowfs-it-small", small])
-    try:
+    with small_fs("small") as small:
         img = os.path.join(small, "full.qcow2")
         H.create(img, 64 * MiB)
         with H.Mount(small) as m:
@@ -62,8 +72,6 @@ def test_enospc_write_back():
         T.check("the loss line gives bytes and guest ranges",
                 bool(lost) and " bytes of cached writes" in lost[0] and "0x" in lost[0], lost[:1])
         T.check("repeated failures do not repeat the line", len(lines) <= 4, lines)
-    finally:
-        subprocess.run(["umount", "-l", small])
 
 
 @T.test
@@ -71,10 +79,7 @@ def test_enospc_keeps_what_was_written():
     """Writes large enough to go to the image at once fill a small tmpfs until one fails. The
     writes that succeeded are kept: the metadata they need had its space taken when they were
     made, so the close does not fail on a full file system and lose all of them."""
-    small = os.path.join(work, "small2")
-    os.makedirs(small)
-    H.run(["mount", "-t", "tmpfs", "-o", "size=3M", "qcowfs-it-small2", small])
-    try:
+    with small_fs("small2") as small:
         img = os.path.join(small, "full.qcow2")
         H.create(img, 64 * MiB)
         chunk = 256 * 1024
@@ -103,8 +108,6 @@ def test_enospc_keeps_what_was_written():
         kept = [i for i in range(done) if data[i * chunk:(i + 1) * chunk] == bytes([i + 1]) * chunk]
         T.check("every write that succeeded is in the image (%d of them)" % done,
                 done > 0 and len(kept) == done, "kept %d of %d" % (len(kept), done))
-    finally:
-        subprocess.run(["umount", "-l", small])
 
 
 # ---- refusals are notices; real errors still show; renames; huge snapshot ------------------------
