@@ -357,8 +357,16 @@ qcow2::OpenOptions Filesystem::open_options(const std::shared_ptr<ImageSlot>& sl
 Task<void> Filesystem::open_for(std::shared_ptr<ImageSlot> slot, const io::HostFile& image, bool writable_wanted,
                                 const io::Credentials& user, bool for_writing) {
     co_await ensure_open(slot, image, writable_wanted, user);
-    // Whoever opened the image first, this user gets only what the host would give them.
-    io::check_user_access(policy_, user, slot->files, for_writing);
+    // Whoever opened the image first, this user gets only what the host would give them: checked
+    // on the image where the view has it now (it may have been renamed since it was opened), and
+    // on the files it depends on where they were opened.
+    std::vector<io::HostFile> files = slot->files;
+    for (io::HostFile& f : files) {
+        if (f.role != io::FileRole::image || f.identity != image.identity) continue;
+        f.path = image.path;
+        f.follow_final = image.follow_final;
+    }
+    io::check_user_access(policy_, user, files, for_writing);
     if (for_writing && slot->disk->writable() && !slot->corrupt) slot->disk->image().lock_for_writing();
 }
 

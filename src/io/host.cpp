@@ -309,6 +309,9 @@ FileIdentity access_as(const HostPolicy& policy, const Credentials& user, const 
             fail(EACCES, write ? "no read and write permission" : "no read permission");
         return identity_of(wk.st);
     } catch (const std::system_error& e) {
+        // An image that is not there any more (as far as the user can see) moved since the scan:
+        // the caller may look again; anything else is a refusal.
+        if (f.role == FileRole::image && errno_of(e) == ENOENT) fail(ESTALE, f.path + " is not there any more");
         fail(EACCES, "user " + std::to_string(user.uid) + " may not " + (write ? "write " : "read ") +
                          role_name(f.role) + " " + f.path + ": " + reason_of(e));
     }
@@ -378,9 +381,11 @@ void check_user_access(const HostPolicy& policy, const Credentials& user, const 
     if (!needs_access_check(user)) return;
     for (const HostFile& f : files) {
         const bool w = write && f.role != FileRole::backing;
-        if (access_as(policy, user, f, w) != f.identity)
+        if (access_as(policy, user, f, w) != f.identity) {
+            if (f.role == FileRole::image) fail(ESTALE, f.path + " is another file now");
             fail(EACCES, "user " + std::to_string(user.uid) + " may not " + (w ? "write " : "read ") +
                              role_name(f.role) + " " + f.path + ": it is not the file that is open");
+        }
     }
 }
 

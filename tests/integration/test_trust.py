@@ -251,6 +251,28 @@ def test_default_mount():
         T.check("q.qcow2 swapped for a FIFO", sw.get("ok"), sw)
         res = TH.as_user(UID, GID, "read", m.path("q.raw"))
         T.check("open of an image swapped for a FIFO fails fast (%s)" % res.get("errno"), refused(res), res)
+        # An image renamed on the host while root holds it open: the user's access is checked
+        # where the image is now, not where it was opened (that path is gone).
+        H.create(S("mv1.qcow2"), MiB)
+        H.qemu_io(S("mv1.qcow2"), "write -P 0x4d 0 64k")
+        os.chmod(S("mv1.qcow2"), 0o644)
+        T.check("mv1.raw visible", wait_visible(m, "mv1.raw"))
+        fd = os.open(m.path("mv1.raw"), os.O_RDONLY)
+        try:
+            os.rename(S("mv1.qcow2"), S("mv2.qcow2"))
+            res = TH.as_user(UID, GID, "read", m.path("mv2.raw"))
+            T.check("user reads an open image renamed on the host (%s)" % res.get("errno"),
+                    res.get("ok") and res.get("data_head") == "4d" * 16, res)
+            os.rename(S("mv2.qcow2"), S("mv3.qcow2"))
+            res = TH.as_user(UID, GID, "read", m.path("mv2.raw"))
+            T.check("user reads it by the name the view had a moment ago (%s)" % res.get("errno"),
+                    res.get("ok") and res.get("data_head") == "4d" * 16, res)
+            os.chmod(S("mv3.qcow2"), 0o600)
+            res = TH.as_user(UID, GID, "read", m.path("mv3.raw"))
+            T.check("and is refused once its mode says so (%s)" % res.get("errno"),
+                    refused(res) and res.get("errno") == "EACCES", res)
+        finally:
+            os.close(fd)
         good_still_fine(m, "default mount")
     T.check("default mount: unmounted cleanly", True)
 

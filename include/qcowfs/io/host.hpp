@@ -84,7 +84,9 @@ std::unique_ptr<File> open_host_file(const Executor& executor, const HostPolicy&
 /// the same file (device and inode) that is open. As root, the walk runs with the user's file
 /// system ids (setfsuid/setfsgid/setgroups on this thread only), so the host's own rules, ACLs
 /// included, decide; an unprivileged daemon compares permission bits instead (ACLs not applied).
-/// Blocking. Throws std::system_error(EACCES) naming the first file refused and why.
+/// Blocking. Throws std::system_error(EACCES) naming the first file refused and why; ESTALE if
+/// the image (role image) is not at its path any more, or another file is (it moved since the
+/// scan: the caller may look again).
 void check_user_access(const HostPolicy& policy, const Credentials& user, const std::vector<HostFile>& files,
                        bool write);
 
