@@ -366,7 +366,29 @@ Task<void> Filesystem::open_for(std::shared_ptr<ImageSlot> slot, const io::HostF
         f.path = image.path;
         f.follow_final = image.follow_final;
     }
-    io::check_user_access(policy_, user, files, for_writing);
+    // The image's directory renamed with the chain in it: the files it depends on went along.
+    // Tried first where the image went; every file must still be the open one either way.
+    auto parent = [](const std::string& path) { return path.substr(0, path.rfind('/') + 1); };
+    const std::string from = parent(slot->path), to = parent(image.path);
+    bool checked = false;
+    if (from != to) {
+        std::vector<io::HostFile> moved = files;
+        bool any = false;
+        for (io::HostFile& f : moved) {
+            if (f.role == io::FileRole::image || !f.path.starts_with(from)) continue;
+            f.path = to + f.path.substr(from.size());
+            any = true;
+        }
+        if (any) {
+            try {
+                io::check_user_access(policy_, user, moved, for_writing);
+                checked = true;
+            } catch (const std::system_error&) {
+                // Not all of them went along: the paths they were opened by decide.
+            }
+        }
+    }
+    if (!checked) io::check_user_access(policy_, user, files, for_writing);
     if (for_writing && slot->disk->writable() && !slot->corrupt) slot->disk->image().lock_for_writing();
 }
 

@@ -273,6 +273,28 @@ def test_default_mount():
                     refused(res) and res.get("errno") == "EACCES", res)
         finally:
             os.close(fd)
+        # The same with a directory holding an overlay and its backing file: renamed while root
+        # holds the overlay open, the backing file went along.
+        os.makedirs(S("chain"))
+        H.create(S("chain/cbase.qcow2"), MiB)
+        H.qemu_io(S("chain/cbase.qcow2"), "write -P 0x4e 0 64k")
+        H.qemu_img("create", "-f", "qcow2", "-b", "cbase.qcow2", "-F", "qcow2", S("chain/cov.qcow2"))
+        H.qemu_io(S("chain/cov.qcow2"), "write -P 0x4f 64k 64k")
+        for name in ("cbase.qcow2", "cov.qcow2"):
+            os.chmod(S("chain/" + name), 0o644)
+        T.check("chain/cov.raw visible", wait_visible(m, "chain/cov.raw"))
+        fd = os.open(m.path("chain/cov.raw"), os.O_RDONLY)
+        try:
+            os.rename(S("chain"), S("chain2"))
+            res = TH.as_user(UID, GID, "read", m.path("chain2/cov.raw"), str(128 * 1024))
+            T.check("user reads an open overlay whose directory was renamed (%s)" % res.get("errno"),
+                    res.get("ok") and res.get("data_head") == "4e" * 16, res)
+            os.chmod(S("chain2/cbase.qcow2"), 0o600)
+            res = TH.as_user(UID, GID, "read", m.path("chain2/cov.raw"))
+            T.check("and is refused once the backing file's mode says so (%s)" % res.get("errno"),
+                    refused(res) and res.get("errno") == "EACCES", res)
+        finally:
+            os.close(fd)
         good_still_fine(m, "default mount")
     T.check("default mount: unmounted cleanly", True)
 
