@@ -45,7 +45,7 @@ Task<RangeLock::Guard> RangeLock::lock(uint64_t offset, uint64_t length, Mode mo
 void RangeLock::unlock(uint64_t id) {
     auto held = std::find_if(held_.begin(), held_.end(), [&](const Request& h) { return h.id == id; });
     if (held != held_.end()) {
-        *held = std::move(held_.back());
+        if (held != held_.end() - 1) *held = std::move(held_.back());
         held_.pop_back();
     }
     // Grant, in order, every waiter that conflicts neither with a held lock nor with an earlier
