@@ -260,7 +260,7 @@ struct Filesystem::Handlers {
         auto dir = resolve(req, fs, parent);
         if (!dir) return;
         const Node* node = dir->tree->child(dir->key, name);
-        if (!node && !after_rescan)
+        if (!node && !after_rescan && may_have_appeared(fs, dir->node, name))
             return fs.redo_after_scan([req, parent, name = std::string(name)] { lookup_name(req, parent, name, true); });
         if (!node) return void(fuse_reply_err(req, ENOENT));
         fuse_entry_param e{};
@@ -270,6 +270,21 @@ struct Filesystem::Handlers {
         e.attr_timeout = kAttrTimeout;
         e.entry_timeout = kEntryTimeout;
         fuse_reply_entry(req, &e);
+    }
+
+    /// Whether `name`, missing from directory `dir` in the view, may be there after a fresh scan:
+    /// a name of the view's own kind (NAME.raw: an image, a snapshot taken in place, a bitmap), or
+    /// any name once the host directory's entries changed since the scan read them (its mtime or
+    /// ctime moved, or it is gone or replaced). So probes for other names (".git", a library
+    /// search) in an unchanged directory are answered at once.
+    static bool may_have_appeared(Filesystem& fs, const Node* dir, std::string_view name) {
+        constexpr std::string_view kRaw = ".raw";
+        if (name.size() > kRaw.size() && name.substr(name.size() - kRaw.size()) == kRaw) return true;
+        if (!dir || dir->host_path.empty()) return true;
+        auto now = io::stat_host_file(
+            fs.policy_, io::HostFile{dir->host_path, io::FileRole::image, false, io::FileIdentity{dir->key.dev, dir->key.ino}});
+        auto same = [](const timespec& a, const timespec& b) { return a.tv_sec == b.tv_sec && a.tv_nsec == b.tv_nsec; };
+        return !now || !same(now->st_mtim, dir->attr.st_mtim) || !same(now->st_ctim, dir->attr.st_ctim);
     }
 
     static void forget(fuse_req_t req, fuse_ino_t ino, uint64_t n) {

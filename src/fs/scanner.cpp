@@ -311,6 +311,7 @@ public:
         dir.key = NodeKey{NodeKey::Kind::directory, st.st_dev, st.st_ino, {}};
         dir.name = std::move(name);
         dir.attr = directory_attr(st, options_.writes_supported);
+        dir.host_path = path;
 
         std::vector<Item> items = classify(path, names);
         assign_image_names(items);

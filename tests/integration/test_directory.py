@@ -421,6 +421,14 @@ def test_view_behind_host():
         T.check_compare("newdir/h.raw opens at once after the host made it", M("newdir", "h.raw"), ref_h,
                         nreads=10)
         T.check("a name that is nowhere still answers ENOENT", not os.path.exists(M("nowhere.raw")))
+        # A snapshot taken in place changes no directory: a probe for another kind of name
+        # (".git") in that directory is answered from the view as it is, the snapshot's own name
+        # makes qcowfs look again.
+        H.qemu_img("snapshot", "-c", "late", P("b2.qcow2"))
+        T.check("a probe for .git answers ENOENT", not os.path.exists(M(".git")))
+        T.check("and did not rescan: the new snapshot is not listed yet",
+                "b2@late.raw" not in os.listdir(m.mnt), H.listdir_safe(m.mnt))
+        T.check("the snapshot's name finds it at once", os.path.exists(M("b2@late.raw")))
         T.check("qcowfs still running", m.alive())
         T.check("nothing logged as an error", " error: " not in m.log_text(), m.log_text()[-800:])
     rc, out = H.check_clean(P("b2.qcow2"))

@@ -64,6 +64,7 @@ struct Node {
     std::shared_ptr<const ImageInfo> image;   // image and snapshot nodes
     int snapshot_index = -1;                  // snapshot nodes: index into image->snapshots
     std::map<std::string, NodeKey, std::less<>> children;  // directories: exposed name -> child
+    std::string host_path;  // directories: the host directory the scan read (attr has its times)
 };
 
 /// An immutable snapshot of the view. Thread-safe to read from many threads.
