@@ -422,7 +422,13 @@ Task<void> MemFile::allocate(uint64_t offset, uint64_t length) {
     std::lock_guard lock(mutex_);
     maybe_fail();
     if (offset + length > current_.size()) current_.resize(offset + length);
+    allocations_.emplace_back(offset, length);
     co_return;
+}
+
+std::vector<std::pair<uint64_t, uint64_t>> MemFile::allocations() const {
+    std::lock_guard lock(mutex_);
+    return allocations_;
 }
 
 Task<void> MemFile::truncate(uint64_t new_size) {

@@ -2,6 +2,7 @@
 // copy-on-write keeps around the new bytes, and when the new L2 entry is linked.
 #include <doctest/doctest.h>
 
+#include <algorithm>
 #include <cstring>
 
 #include "qcowfs/format/entries.hpp"
@@ -235,6 +236,41 @@ TEST_CASE("copy and write: a failed data write links nothing and gives the new c
     // The cluster the failed write had was released: the next write gets what it would have had.
     CHECK(with == without);
     CHECK(with != 0);
+}
+
+TEST_CASE("a new L2 table takes its space when allocated; without space the write fails and gives it back") {
+    // A second L2 table's range (4 KiB clusters: 2 MiB per table). Two runs; in the second the
+    // space for the new table cannot be had.
+    constexpr uint64_t kSecond = 4 << 20;
+    auto scenario = [](bool fail, uint64_t* table) {
+        WriteFixture f;
+        f.b.size = 8 << 20;
+        f.b.start();
+        f.open();
+        f.write(0, pattern(kCluster, 1));  // prepares the image, caches the refcount slices
+        f.flush();
+        if (fail) {
+            f.file().inject_failure(ENOSPC, 1);  // the first file operation: reserving the table
+            CHECK(test::thrown_errno([&] { f.write(kSecond, pattern(kCluster, 2)); }) == ENOSPC);
+            CHECK(all_equal(f.read(kSecond, kCluster), 0));
+            CHECK(f.image->read_only_reason().empty());  // no space is not corruption
+        }
+        f.write(kSecond, pattern(kCluster, 3));
+        const auto allocated = f.file().allocations();  // before the flush writes the table
+        f.flush();
+        CHECK(f.read(kSecond, kCluster) == pattern(kCluster, 3));
+        auto bytes = f.content();
+        const uint64_t l1 = f.image->header().l1_table_offset + 8 * f.b.geometry().l1_index(GuestOffset{kSecond});
+        *table = format::load_be64(bytes.data() + l1) & format::kL1OffsetMask;
+        CHECK(*table != 0);
+        CHECK(f.refcount_on_file(*table) == 1);
+        CHECK(std::find(allocated.begin(), allocated.end(), std::pair<uint64_t, uint64_t>{*table, kCluster}) !=
+              allocated.end());
+    };
+    uint64_t without = 0, with = 0;
+    scenario(false, &without);
+    scenario(true, &with);
+    CHECK(with == without);  // the failed write's table cluster was given back
 }
 
 TEST_CASE("plan: a cluster shared with a snapshot is copied; the snapshot keeps the old data") {

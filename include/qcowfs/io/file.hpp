@@ -102,6 +102,8 @@ public:
     /// The current content (including unflushed writes).
     std::vector<std::byte> content() const;
     size_t read_count() const;
+    /// Every allocate() that succeeded, as (offset, length), in order.
+    std::vector<std::pair<uint64_t, uint64_t>> allocations() const;
 
 private:
     void maybe_fail();
@@ -112,6 +114,7 @@ private:
     int fail_errno_ = 0;
     int fail_count_ = 0;
     size_t reads_ = 0;
+    std::vector<std::pair<uint64_t, uint64_t>> allocations_;
 };
 
 }  // namespace qcowfs::io
