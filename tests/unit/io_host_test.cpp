@@ -173,9 +173,17 @@ TEST_CASE_FIXTURE(HostFixture, "access checks take the user's ids: search permis
                                         {file_of(src + "/pub.raw", io::FileRole::image),
                                          file_of(src + "/in.raw", io::FileRole::backing)},
                                         true));
+    // Another file at an image's path, or none: the image moved since the scan (ESTALE, the
+    // caller looks again); the wrong file at a backing file's path is a refusal.
     io::HostFile moved = file_of(src + "/pub.raw", io::FileRole::image);
     moved.identity.ino += 1;
-    CHECK(errno_from([&] { io::check_user_access(policy, user, {moved}, false); }) == EACCES);
+    CHECK(errno_from([&] { io::check_user_access(policy, user, {moved}, false); }) == ESTALE);
+    io::HostFile gone = file_of(src + "/pub.raw", io::FileRole::image);
+    gone.path = src + "/not-there.raw";
+    CHECK(errno_from([&] { io::check_user_access(policy, user, {gone}, false); }) == ESTALE);
+    io::HostFile other_backing = file_of(src + "/pub.raw", io::FileRole::backing);
+    other_backing.identity.ino += 1;
+    CHECK(errno_from([&] { io::check_user_access(policy, user, {other_backing}, false); }) == EACCES);
     // The thread has its own ids back: root reads the private file again.
     CHECK(open(src + "/priv.raw", io::FileRole::image) != nullptr);
     CHECK_FALSE(io::needs_access_check(io::Credentials{0, 0, {}}));
