@@ -165,6 +165,18 @@ def good_still_fine(m, label):
                     nreads=20)
 
 
+def user_reads(m, name, byte, what, size=""):
+    """Checks that the unprivileged user reads `name` and that it starts with 16 bytes `byte`."""
+    res = TH.as_user(UID, GID, "read", m.path(name), str(size))
+    T.check("%s (%s)" % (what, res.get("errno")), res.get("ok") and res.get("data_head") == "%02x" % byte * 16, res)
+
+
+def user_refused(m, name, what):
+    """Checks that the unprivileged user's read of `name` is refused with EACCES."""
+    res = TH.as_user(UID, GID, "read", m.path(name))
+    T.check("%s (%s)" % (what, res.get("errno")), refused(res) and res.get("errno") == "EACCES", res)
+
+
 def wait_visible(m, name):
     ok, _ = H.wait_for(lambda: os.path.exists(m.path(name)), timeout=5)
     return ok
@@ -260,17 +272,11 @@ def test_default_mount():
         fd = os.open(m.path("mv1.raw"), os.O_RDONLY)
         try:
             os.rename(S("mv1.qcow2"), S("mv2.qcow2"))
-            res = TH.as_user(UID, GID, "read", m.path("mv2.raw"))
-            T.check("user reads an open image renamed on the host (%s)" % res.get("errno"),
-                    res.get("ok") and res.get("data_head") == "4d" * 16, res)
+            user_reads(m, "mv2.raw", 0x4d, "user reads an open image renamed on the host")
             os.rename(S("mv2.qcow2"), S("mv3.qcow2"))
-            res = TH.as_user(UID, GID, "read", m.path("mv2.raw"))
-            T.check("user reads it by the name the view had a moment ago (%s)" % res.get("errno"),
-                    res.get("ok") and res.get("data_head") == "4d" * 16, res)
+            user_reads(m, "mv2.raw", 0x4d, "user reads it by the name the view had a moment ago")
             os.chmod(S("mv3.qcow2"), 0o600)
-            res = TH.as_user(UID, GID, "read", m.path("mv3.raw"))
-            T.check("and is refused once its mode says so (%s)" % res.get("errno"),
-                    refused(res) and res.get("errno") == "EACCES", res)
+            user_refused(m, "mv3.raw", "and is refused once its mode says so")
         finally:
             os.close(fd)
         # The same with a directory holding an overlay and its backing file: renamed while root
@@ -286,13 +292,10 @@ def test_default_mount():
         fd = os.open(m.path("chain/cov.raw"), os.O_RDONLY)
         try:
             os.rename(S("chain"), S("chain2"))
-            res = TH.as_user(UID, GID, "read", m.path("chain2/cov.raw"), str(128 * 1024))
-            T.check("user reads an open overlay whose directory was renamed (%s)" % res.get("errno"),
-                    res.get("ok") and res.get("data_head") == "4e" * 16, res)
+            user_reads(m, "chain2/cov.raw", 0x4e, "user reads an open overlay whose directory was renamed",
+                       size=128 * 1024)
             os.chmod(S("chain2/cbase.qcow2"), 0o600)
-            res = TH.as_user(UID, GID, "read", m.path("chain2/cov.raw"))
-            T.check("and is refused once the backing file's mode says so (%s)" % res.get("errno"),
-                    refused(res) and res.get("errno") == "EACCES", res)
+            user_refused(m, "chain2/cov.raw", "and is refused once the backing file's mode says so")
         finally:
             os.close(fd)
         good_still_fine(m, "default mount")
