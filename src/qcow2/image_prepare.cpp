@@ -178,18 +178,30 @@ Task<void> Image::check_refcounts_cover_references() {
     // The allocator trusts refcounts: a used cluster whose refcount is too low would be handed
     // out again and overwritten. Find that before the first write, not after. Past the scan
     // limit the check is skipped: the overlap check still keeps allocations off metadata.
+    // The refcount table and blocks are written in place: a table entry that names one of their
+    // clusters (as data, an L2 table, ...) would see every allocation change it.
     std::optional<std::pair<uint64_t, uint64_t>> under;
+    std::optional<uint64_t> aliased;
     std::string bad;
     try {
         co_await count_references(*file_, meta_, snapshots_, ScanLimits{options_.refcount_memory, options_.scan_limit},
                                   refcounts_->block_entries(),
                                   [&](uint64_t first, std::vector<uint64_t>& counts, bool) -> Task<void> {
+                                      if (!aliased)
+                                          for (uint64_t c : refcounts_->refcount_metadata_in(first, first + counts.size()))
+                                              if (counts[c - first] != 0) {
+                                                  aliased = c;
+                                                  break;
+                                              }
                                       if (!under) under = co_await refcounts_->find_undercounted(first, counts);
                                   });
     } catch (const std::system_error& e) {
         if (errno_of(e) != ECANCELED) bad = reason_of(e);
     }
     if (!bad.empty()) std::rethrow_exception(co_await signal_corruption(bad));
+    if (aliased)
+        std::rethrow_exception(co_await signal_corruption("refcount metadata at " + hex(*aliased << geometry_.cluster_bits) +
+                                                          " is also used by the image's tables"));
     if (under)
         std::rethrow_exception(co_await signal_corruption("cluster at " + hex(under->first << geometry_.cluster_bits) +
                                          " is in use but its refcount is " + std::to_string(under->second)));

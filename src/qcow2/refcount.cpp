@@ -328,9 +328,7 @@ Task<std::optional<std::pair<uint64_t, uint64_t>>> Refcounts::find_undercounted(
     co_return std::nullopt;
 }
 
-bool Refcounts::holds_refcount_metadata(uint64_t first, uint64_t end) const {
-    uint64_t table_first = table_offset_ >> cluster_bits_;
-    if (first < table_first + table_clusters_ && table_first < end) return true;
+const std::vector<uint64_t>& Refcounts::block_index() const {
     if (block_index_.empty()) {
         // Rebuilt after the table changed (rare); a write checks every cluster it touches.
         block_index_.push_back(0);  // never empty once built
@@ -338,8 +336,27 @@ bool Refcounts::holds_refcount_metadata(uint64_t first, uint64_t end) const {
             if (b) block_index_.push_back(b >> cluster_bits_);
         std::sort(block_index_.begin(), block_index_.end());
     }
-    auto it = std::lower_bound(block_index_.begin(), block_index_.end(), std::max<uint64_t>(first, 1));
-    return it != block_index_.end() && *it < end;
+    return block_index_;
+}
+
+bool Refcounts::holds_refcount_metadata(uint64_t first, uint64_t end) const {
+    uint64_t table_first = table_offset_ >> cluster_bits_;
+    if (first < table_first + table_clusters_ && table_first < end) return true;
+    const auto& blocks = block_index();
+    auto it = std::lower_bound(blocks.begin(), blocks.end(), std::max<uint64_t>(first, 1));
+    return it != blocks.end() && *it < end;
+}
+
+std::vector<uint64_t> Refcounts::refcount_metadata_in(uint64_t first, uint64_t end) const {
+    std::vector<uint64_t> out;
+    const uint64_t table_first = table_offset_ >> cluster_bits_;
+    for (uint64_t c = std::max(first, table_first); c < std::min(end, table_first + table_clusters_); ++c) out.push_back(c);
+    const auto& blocks = block_index();
+    for (auto it = std::lower_bound(blocks.begin(), blocks.end(), std::max<uint64_t>(first, 1));
+         it != blocks.end() && *it < end; ++it)
+        out.push_back(*it);
+    std::sort(out.begin(), out.end());
+    return out;
 }
 
 void Refcounts::check_placement(uint64_t first, uint64_t count, const char* use) {

@@ -112,6 +112,9 @@ public:
     /// True if a host cluster in [first, end) holds the refcount table or a refcount block
     /// (O(log blocks)).
     bool holds_refcount_metadata(uint64_t first, uint64_t end) const;
+    /// The host clusters in [first, end) that hold the refcount table or a refcount block,
+    /// ascending (O(log blocks + found)).
+    std::vector<uint64_t> refcount_metadata_in(uint64_t first, uint64_t end) const;
 
     /// Asked before clusters are handed out or used for a new refcount block or table, with the
     /// cluster range: the metadata found there, or nullopt. When it names something, nothing is
@@ -165,6 +168,8 @@ private:
     uint32_t table_clusters_;
     std::vector<uint64_t> table_;  // block offsets (reserved bits stripped); covers whole clusters
     mutable std::vector<uint64_t> block_index_;  // sorted block cluster indexes; empty: rebuild
+    /// block_index_, rebuilt first if the table changed (0 leads it: never empty once built).
+    const std::vector<uint64_t>& block_index() const;
     std::unique_ptr<cache::SliceCache> blocks_;       // refcount block slices
     std::unique_ptr<cache::SliceCache> table_cache_;  // refcount table slices, written after blocks_
     std::string placement_problem_;
