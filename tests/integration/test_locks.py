@@ -7,6 +7,7 @@ are locked as QEMU locks them, and -o force_share reads a locked image read-only
 import errno
 import os
 import sys
+import threading
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness as H  # noqa: E402
@@ -152,6 +153,38 @@ def test_force_share():
             T.check("force_share: log says so", "force_share" in m.log_text())
     finally:
         holder.stop()
+
+
+@T.test
+def test_reopen_right_after_close():
+    """A handle closed and the image opened again at once, from threads that the daemon serves on
+    different workers: the new open never meets the closing image's own locks (EBUSY), because
+    the last handle's close drops the image, file and locks before a new open can begin."""
+    images()
+    with H.Mount(SRC) as m:
+        path = m.path("vm.raw")
+        failures = []
+
+        def cycle(n):
+            for i in range(n):
+                try:
+                    fd = os.open(path, os.O_RDWR)
+                    if i % 3 == 0:
+                        os.pwrite(fd, b"\x21" * 4096, 4096 * (i % 64))
+                    os.close(fd)
+                except OSError as e:
+                    failures.append(e.errno)
+
+        threads = [threading.Thread(target=cycle, args=(150,)) for _ in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        T.check("450 opens for writing right after closes: none fails", not failures,
+                "errnos: %s" % sorted(set(failures)))
+        T.check("no lock conflict logged", "Failed to get" not in m.log_text(), m.log_text()[-800:])
+    rc, out = H.check_clean(S("vm.qcow2"))
+    T.check("vm.qcow2: qemu-img check clean", rc == 0, H.clip_text(out))
 
 
 T.run()
