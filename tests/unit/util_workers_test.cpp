@@ -8,6 +8,7 @@
 #include <boost/asio/steady_timer.hpp>
 #include <boost/asio/use_awaitable.hpp>
 #include <chrono>
+#include <memory>
 #include <optional>
 #include <stdexcept>
 #include <thread>
@@ -44,7 +45,7 @@ void spin_for(Until until) {
 
 TEST_CASE("an image's coroutine runs on the worker that started it and resumes there after a wait") {
     Workers workers(2);
-    ImageLock lock;
+    auto lock = std::make_shared<ImageLock>();
     std::atomic<int> finished{0};
     unsigned ran_on[2] = {99, 99}, resumed_on[2] = {99, 99};
     bool held[2] = {false, false};
@@ -55,7 +56,7 @@ TEST_CASE("an image's coroutine runs on the worker that started it and resumes t
                 asio::steady_timer t(co_await asio::this_coro::executor, std::chrono::milliseconds(1));
                 co_await t.async_wait(asio::use_awaitable);
                 resumed_on[w] = here();
-                held[w] = lock.held_here();
+                held[w] = lock->held_here();
             }, [&](std::exception_ptr) { ++finished; });
         });
     }
@@ -70,7 +71,7 @@ TEST_CASE("an image's coroutine runs on the worker that started it and resumes t
 
 TEST_CASE("coroutines of one image on two workers never run at once, each stays on its worker, all finish") {
     Workers workers(2);
-    ImageLock lock;
+    auto lock = std::make_shared<ImageLock>();
     std::atomic<int> inside{0}, max_inside{0}, finished{0};
     std::atomic<int> moved{0};
     constexpr int kPerWorker = 2000;
@@ -113,7 +114,7 @@ TEST_CASE("coroutines of one image on two workers never run at once, each stays 
 
 TEST_CASE("unlocked lets the image's lock go: its coroutine on another worker runs meanwhile") {
     Workers workers(2);
-    ImageLock lock;
+    auto lock = std::make_shared<ImageLock>();
     std::atomic<bool> in_section{false}, other_ran{false}, fn_saw_other{false}, held_in_fn{true}, held_after{false};
     std::atomic<int> finished{0};
     unsigned fn_on = 99, resumed_on = 99;
@@ -122,14 +123,14 @@ TEST_CASE("unlocked lets the image's lock go: its coroutine on another worker ru
             in_section = true;
             int v = unlocked([&] {
                 fn_on = here();
-                held_in_fn = lock.held_here();
+                held_in_fn = lock->held_here();
                 // Worker 1 can only run its coroutine of the image if this one let the lock go.
                 spin_for([&] { return other_ran.load(); });
                 fn_saw_other = other_ran.load();
                 return 42;
             });
             resumed_on = here();
-            held_after = lock.held_here();
+            held_after = lock->held_here();
             CHECK(v == 42);
             co_return;
         }, [&](std::exception_ptr) { ++finished; });
@@ -153,7 +154,7 @@ TEST_CASE("unlocked lets the image's lock go: its coroutine on another worker ru
 
 TEST_CASE("unlocked passes the function's exception on and takes the lock again") {
     Workers workers(1);
-    ImageLock lock;
+    auto lock = std::make_shared<ImageLock>();
     std::atomic<int> finished{0};
     bool caught = false, held = false;
     asio::co_spawn(workers.image_executor(lock), [&]() -> Task<void> {
@@ -161,7 +162,7 @@ TEST_CASE("unlocked passes the function's exception on and takes the lock again"
             unlocked([]() -> int { throw std::runtime_error("boom"); });
         } catch (const std::runtime_error& e) {
             caught = std::string(e.what()) == "boom";
-            held = lock.held_here();
+            held = lock->held_here();
         }
         co_return;
     }, [&](std::exception_ptr) { ++finished; });
@@ -172,7 +173,7 @@ TEST_CASE("unlocked passes the function's exception on and takes the lock again"
 
 TEST_CASE("AsyncEvent wakes its waiter on the waiter's own worker, without a timer") {
     Workers workers(2);
-    ImageLock lock;
+    auto lock = std::make_shared<ImageLock>();
     std::atomic<int> finished{0};
     std::atomic<bool> waiting{false};
     unsigned waited_on = 99, woke_on = 99, set_on = 99;
@@ -208,20 +209,20 @@ TEST_CASE("AsyncEvent wakes its waiter on the waiter's own worker, without a tim
 
 TEST_CASE("a thread holding one image's lock queues another image's work instead of waiting for its lock") {
     Workers workers(1);
-    ImageLock lock_a, lock_b;
+    auto lock_a = std::make_shared<ImageLock>(), lock_b = std::make_shared<ImageLock>();
     std::atomic<int> finished{0};
     bool ran_inline = false, b_held_alone = false, same_image_inline = false;
     asio::co_spawn(workers.image_executor(lock_a), [&]() -> Task<void> {
         bool ran = false;
         asio::dispatch(workers.image_executor(lock_b), [&] {
             ran = true;
-            b_held_alone = lock_b.held_here() && !lock_a.held_here();
+            b_held_alone = lock_b->held_here() && !lock_a->held_here();
             ++finished;
         });
         ran_inline = ran;
         // Work of the same image may run at once: the lock is already this thread's.
         bool ran_same = false;
-        asio::dispatch(workers.image_executor(lock_a), [&] { ran_same = lock_a.held_here(); });
+        asio::dispatch(workers.image_executor(lock_a), [&] { ran_same = lock_a->held_here(); });
         same_image_inline = ran_same;
         co_return;
     }, [&](std::exception_ptr) { ++finished; });
@@ -230,4 +231,22 @@ TEST_CASE("a thread holding one image's lock queues another image's work instead
     CHECK_FALSE(ran_inline);
     CHECK(b_held_alone);
     CHECK(same_image_inline);
+}
+
+TEST_CASE("the last reference to an image's lock may go while work runs under it") {
+    Workers workers(1);
+    std::atomic<int> finished{0};
+    bool held = false;
+    {
+        auto lock = std::make_shared<ImageLock>();
+        std::weak_ptr<ImageLock> weak = lock;
+        asio::co_spawn(workers.image_executor(std::move(lock)), [&, weak]() -> Task<void> {
+            held = weak.lock()->held_here();
+            co_return;
+        }, [&](std::exception_ptr) { ++finished; });
+    }
+    // Only the coroutine's executors own the lock now; it ends, and they go, under the lock.
+    run_until(workers, [&] { return finished == 1; });
+    CHECK(finished == 1);
+    CHECK(held);
 }

@@ -104,7 +104,9 @@ struct ImageSlot {
     /// Where a request or job of this image runs: on the calling worker (its home), under `lock`.
     ImageExecutor executor() { return workers.image_executor(lock); }
     const Workers& workers;
-    ImageLock lock;  // guards the image state below and everything of the open disk
+    /// Guards the image state below and everything of the open disk. Shared with the executors,
+    /// so that it outlives work that drops the slot's last reference under it.
+    std::shared_ptr<ImageLock> lock = std::make_shared<ImageLock>();
     uint64_t dev, ino;  // host identity of the image file
     // Under `lock` only (set when the image is opened):
     std::string path;   // where the image was last opened (or will be), for opens and log lines

@@ -84,12 +84,13 @@ private:
 /// thread's ring. Requests of one image on different workers run at once, and only their
 /// critical sections exclude each other: a contended lock makes the other worker wait for the
 /// holder's section to end, never for I/O. Timers and I/O objects made with it belong to the home
-/// worker's context.
+/// worker's context. It shares ownership of the lock: work that drops the image's last reference
+/// while it runs under the lock still lets go of a live lock.
 template <bool Never>
 class BasicImageExecutor {
 public:
-    BasicImageExecutor(const Workers& workers, ImageLock& lock, unsigned home) noexcept
-        : workers_(&workers), lock_(&lock), home_(home) {}
+    BasicImageExecutor(const Workers& workers, std::shared_ptr<ImageLock> lock, unsigned home) noexcept
+        : workers_(&workers), lock_(std::move(lock)), home_(home) {}
 
     asio::execution_context& query(asio::execution::context_t) const noexcept;
     static constexpr asio::execution::blocking_t query(asio::execution::blocking_t) noexcept {
@@ -97,10 +98,10 @@ public:
         else return asio::execution::blocking.possibly;
     }
     BasicImageExecutor<true> require(asio::execution::blocking_t::never_t) const noexcept {
-        return BasicImageExecutor<true>(*workers_, *lock_, home_);
+        return BasicImageExecutor<true>(*workers_, lock_, home_);
     }
     BasicImageExecutor<false> require(asio::execution::blocking_t::possibly_t) const noexcept {
-        return BasicImageExecutor<false>(*workers_, *lock_, home_);
+        return BasicImageExecutor<false>(*workers_, lock_, home_);
     }
 
     template <class F>
@@ -115,7 +116,7 @@ public:
 
 private:
     const Workers* workers_;
-    ImageLock* lock_;
+    std::shared_ptr<ImageLock> lock_;
     unsigned home_;
 };
 using ImageExecutor = BasicImageExecutor<false>;
@@ -143,7 +144,9 @@ public:
     asio::io_context& here() const { return *contexts_[here_index()]; }
     /// An executor of `lock`'s image whose home is the calling thread's worker (worker 0 on
     /// other threads).
-    ImageExecutor image_executor(ImageLock& lock) const { return ImageExecutor(*this, lock, here_index()); }
+    ImageExecutor image_executor(std::shared_ptr<ImageLock> lock) const {
+        return ImageExecutor(*this, std::move(lock), here_index());
+    }
 
     /// Runs worker `i`'s loop on the calling thread until stop().
     void run(unsigned i) {
@@ -180,14 +183,15 @@ void BasicImageExecutor<Never>::execute(F&& f) const {
     if constexpr (!Never) {
         if (workers_->on_worker() && detail::current_worker.index == home_) {
             ImageLock* held = detail::held_image_lock;
-            if (held == lock_) {
+            if (held == lock_.get()) {
                 Work local(std::forward<F>(f));
                 std::move(local)();
                 return;
             }
             if (!held) {
                 Work local(std::forward<F>(f));
-                ImageLockHold hold(*lock_);
+                std::shared_ptr<ImageLock> lock = lock_;  // `local` may hold the last executor
+                ImageLockHold hold(*lock);
                 std::move(local)();
                 return;
             }
