@@ -118,8 +118,7 @@ void Filesystem::scanner_loop() {
 }
 
 Task<void> Filesystem::fresh_scan() {
-    // The caller runs on a strand or under an image lock: the wake-up posted to its executor cannot
-    // run before the wait starts.
+    // The caller runs on a strand: the wake-up posted to it cannot run before the wait starts.
     auto timer = std::make_shared<asio::steady_timer>(co_await asio::this_coro::executor, kFreshScanLimit);
     {
         std::lock_guard lock(scan_mutex_);
@@ -268,7 +267,7 @@ Task<void> Filesystem::drain() {
         log::error("gave up waiting for " + std::to_string(requests_.count()) + " requests");
     // Unmounted or stopped with images still open (the kernel sends no more releases): close each
     // as the last release would, so every image is left written back and clean.
-    for (const auto& slot : images_.all()) spawn(slot->executor(), close_slot(slot, true));
+    for (const auto& slot : images_.all()) spawn(slot->strand, close_slot(slot, true));
     if (!co_await requests_.wait_empty(std::chrono::seconds(120)))
         log::error("gave up waiting for " + std::to_string(requests_.count()) + " image closes");
     stop_scanner();
@@ -282,7 +281,7 @@ Task<void> Filesystem::writeback_loop() {
         writeback_timer_->expires_after(std::chrono::milliseconds(options_.writeback_interval_ms));
         co_await writeback_timer_->async_wait(asio::as_tuple(asio::use_awaitable));  // cancelled: stopping
         if (stopping_) break;
-        for (const auto& slot : images_.all()) spawn(slot->executor(), flush_slot(slot));
+        for (const auto& slot : images_.all()) spawn(slot->strand, flush_slot(slot));
     }
 }
 
@@ -399,7 +398,7 @@ io::HostFile Filesystem::host_file_of(const Node& node) {
 }
 
 void Filesystem::release_slot(const std::shared_ptr<ImageSlot>& slot) {
-    if (images_.release(slot)) spawn(slot->executor(), close_slot(slot, false));
+    if (images_.release(slot)) spawn(slot->strand, close_slot(slot, false));
 }
 
 Task<void> Filesystem::close_slot(std::shared_ptr<ImageSlot> slot, bool force) {

@@ -1,4 +1,4 @@
-// An asynchronous mutex for the coroutines of one image: serializes multi-step operations that wait.
+// An asynchronous mutex for coroutines of one strand: serializes multi-step operations that wait.
 #pragma once
 
 #include <memory>
@@ -12,7 +12,7 @@ namespace qcowfs {
 
 /// lock() returns a Guard once no other coroutine holds the mutex; the Guard unlocks when it goes.
 /// Waiters park on an AsyncEvent that the unlock sets; all wake and the first to run takes it.
-/// Not thread-safe: use under one image's lock (each image has its own).
+/// Not thread-safe: use from one strand (each image has its own).
 class AsyncMutex {
 public:
     class Guard {
