@@ -186,14 +186,14 @@ Task<void> Image::check_refcounts_cover_references() {
     try {
         co_await count_references(*file_, meta_, snapshots_, ScanLimits{options_.refcount_memory, options_.scan_limit},
                                   refcounts_->block_entries(),
-                                  [&](uint64_t first, std::vector<uint64_t>& counts, bool) -> Task<void> {
+                                  [&](uint64_t first, std::vector<uint64_t>& counts, bool last) -> Task<void> {
                                       if (!aliased)
                                           for (uint64_t c : refcounts_->refcount_metadata_in(first, first + counts.size()))
                                               if (counts[c - first] != 0) {
                                                   aliased = c;
                                                   break;
                                               }
-                                      if (!under) under = co_await refcounts_->find_undercounted(first, counts);
+                                      if (!under) under = co_await refcounts_->find_undercounted(first, counts, last);
                                   });
     } catch (const std::system_error& e) {
         if (errno_of(e) != ECANCELED) bad = reason_of(e);
@@ -278,17 +278,26 @@ Task<std::exception_ptr> Image::reported(std::exception_ptr error) {
     co_return co_await signal_corruption(std::move(reason));
 }
 
-Task<void> Image::check_host_cluster(HostOffset host, ClusterName what, uint32_t ignore) {
+Task<bool> Image::check_host_cluster(HostOffset host, ClusterName what, bool copied, uint32_t ignore) {
     const HostCluster c = geometry_.host_cluster(host);
     std::string problem;
+    uint64_t refcount = 0;
     if (c == HostCluster{0})
         problem = "points into the image header";
     else if (host.value >= file_end_)
         problem = "points beyond the end of the file (" + std::to_string(file_end_) + " bytes)";
     else if (auto meta = metadata_map_.find(c.value, 1, ignore, refcounts_.get()))
         problem = "points into " + *meta;
-    if (problem.empty() && co_await refcounts_->get(c) == 0) problem = "is in use but its refcount is 0";
+    if (problem.empty()) {
+        refcount = co_await refcounts_->get(c);
+        if (refcount == 0)
+            problem = "is in use but its refcount is 0";
+        else if (copied && refcount != 1)
+            // QEMU trusts the flag and would write into a cluster a snapshot still reads.
+            problem = "has the COPIED flag but its refcount is " + std::to_string(refcount);
+    }
     if (!problem.empty()) std::rethrow_exception(co_await signal_corruption(what.str() + " at " + hex(host.value) + " " + problem));
+    co_return refcount == 1;
 }
 
 void Image::free_later(HostCluster first, uint64_t count) {

@@ -108,9 +108,10 @@ Task<HostOffset> Image::l2_for_write(uint64_t l1_index) {
     if (!bad.empty()) std::rethrow_exception(co_await signal_corruption(bad));
     const HostOffset old = e.l2_table();
     if (old) {
-        co_await check_host_cluster(old, {"L2 table of L1 entry ", l1_index, false}, kMetaActiveL2);
+        const bool ours = co_await check_host_cluster(old, {"L2 table of L1 entry ", l1_index, false}, e.copied,
+                                                      kMetaActiveL2);
         if (e.copied) co_return old;
-        if (co_await refcounts_->get(g.host_cluster(old)) == 1) {
+        if (ours) {
             // Only we use it (a snapshot that shared it is gone): just mark it ours.
             l1_[l1_index] = format::encode_l1({old.value, true});
             dirty_l1_.insert(l1_index);
@@ -214,8 +215,7 @@ Task<void> Image::plan_cluster(ClusterWrite& w, HostOffset l2_table) {
         if (data_file_) {
             in_place = true;  // external data file: data clusters sit at their guest offset, no refcounts
         } else {
-            co_await check_host_cluster(e.host(), {"data cluster of guest offset ", guest.value, true});
-            in_place = e.copied || co_await refcounts_->get(g.host_cluster(e.host())) == 1;
+            in_place = co_await check_host_cluster(e.host(), {"data cluster of guest offset ", guest.value, true}, e.copied);
         }
     }
     w.needs_new = !in_place && !data_file_;

@@ -41,8 +41,7 @@ Task<std::vector<uint64_t>> Image::zero_in_table(uint64_t first, uint64_t count,
             keep = has_host(e) && !unmap;
             co_await data_file_->discard(c << cb, g.cluster_size());
         } else if (has_host(e)) {
-            co_await check_host_cluster(e.host(), {"data cluster of guest offset ", c << cb, true});
-            bool ours = e.copied || co_await refcounts_->get(g.host_cluster(e.host())) == 1;
+            const bool ours = co_await check_host_cluster(e.host(), {"data cluster of guest offset ", c << cb, true}, e.copied);
             keep = ours && !discard && v3 && !unmap;
             if (!keep) {
                 free_later(g.host_cluster(e.host()), 1);

@@ -299,7 +299,8 @@ Task<void> Refcounts::grow_table(uint64_t min_entries, Range exclude) {
 }
 
 Task<std::optional<std::pair<uint64_t, uint64_t>>> Refcounts::find_undercounted(uint64_t first,
-                                                                                 std::vector<uint64_t>& references) {
+                                                                                 std::vector<uint64_t>& references,
+                                                                                 bool last) {
     const uint64_t end = first + references.size();
     auto add = [&](uint64_t cluster) {
         if (cluster >= first && cluster < end) ++references[cluster - first];
@@ -324,6 +325,22 @@ Task<std::optional<std::pair<uint64_t, uint64_t>>> Refcounts::find_undercounted(
             if (have < references[c - first + k]) co_return std::make_pair(c + k, have);
         }
         c += n;
+    }
+    if (!last) co_return std::nullopt;
+    // Refcount metadata past the last window: its own entries must count it too, or the
+    // allocator would see those clusters as free.
+    std::vector<uint64_t> beyond;
+    for (uint64_t c = 0; c < table_clusters_; ++c)
+        if ((table_offset_ >> cluster_bits_) + c >= end) beyond.push_back((table_offset_ >> cluster_bits_) + c);
+    for (uint64_t block : table_)
+        if (block && (block >> cluster_bits_) >= end) beyond.push_back(block >> cluster_bits_);
+    std::sort(beyond.begin(), beyond.end());
+    for (size_t i = 0; i < beyond.size();) {
+        size_t j = i;
+        while (j < beyond.size() && beyond[j] == beyond[i]) ++j;
+        const uint64_t have = co_await refcount_of(beyond[i]);
+        if (have < j - i) co_return std::make_pair(beyond[i], have);
+        i = j;
     }
     co_return std::nullopt;
 }

@@ -344,8 +344,8 @@ void verify_after_write(asio::io_context& io, Host& host, const Seen& seen, cons
             std::optional<std::pair<uint64_t, uint64_t>> found;
             co_await qcow2::count_references(
                 *file, image->metadata(), image->snapshots(), qcow2::ScanLimits{}, refcounts.block_entries(),
-                [&](uint64_t first, std::vector<uint64_t>& counts, bool) -> Task<void> {
-                    if (!found) found = co_await refcounts.find_undercounted(first, counts);
+                [&](uint64_t first, std::vector<uint64_t>& counts, bool last) -> Task<void> {
+                    if (!found) found = co_await refcounts.find_undercounted(first, counts, last);
                 });
             co_return found;
         }());

@@ -239,6 +239,76 @@ TEST_CASE("a used cluster with refcount 0 stops the first write before anything 
     CHECK(after == before);
 }
 
+TEST_CASE("a refcount block past every cluster the tables use, with refcount 0, stops the first write") {
+    // The check compares refcounts with references up to the last cluster the tables name; the
+    // refcount table and blocks beyond it are checked too (the allocator would hand them out).
+    if (!have_qemu()) return;
+    Fixture f;
+    make_variant(f, V("plain", "-o cluster_size=64k", 4 << 20, ""));
+    std::vector<std::byte> bytes = read_file(f.img());
+    const uint64_t cs = 64 << 10;
+    const uint64_t table = format::load_be64(bytes.data() + 48);
+    const uint64_t block = format::load_be64(bytes.data() + table);
+    const uint64_t moved = div_ceil(bytes.size(), cs) * cs;
+    REQUIRE(moved > std::max(block, format::load_be64(bytes.data() + 40)));  // past the L1 table too
+    bytes.resize(moved + cs);
+    std::memcpy(bytes.data() + moved, bytes.data() + block, cs);  // the block moves to the end
+    format::store_be64(bytes.data() + table, moved);
+    format::store_be16(bytes.data() + moved + 2 * (block / cs), 0);  // the old place is free
+    format::store_be16(bytes.data() + moved + 2 * (moved / cs), 0);  // and the new one says free too
+    write_file(f.img(), bytes);
+    auto before = read_file(f.img());
+
+    std::string reason;
+    auto options = f.options();
+    options.on_corrupt = [&](const std::string& r) { reason = r; };
+    auto image = test::run(f.io, qcow2::Image::open(f.img(), options));
+    std::vector<std::byte> buf(3 * cs, std::byte{1});
+    CHECK(test::thrown_errno([&] { test::run(f.io, image->write(0, buf)); }) == EIO);
+    CHECK(reason.find("cluster at " + hex(moved) + " is in use but its refcount is 0") != std::string::npos);
+    test::run(f.io, image->close());
+    auto after = read_file(f.img());
+    REQUIRE(after.size() == before.size());
+    before[79] |= std::byte{2};  // only the corrupt bit changed
+    CHECK(after == before);
+}
+
+TEST_CASE("a COPIED flag on a cluster a snapshot shares is corruption: the snapshot keeps its bytes") {
+    // QEMU trusts the flag and writes in place, into bytes the snapshot still reads. qcowfs
+    // checks the refcount: the flag on a cluster with refcount 2 stops the write with EIO.
+    if (!have_qemu()) return;
+    enum class Flag { l2_entry, l1_entry, zeroed_entry };
+    for (Flag where : {Flag::l2_entry, Flag::l1_entry, Flag::zeroed_entry}) {
+        CAPTURE(int(where));
+        Fixture f;
+        make_variant(f, V("plain", "-o cluster_size=64k", 4 << 20, "-c 'write -P 7 0 128k'", "", true));
+        std::vector<std::byte> bytes = read_file(f.img());
+        const uint64_t l1 = format::load_be64(bytes.data() + 40);
+        const uint64_t l2 = format::load_be64(bytes.data() + l1) & format::kL1OffsetMask;
+        const uint64_t entry = where == Flag::zeroed_entry ? l2 + 8 : l2;
+        if (where == Flag::l1_entry)
+            bytes[l1] |= std::byte{0x80};  // bit 63: COPIED, on the L2 table both L1 tables name
+        else
+            bytes[entry] |= std::byte{0x80};  // on a data cluster the snapshot also maps
+        write_file(f.img(), bytes);
+        REQUIRE(sh("qemu-img convert -O raw -l snap1 " + f.img() + " " + (f.dir / "before.raw")) == 0);
+
+        std::string reason;
+        auto options = f.options();
+        options.on_corrupt = [&](const std::string& r) { reason = r; };
+        auto image = test::run(f.io, qcow2::Image::open(f.img(), options));
+        std::vector<std::byte> buf(4096, std::byte{1});
+        if (where == Flag::zeroed_entry)
+            CHECK(test::thrown_errno([&] { test::run(f.io, image->write_zeroes(64 << 10, 64 << 10, true)); }) == EIO);
+        else
+            CHECK(test::thrown_errno([&] { test::run(f.io, image->write(0, buf)); }) == EIO);
+        CHECK(reason.find("COPIED flag but its refcount is 2") != std::string::npos);
+        test::run(f.io, image->close());
+        REQUIRE(sh("qemu-img convert -O raw -l snap1 " + f.img() + " " + (f.dir / "after.raw")) == 0);
+        CHECK(read_file(f.dir / "after.raw") == read_file(f.dir / "before.raw"));
+    }
+}
+
 TEST_CASE("a power cut at any write or flush of the write path leaves only leaks, and fsynced data") {
     // Flush ordering over an in-memory image that forgets unflushed writes: 512-byte clusters
     // (L2 tables and refcount blocks fill fast), a snapshot (copy-on-write of shared L2 tables

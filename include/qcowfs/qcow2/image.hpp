@@ -403,10 +403,13 @@ private:
     Task<format::L2Entry> decode_l2_checked(uint64_t raw, uint64_t bitmap, uint64_t guest);
     /// Stores entry `index` of the L2 table at `l2_table` in the cache (dirty).
     Task<void> store_l2_entry(HostOffset l2_table, uint64_t index, uint64_t raw, uint64_t bitmap);
-    /// Host cluster `host` about to be written in place or used as an L2 table: EIO (and the
-    /// corrupt bit) if it lies in other metadata, past the end of the file, or has refcount 0.
-    /// `ignore`: MetadataKind bits the cluster may be (an L2 table checked as one).
-    Task<void> check_host_cluster(HostOffset host, ClusterName what, uint32_t ignore = 0);
+    /// Host cluster `host`, named by an active table entry, about to be written in place, zeroed
+    /// or used as an L2 table: EIO (and the corrupt bit) if it lies in other metadata, past the
+    /// end of the file, or has refcount 0, or if the entry has the COPIED flag (`copied`) but the
+    /// refcount is not 1 (a snapshot shares it: writing in place would change the snapshot).
+    /// `ignore`: MetadataKind bits the cluster may be (an L2 table checked as one). Returns
+    /// whether the cluster is the entry's alone (refcount 1), whatever the flag says.
+    Task<bool> check_host_cluster(HostOffset host, ClusterName what, bool copied, uint32_t ignore = 0);
     /// Points refcounts_ back at this image: header rewrite on table moves, overlap checks.
     void install_refcount_hooks();
     /// Refcounts::allocate(count), with the overlap check on what it hands out: refcounts that

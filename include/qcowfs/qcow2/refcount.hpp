@@ -101,8 +101,10 @@ public:
     /// number of references (`references[i]` for cluster first + i, plus one for the refcount
     /// table and each refcount block, which this object knows), as (cluster, refcount); nullopt
     /// when every used cluster of the window is counted at least as often as it is used. Reads the
-    /// refcount blocks of the window.
-    Task<std::optional<std::pair<uint64_t, uint64_t>>> find_undercounted(uint64_t first, std::vector<uint64_t>& references);
+    /// refcount blocks of the window. `last`: no window follows, so the refcount table and blocks
+    /// past this one (the tables name no cluster there) are checked as well.
+    Task<std::optional<std::pair<uint64_t, uint64_t>>> find_undercounted(uint64_t first, std::vector<uint64_t>& references,
+                                                                         bool last);
 
     /// True if a refcount change is not yet on disk.
     bool dirty() const { return blocks_->dirty_slices() || table_cache_->dirty_slices(); }
