@@ -207,6 +207,27 @@ TEST_CASE("a read-only open refuses writes with EROFS") {
     CHECK(test::thrown_errno([&] { test::run(f.io, image->write(0, data)); }) == EROFS);
 }
 
+/// Opens f.img() for writing and writes `length` bytes at `offset`: the write must fail with EIO
+/// and mark the image corrupt, the next one with EROFS, and the file must change in nothing but
+/// the corrupt bit. Returns the reason given to on_corrupt.
+static std::string first_write_finds_corruption(Fixture& f, uint64_t offset, size_t length) {
+    auto before = read_file(f.img());
+    std::string reason;
+    auto options = f.options();
+    options.on_corrupt = [&](const std::string& r) { reason = r; };
+    auto image = test::run(f.io, qcow2::Image::open(f.img(), options));
+    std::vector<std::byte> buf(length, std::byte{1});
+    CHECK(test::thrown_errno([&] { test::run(f.io, image->write(offset, buf)); }) == EIO);
+    CHECK(test::thrown_errno([&] { test::run(f.io, image->write(offset, buf)); }) == EROFS);
+    test::run(f.io, image->close());
+    auto after = read_file(f.img());
+    // Only the corrupt bit changed (incompatible features, byte 79 bit 1).
+    REQUIRE(after.size() == before.size());
+    before[79] |= std::byte{2};
+    CHECK(after == before);
+    return reason;
+}
+
 TEST_CASE("a used cluster with refcount 0 stops the first write before anything is allocated") {
     if (!have_qemu()) return;
     Fixture f;
@@ -221,22 +242,7 @@ TEST_CASE("a used cluster with refcount 0 stops the first write before anything 
     REQUIRE(data != 0);
     format::store_be16(bytes.data() + block + 2 * (data >> 16), 0);
     write_file(f.img(), bytes);
-    auto before = read_file(f.img());
-
-    std::string reason;
-    auto options = f.options();
-    options.on_corrupt = [&](const std::string& r) { reason = r; };
-    auto image = test::run(f.io, qcow2::Image::open(f.img(), options));
-    std::vector<std::byte> buf(4096, std::byte{1});
-    CHECK(test::thrown_errno([&] { test::run(f.io, image->write(1 << 20, buf)); }) == EIO);
-    CHECK(reason.find("refcount is 0") != std::string::npos);
-    CHECK(test::thrown_errno([&] { test::run(f.io, image->write(1 << 20, buf)); }) == EROFS);
-    test::run(f.io, image->close());
-    auto after = read_file(f.img());
-    // Only the corrupt bit changed (incompatible features, byte 79 bit 1).
-    REQUIRE(after.size() == before.size());
-    before[79] |= std::byte{2};
-    CHECK(after == before);
+    CHECK(first_write_finds_corruption(f, 1 << 20, 4096).find("refcount is 0") != std::string::npos);
 }
 
 TEST_CASE("a refcount block past every cluster the tables use, with refcount 0, stops the first write") {
@@ -257,20 +263,8 @@ TEST_CASE("a refcount block past every cluster the tables use, with refcount 0, 
     format::store_be16(bytes.data() + moved + 2 * (block / cs), 0);  // the old place is free
     format::store_be16(bytes.data() + moved + 2 * (moved / cs), 0);  // and the new one says free too
     write_file(f.img(), bytes);
-    auto before = read_file(f.img());
-
-    std::string reason;
-    auto options = f.options();
-    options.on_corrupt = [&](const std::string& r) { reason = r; };
-    auto image = test::run(f.io, qcow2::Image::open(f.img(), options));
-    std::vector<std::byte> buf(3 * cs, std::byte{1});
-    CHECK(test::thrown_errno([&] { test::run(f.io, image->write(0, buf)); }) == EIO);
-    CHECK(reason.find("cluster at " + hex(moved) + " is in use but its refcount is 0") != std::string::npos);
-    test::run(f.io, image->close());
-    auto after = read_file(f.img());
-    REQUIRE(after.size() == before.size());
-    before[79] |= std::byte{2};  // only the corrupt bit changed
-    CHECK(after == before);
+    CHECK(first_write_finds_corruption(f, 0, 3 * cs).find("cluster at " + hex(moved) + " is in use but its refcount is 0") !=
+          std::string::npos);
 }
 
 TEST_CASE("a COPIED flag on a cluster a snapshot shares is corruption: the snapshot keeps its bytes") {
