@@ -37,7 +37,7 @@ constexpr size_t kExtentOverhead = 64;
 constexpr uint64_t kEnd = std::numeric_limits<uint64_t>::max();
 }  // namespace
 
-// Invariants (all on the disk's strand):
+// Invariants (all under the image's lock):
 // - extents_ holds non-overlapping, non-empty ranges; a data extent's buffer is exactly `length`
 //   bytes; dirty_ is the sum of those lengths.
 // - The map changes inside a range only while the changer holds an exclusive lock on it

@@ -118,7 +118,8 @@ void Filesystem::scanner_loop() {
 }
 
 Task<void> Filesystem::fresh_scan() {
-    // The caller runs on a strand: the wake-up posted to it cannot run before the wait starts.
+    // The caller runs on a strand or under an image lock: the wake-up posted to its executor cannot
+    // run before the wait starts.
     auto timer = std::make_shared<asio::steady_timer>(co_await asio::this_coro::executor, kFreshScanLimit);
     {
         std::lock_guard lock(scan_mutex_);
@@ -225,7 +226,18 @@ Task<void> Filesystem::serve(unsigned worker) {
     // max_write bytes and its headers).
     RequestBuffer mem = request_buffer();
     bool ended = false;
+    unsigned since_yield = 0;
     while (!ended && !stopping_ && !fuse_session_exited(session_)) {
+        // A request usually runs to its reply inside fuse_session_process_buf, and its last step
+        // (the coroutine's completion, which frees its frame and buffers) is queued on this
+        // worker's loop. While replies come fast enough that /dev/fuse is never empty, the loop
+        // would never get to that queue: frames would pile up without bound, and everything
+        // else queued here (wake-ups, timers, other images' work) would wait. So it lets the
+        // queue run every few requests.
+        if (++since_yield > kRequestsPerYield) {
+            since_yield = 0;
+            co_await asio::post(reader.strand, asio::use_awaitable);
+        }
         if (!mem) mem = request_buffer();  // the last one went with a write (take_request_buffer)
         ssize_t n = ::read(fd, mem.get(), kRequestBufferBytes);
         int error = n < 0 ? errno : 0;
@@ -267,7 +279,7 @@ Task<void> Filesystem::drain() {
         log::error("gave up waiting for " + std::to_string(requests_.count()) + " requests");
     // Unmounted or stopped with images still open (the kernel sends no more releases): close each
     // as the last release would, so every image is left written back and clean.
-    for (const auto& slot : images_.all()) spawn(slot->strand, close_slot(slot, true));
+    for (const auto& slot : images_.all()) spawn(slot->executor(), close_slot(slot, true));
     if (!co_await requests_.wait_empty(std::chrono::seconds(120)))
         log::error("gave up waiting for " + std::to_string(requests_.count()) + " image closes");
     stop_scanner();
@@ -281,7 +293,7 @@ Task<void> Filesystem::writeback_loop() {
         writeback_timer_->expires_after(std::chrono::milliseconds(options_.writeback_interval_ms));
         co_await writeback_timer_->async_wait(asio::as_tuple(asio::use_awaitable));  // cancelled: stopping
         if (stopping_) break;
-        for (const auto& slot : images_.all()) spawn(slot->strand, flush_slot(slot));
+        for (const auto& slot : images_.all()) spawn(slot->executor(), flush_slot(slot));
     }
 }
 
@@ -398,7 +410,7 @@ io::HostFile Filesystem::host_file_of(const Node& node) {
 }
 
 void Filesystem::release_slot(const std::shared_ptr<ImageSlot>& slot) {
-    if (images_.release(slot)) spawn(slot->strand, close_slot(slot, false));
+    if (images_.release(slot)) spawn(slot->executor(), close_slot(slot, false));
 }
 
 Task<void> Filesystem::close_slot(std::shared_ptr<ImageSlot> slot, bool force) {

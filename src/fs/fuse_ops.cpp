@@ -30,17 +30,6 @@ constexpr double kAttrTimeout = 0.3;
 
 constexpr mode_t kWriteBits = S_IWUSR | S_IWGRP | S_IWOTH;
 
-/// Runs `reply` on the worker that received the request (`origin`): at once when that is this
-/// thread, else queued there. When another worker ran the request (it held the image's strand),
-/// the reply's system call and copy go back to the receiver instead of adding to the holder's
-/// work (4 KiB random reads at queue depth 32: about 10 % more IOPS than replying from the holder).
-template <class Reply>
-void reply_from(asio::io_context* origin, Reply reply) {
-    if (!origin || origin == detail::current_worker.context)
-        reply();
-    else
-        asio::post(*origin, std::move(reply));
-}
 
 /// The extended attribute that turns copy-on-read on or off per image (Handlers::setxattr).
 constexpr std::string_view kCopyOnReadXattr = "user.qcowfs.copy_on_read";
@@ -200,7 +189,7 @@ struct Filesystem::Handlers {
         return true;
     }
 
-    /// Runs `body` (a function returning Task<int>) as a coroutine on `slot`'s strand (through
+    /// Runs `body` (a function returning Task<int>) as a coroutine of `slot`'s image on this worker (through
     /// Filesystem::spawn, so shutdown waits for it) and gives `req` exactly one reply: the body
     /// replies itself and returns 0, or returns an errno to answer (an expected answer, not
     /// logged); a std::system_error it throws is answered by reply_error, anything else by EIO
@@ -209,8 +198,8 @@ struct Filesystem::Handlers {
     template <class Body, class OnFailure = NoCleanup>
     static void run(fuse_req_t req, std::shared_ptr<ImageSlot> slot, Body body, OnFailure on_failure = {}) {
         Filesystem& fs = *fs_of(req);
-        fs.spawn(slot->strand, [&fs, req, slot, body = std::move(body),
-                                on_failure = std::move(on_failure)]() mutable -> Task<void> {
+        fs.spawn(slot->executor(), [&fs, req, slot, body = std::move(body),
+                                    on_failure = std::move(on_failure)]() mutable -> Task<void> {
             int code = EIO;
             try {
                 code = co_await body();
@@ -467,8 +456,7 @@ struct Filesystem::Handlers {
     static void read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, fuse_file_info* fi) {
         trace("read", ino, " off=", off, " size=", size);
         auto* of = reinterpret_cast<OpenFile*>(fi->fh);
-        asio::io_context* origin = detail::current_worker.context;
-        run(req, of->slot, [req, of, size, off, origin]() -> Task<int> {
+        run(req, of->slot, [req, of, size, off]() -> Task<int> {
             const uint64_t vsize = of->view->size(), offset = static_cast<uint64_t>(off);
             if (offset >= vsize || size == 0) {
                 fuse_reply_buf(req, nullptr, 0);
@@ -478,7 +466,8 @@ struct Filesystem::Handlers {
             PooledBuffer buf(n);
             // The active disk of a writable image reads through its cache: cached writes show.
             co_await of->slot->disk->read(*of->view, offset, std::span<std::byte>(buf.data(), n));
-            reply_from(origin, [req, buf = std::move(buf), n] { fuse_reply_buf(req, reinterpret_cast<const char*>(buf.data()), n); });
+            // The reply's copy and system call need no image state: the image's lock is let go.
+            unlocked([&] { fuse_reply_buf(req, reinterpret_cast<const char*>(buf.data()), n); });
             co_return 0;
         });
     }
@@ -495,8 +484,7 @@ struct Filesystem::Handlers {
         }
         data.bytes = data.owner ? std::span(reinterpret_cast<const std::byte*>(buf), size)
                                 : std::span<const std::byte>(data.copy.data(), size);
-        asio::io_context* origin = detail::current_worker.context;
-        run_write(req, fi, [req, data = std::move(data), off, origin](qcow2::Disk& disk) -> Task<int> {
+        run_write(req, fi, [req, data = std::move(data), off](qcow2::Disk& disk) -> Task<int> {
             if (off < 0) co_return EINVAL;
             if (data.bytes.empty()) {
                 fuse_reply_write(req, 0);
@@ -504,7 +492,7 @@ struct Filesystem::Handlers {
             }
             const size_t n = co_await disk.write(static_cast<uint64_t>(off), data.bytes);
             if (n == 0) co_return ENOSPC;  // a shrink that came in between left it past the end
-            reply_from(origin, [req, n] { fuse_reply_write(req, n); });
+            unlocked([&] { fuse_reply_write(req, n); });
             co_return 0;
         });
     }
@@ -688,11 +676,15 @@ struct Filesystem::Handlers {
         Filesystem& fs = *fs_of(req);
         trace("release", ino);
         auto* of = reinterpret_cast<OpenFile*>(fi->fh);
-        auto slot = of->slot;
-        // Drop the view on the image's strand, where its Image lives; the last handle's release
-        // then writes back and closes the image there, in that order.
-        asio::post(slot->strand, [of] { delete of; });
-        fs.release_slot(slot);
+        // Drop the view under the image's lock, where its Image lives, and only then give the
+        // handle back: the last handle's close must find no view left, or the closed Image would
+        // live on in it, keeping the file and its QEMU locks open while a new open begins.
+        fs.spawn(of->slot->executor(), [&fs, of]() -> Task<void> {
+            auto slot = of->slot;
+            delete of;
+            fs.release_slot(slot);
+            co_return;
+        });
         fuse_reply_err(req, 0);
     }
 
@@ -764,10 +756,14 @@ struct Filesystem::Handlers {
         log::info(r->node->image->path + ": copy-on-read " +
                   (on ? (*on ? "on" : "off") : std::string(fs.options_.copy_on_read ? "on" : "off") + " (the mount's)"));
         if (auto slot = fs.images_.find(r->key.dev, r->key.ino)) {
-            // The open image learns it on its strand (a later open reads the setting itself).
-            asio::post(slot->strand, [&fs, slot] {
+            // The open image learns it under its lock, before the reply: a read sent after the
+            // reply, on any worker, sees the setting (a later open reads it itself).
+            fs.spawn(slot->executor(), [&fs, slot, req]() -> Task<void> {
                 if (slot->disk) slot->disk->set_copy_on_read(fs.copy_on_read_for(slot->dev, slot->ino));
+                fuse_reply_err(req, 0);
+                co_return;
             });
+            return;
         }
         fuse_reply_err(req, 0);
     }

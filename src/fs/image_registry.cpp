@@ -9,7 +9,7 @@
 namespace qcowfs::fs {
 
 ImageSlot::ImageSlot(const Workers& workers, uint64_t d, uint64_t i, std::string p, bool follow)
-    : strand(asio::make_strand(workers.here_executor())), dev(d), ino(i), path(std::move(p)), follow_final(follow) {}
+    : workers(workers), dev(d), ino(i), path(std::move(p)), follow_final(follow) {}
 
 // Out of line: qcow2::Disk is complete here.
 ImageSlot::~ImageSlot() = default;

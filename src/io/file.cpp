@@ -119,10 +119,9 @@ public:
         // What the page cache holds is copied at once: a ring round trip (submission, eventfd,
         // epoll, completion) costs more than the copy of a few pages. RWF_NOWAIT fails with
         // EAGAIN instead of waiting for the disk; the rest then goes through the ring.
-        // A large copy runs beside the caller's strand (off_strand), so that other requests of
-        // the image go on meanwhile on another worker.
-        size_t done = buf.size() >= kOffStrandReadBytes ? co_await off_strand([&] { return read_cached(offset, buf); })
-                                                         : read_cached(offset, buf);
+        // The copy runs with the image's lock let go (unlocked), so that other requests of the
+        // image go on meanwhile on another worker.
+        size_t done = unlocked([&] { return read_cached(offset, buf); });
         if (done == kEndOfFile) co_return 0;
         if (done == buf.size()) co_return done;
         Lease lease(*this);
@@ -137,10 +136,6 @@ public:
     }
 
     static constexpr size_t kEndOfFile = SIZE_MAX;
-    /// Reads of at least this size copy cached pages off the caller's strand (read_at).
-    static constexpr size_t kOffStrandReadBytes = 128 << 10;
-    /// Writes up to this size are written inline, larger ones off the strand (write_at).
-    static constexpr size_t kInlineWriteBytes = 64 << 10;
     /// Bytes copied from the page cache at `offset` without waiting for the disk (0 if the first
     /// page is not cached, or on any error: the ring path then reads and reports it), or
     /// kEndOfFile when `offset` is at or past the end of the file.
@@ -161,15 +156,13 @@ public:
     /// buffered write on ext4 without blocking, so it hands each one to a kernel worker thread
     /// and the completion comes back through the eventfd and epoll, two thread switches for a
     /// copy of a few pages (measured under 4 KiB random writes: 17 % of the daemon's time in
-    /// io-wq workers, 23 % in the scheduler). A small write runs inline; a large one beside the
-    /// caller's strand (off_strand), so that the image's other requests go on meanwhile. The
-    /// cost: while the kernel throttles a writer for dirty pages, this worker waits too.
+    /// io-wq workers, 23 % in the scheduler). The write runs on the calling thread with the
+    /// image's lock let go (unlocked), so that the image's other requests go on meanwhile on
+    /// another worker. The cost: while the kernel throttles a writer for dirty pages, this worker
+    /// waits too.
     Task<void> write_at(uint64_t offset, std::span<const std::byte> buf) override {
-        if (buf.size() <= kInlineWriteBytes) co_return write_all(offset, buf);
-        co_await off_strand([&] {
-            write_all(offset, buf);
-            return true;
-        });
+        unlocked([&] { write_all(offset, buf); });
+        co_return;
     }
 
     void write_all(uint64_t offset, std::span<const std::byte> buf) const {

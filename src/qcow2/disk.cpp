@@ -27,14 +27,14 @@ Task<std::unique_ptr<Disk>> Disk::open(std::string path, OpenOptions options, Di
         }
     }
     if (!image) image = co_await Image::open(path, options);
-    auto strand = co_await asio::this_coro::executor;
-    co_return std::make_unique<Disk>(strand, std::move(image), options.writable, std::move(disk_options));
+    auto executor = co_await asio::this_coro::executor;
+    co_return std::make_unique<Disk>(executor, std::move(image), options.writable, std::move(disk_options));
 }
 
-Disk::Disk(Executor strand, std::shared_ptr<Image> image, bool writable, DiskOptions options)
+Disk::Disk(Executor executor, std::shared_ptr<Image> image, bool writable, DiskOptions options)
     : image_(std::move(image)),
       active_(image_->active()),
-      size_lock_(std::move(strand)),
+      size_lock_(std::move(executor)),
       on_resize_(std::move(options.on_resize)) {
     if (writable && image_->read_only_reason().empty())
         cache_ = std::make_unique<cache::DataCache>(*active_, options.write_cache_bytes);

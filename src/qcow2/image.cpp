@@ -10,6 +10,7 @@
 #include "qcowfs/format/entries.hpp"
 #include "qcowfs/format/error.hpp"
 #include "qcowfs/format/probe.hpp"
+#include "qcowfs/util/workers.hpp"
 
 namespace qcowfs::qcow2 {
 namespace {
@@ -434,11 +435,21 @@ Task<std::shared_ptr<const std::vector<std::byte>>> Image::decompressed(uint64_t
     input.resize(co_await file_->read_at(host, input));
     if (input.empty()) corruption("compressed cluster at " + hex(host) + " lies beyond the end of the file");
     auto out = std::make_shared<std::vector<std::byte>>(cluster);
-    try {
-        codec::decompress_cluster(meta_.header.compression_type, input, *out);
-    } catch (const std::system_error& e) {
-        corruption("compressed cluster at " + hex(host) + ": " + reason_of(e));
-    }
+    // Decompression touches no image state: it runs with the image's lock let go, so the image's
+    // other requests go on meanwhile.
+    const auto type = meta_.header.compression_type;
+    std::string failure = unlocked([&] {
+        try {
+            codec::decompress_cluster(type, input, *out);
+        } catch (const std::system_error& e) {
+            return reason_of(e);
+        }
+        return std::string();
+    });
+    if (!failure.empty()) corruption("compressed cluster at " + hex(host) + ": " + failure);
+    // Another request may have decompressed the same cluster meanwhile (here or while the
+    // compressed bytes were read): keep the one already cached.
+    if (auto it = compressed_.find(host); it != compressed_.end()) co_return it->second.first;
 
     size_t capacity = std::max<size_t>(2, options_.compressed_cache_bytes / cluster);
     while (compressed_.size() >= capacity) {

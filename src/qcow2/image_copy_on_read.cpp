@@ -3,7 +3,7 @@
 // A read of the active disk records the ranges it took from the backing file (read_mapped's
 // `from_backing`); view_read hands them to start_copy once the read has its data, and the read
 // returns at once. start_copy claims the guest subclusters (in-flight set `copying_`: a range two
-// reads race on is copied once), copies the bytes and starts copy_runs on the image's strand.
+// reads race on is copied once), copies the bytes and starts copy_runs on the image's lock.
 // Each run then takes the guest range exclusively, whole clusters, like a write, looks again at
 // what this image maps there, and writes only into subclusters still unallocated — still reading
 // the backing chain's bytes, the ones it holds — through write_locked: the write path's planning,
@@ -48,7 +48,7 @@ Task<void> Image::copies_done() {
     }
 }
 
-void Image::start_copy(const Executor& strand, uint64_t offset, std::span<const std::byte> buf,
+void Image::start_copy(const Executor& executor, uint64_t offset, std::span<const std::byte> buf,
                        const std::vector<BackingRead>& from_backing) {
     const uint32_t sb = geometry_.subcluster_bits();
     std::vector<CopyRun> runs;
@@ -87,7 +87,7 @@ void Image::start_copy(const Executor& strand, uint64_t offset, std::span<const 
     }
     copy_pending_bytes_ += bytes;
     ++copies_running_;
-    asio::co_spawn(strand, copy_runs(std::move(runs), std::move(data)),
+    asio::co_spawn(executor, copy_runs(std::move(runs), std::move(data)),
                    [self = shared_from_this()](std::exception_ptr error) {
                        // copy_runs handles its own failures; anything else is a bug worth a line.
                        if (!error) return;

@@ -12,7 +12,7 @@
 namespace qcowfs::cache {
 
 /// The disk a DataCache writes back to (the active disk of a qcow2 image). Every method may be
-/// called concurrently from coroutines of one strand and throws std::system_error on failure.
+/// called concurrently from coroutines of one image and throws std::system_error on failure.
 class CacheTarget {
 public:
     virtual ~CacheTarget() = default;
@@ -50,7 +50,7 @@ public:
 /// caller that triggered the write-back (write(), write_back(), flush()), and later flushes try
 /// again.
 ///
-/// Not thread-safe: all calls on the disk's strand.
+/// Not thread-safe: all calls under the image's lock.
 class DataCache {
 public:
     /// Which writes under 256 KiB are cached.

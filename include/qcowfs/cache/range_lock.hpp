@@ -16,7 +16,7 @@ namespace qcowfs::cache {
 /// conflict are held at the same time. Grants are first-come first-served among conflicting
 /// requests: a request also waits behind an earlier *waiting* request it conflicts with, so a
 /// large write is not starved by a stream of small reads.
-/// Not thread-safe: lock, and destroy guards, on the owning image's strand.
+/// Not thread-safe: lock, and destroy guards, under the owning image's lock.
 class RangeLock {
 public:
     enum class Mode { shared, exclusive };

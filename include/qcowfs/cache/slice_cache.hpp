@@ -36,7 +36,7 @@ struct Slice {
 /// synced (e.g. the L2 cache depends on the refcount cache: a refcount increase reaches the disk
 /// before the L2 entry that uses the cluster).
 ///
-/// Not thread-safe: used from the owning image's strand only.
+/// Not thread-safe: used under the owning image's lock only.
 class SliceCache {
 public:
     SliceCache(io::File& file, size_t slice_bytes, size_t capacity_bytes);

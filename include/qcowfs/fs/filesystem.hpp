@@ -91,7 +91,7 @@ private:
     uint64_t next_ = 2;
 };
 
-/// One host image file opened for FUSE handles: its strand, and its qcow2::Disk once opened.
+/// One host image file opened for FUSE handles: its lock, and its qcow2::Disk once opened.
 ///
 /// Lifecycle: ImageRegistry::acquire creates the slot (or finds it) and counts a handle; the first
 /// open request opens the Disk under `lifecycle`. When the last handle goes, Filesystem closes
@@ -99,14 +99,16 @@ private:
 /// registry, so an open arriving meanwhile finds this slot, waits for the close and reopens: one
 /// file never has two Image objects.
 struct ImageSlot {
-    /// Runs on whichever worker takes it (HereExecutor): a request runs on the thread that
-    /// received it unless another request of this image holds the strand.
-    using Strand = asio::strand<HereExecutor>;
     ImageSlot(const Workers& workers, uint64_t d, uint64_t i, std::string p, bool follow);
     ~ImageSlot();  // out of line: qcow2::Disk is complete there
-    Strand strand;
+    /// Where a request or job of this image runs: on the calling worker (its home), under `lock`.
+    ImageExecutor executor() { return workers.image_executor(lock); }
+    const Workers& workers;
+    /// Guards the image state below and everything of the open disk. Shared with the executors,
+    /// so that it outlives work that drops the slot's last reference under it.
+    ImageLockRef lock = ImageLockRef::make();
     uint64_t dev, ino;  // host identity of the image file
-    // Strand only (set when the image is opened):
+    // Under `lock` only (set when the image is opened):
     std::string path;   // where the image was last opened (or will be), for opens and log lines
     bool follow_final;  // the scan found a symlink at `path`: opens follow it
     /// The open image with its views, data cache, size lock and change counter; null while
@@ -223,7 +225,7 @@ private:
     /// `writable_wanted` and the host file allows it; every file is opened under policy_ and
     /// recorded in slot->files. Then checks that `user` may read (and, with `for_writing`,
     /// write) every one of them on the host, and takes the image's write locks when
-    /// `for_writing`. On the slot's strand. Throws std::system_error: EACCES (the user may not,
+    /// `for_writing`. Under the slot's lock. Throws std::system_error: EACCES (the user may not,
     /// or policy refuses a file), EBUSY (QEMU holds the image), ESTALE (replaced since the scan),
     /// EIO/ENOTSUP from opening the image.
     /// `image` is the image file as the current view has it (host_file_of): a slot whose image is
@@ -241,10 +243,10 @@ private:
                                     std::shared_ptr<std::vector<io::HostFile>> files);
     /// The host file behind an image node, as the scan saw it.
     static io::HostFile host_file_of(const Node& node);
-    /// Drops a handle of `slot`; after the last one, closes its image on its strand.
+    /// Drops a handle of `slot`; after the last one, closes its image under its lock.
     void release_slot(const std::shared_ptr<ImageSlot>& slot);
     /// Writes back the cache and closes the image (if it has no handles, or `force`); removes the
-    /// slot from the registry. Errors are logged. On the slot's strand.
+    /// slot from the registry. Errors are logged. Under the slot's lock.
     Task<void> close_slot(std::shared_ptr<ImageSlot> slot, bool force);
     /// The closing part of close_slot (lifecycle held, disk open): a failed write-back is logged
     /// as lost data, then the image is closed and the disk dropped.
@@ -262,7 +264,7 @@ private:
     /// published (or failed, or the scanner stopped; kFreshScanLimit at most). For a request that
     /// found an image gone from the path the view has for it (renamed since the scan, or a scan
     /// that ran across a rename): the fresh view has it under its new path, or no longer has it.
-    /// Must be awaited on a strand.
+    /// Must be awaited on a strand or an image's executor.
     Task<void> fresh_scan();
     /// Calls `redo` (a request handler again, which then replies) on serve_strand_ once
     /// fresh_scan() completes; inside requests_, so shutdown waits for it.
@@ -296,6 +298,8 @@ private:
         std::unique_ptr<asio::posix::stream_descriptor> device;
     };
     static std::vector<std::unique_ptr<Reader>> make_readers(Workers& workers);
+    /// Requests a reader takes from /dev/fuse before it lets its worker's queue run (serve).
+    static constexpr unsigned kRequestsPerYield = 4;
     /// A reader's buffer: the largest request (a write of max_write = 1 MiB) and its headers.
     static constexpr size_t kRequestBufferBytes = (1u << 20) + (64u << 10);
     /// A spare request buffer, or a new one.

@@ -87,7 +87,7 @@ void clear_bits(std::span<uint8_t> bits, uint64_t from, uint64_t to);
 /// open, and for every consistent bitmap (not in use) its table and a DirtyMap of what was written
 /// since (enabled bitmaps only: disabled ones take no bits, but follow a resize, as in QEMU).
 /// Bitmaps in use at open (inconsistent: QEMU will not use them) are never changed. All calls on
-/// the image's strand.
+/// the image's lock.
 class DirtyBitmaps {
 public:
     struct Bitmap {

@@ -18,7 +18,7 @@ namespace qcowfs::qcow2 {
 
 struct DiskOptions {
     size_t write_cache_bytes = 64u << 20;  // limit of the data cache of a writable disk
-    /// Called on the image's strand with the new size after every change of the disk's size.
+    /// Called under the image's lock with the new size after every change of the disk's size.
     std::function<void(uint64_t size)> on_resize;
 };
 
@@ -34,7 +34,7 @@ enum class Fill {
 /// against resizes, the change counter of the periodic write-back, and the resize policy (sizes
 /// in whole 512-byte sectors, cached data written back before a shrink).
 ///
-/// Not thread-safe: every call on the image's strand (the one it was opened on). Calls that
+/// Not thread-safe: every call under the image's lock (or on one strand). Calls that
 /// change the disk throw EROFS on a disk that is not writable(); I/O failures are the
 /// std::system_error of Image and DataCache (EIO for corrupt metadata).
 class Disk {
@@ -44,8 +44,8 @@ public:
     static Task<std::unique_ptr<Disk>> open(std::string path, OpenOptions options, DiskOptions disk_options);
 
     /// Serves `image`, opened with `writable` (a data cache only if the image accepts writes).
-    /// `strand` is the image's strand.
-    Disk(Executor strand, std::shared_ptr<Image> image, bool writable, DiskOptions options);
+    /// `executor` is the one it was opened on.
+    Disk(Executor executor, std::shared_ptr<Image> image, bool writable, DiskOptions options);
     ~Disk();
     Disk(const Disk&) = delete;
     Disk& operator=(const Disk&) = delete;

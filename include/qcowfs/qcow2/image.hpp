@@ -56,7 +56,7 @@ struct OpenOptions {
     /// Open the image (and its external data file) read-write so that the active disk can be
     /// written. Nothing on disk changes until the first write. Backing files stay read-only.
     bool writable = false;
-    /// Called (on the image's strand) with a reason when the image stops accepting writes because
+    /// Called (under the image's lock) with a reason when the image stops accepting writes because
     /// its metadata was found inconsistent (the corrupt bit has been set).
     std::function<void(const std::string& reason)> on_corrupt;
 };
@@ -74,13 +74,13 @@ public:
     /// Virtual size in bytes.
     virtual uint64_t size() const = 0;
     /// Fills `buf` with the disk's bytes at `offset`; bytes at or past size() read as zeros.
-    /// Runs on the owning image's strand. Throws std::system_error (EIO for corrupt metadata).
+    /// Runs under the owning image's lock. Throws std::system_error (EIO for corrupt metadata).
     virtual Task<void> read(uint64_t offset, std::span<std::byte> buf) = 0;
     /// The allocation status at `offset` (< size()) and where it ends (offset < end <= size()),
     /// as qemu-img map sees it: data is allocated in this image (normal or compressed clusters,
     /// per subcluster with extended L2) or below it in the backing chain; zero clusters and
     /// unallocated ranges with nothing below are holes. A run may end before the status changes
-    /// (at most one L2 table is looked at per call). Runs on the owning image's strand.
+    /// (at most one L2 table is looked at per call). Runs under the owning image's lock.
     virtual Task<MapRun> map(uint64_t offset) = 0;
 };
 
@@ -150,7 +150,8 @@ struct ClusterName {
     std::string str() const { return what + (as_hex ? hex(number) : std::to_string(number)); }
 };
 
-/// An open qcow2 image file. All methods run on one strand (the caller's); nothing is locked.
+/// An open qcow2 image file. All methods run under the image's lock (`ImageLock`; one strand in
+/// the unit tests): one thread at a time between two waits.
 class Image : public std::enable_shared_from_this<Image> {
 public:
     /// Opens `path` and, recursively, its data file and backing chain. Validates the header,
@@ -171,7 +172,7 @@ public:
 
     // ---- Writing (active disk only; see docs/architecture.md, "How a FUSE write travels" and
     // "Write ordering") -------------------------------------------------------------------------
-    // Every call below runs on the image's strand, may wait for I/O, and throws
+    // Every call below runs under the image's lock, may wait for I/O, and throws
     // std::system_error: EROFS when the image is not writable (read_only_reason() says why),
     // EIO when metadata is found inconsistent (the image is then marked corrupt and stays
     // read-only), ENOSPC / the host's errno for I/O failures. Data and metadata changes are
@@ -221,7 +222,7 @@ public:
     // ---- Copy-on-read (image_copy_on_read.cpp; docs/architecture.md, "Copy-on-read") ---------
     /// While on, every read of the active disk that finds bytes in the backing chain (below
     /// unallocated clusters or subclusters of this image) starts a copy of them into this image
-    /// once the read has its data: a background coroutine on the image's strand that writes what
+    /// once the read has its data: a background coroutine of the image that writes what
     /// is still unallocated when it runs, under the range lock, through the write path. Reads are
     /// never delayed or failed by it. Has no effect on an image that cannot be written, has no
     /// backing file, or on snapshots. A copy that fails other than with EROFS logs one line and
@@ -439,7 +440,7 @@ private:
     /// After a read of the active disk at `offset` (`buf` its data): claims the subclusters of
     /// `from_backing` that no copy holds yet and starts copy_runs on them with a copy of their
     /// bytes, unless that would pass the pending limit. Does not wait.
-    void start_copy(const Executor& strand, uint64_t offset, std::span<const std::byte> buf,
+    void start_copy(const Executor& executor, uint64_t offset, std::span<const std::byte> buf,
                     const std::vector<BackingRead>& from_backing);
     /// The background copy of one read: copy_range for each run, then gives its claims back.
     Task<void> copy_runs(std::vector<CopyRun> runs, std::vector<std::byte> data);
@@ -475,7 +476,7 @@ private:
     std::shared_ptr<BlockSource> backing_;  // a RawSource, or the active View of the backing Image
     std::string read_only_reason_;
 
-    // Writing (strand only). Lock order: range_lock_ ranges, then flush_mutex_, then meta_mutex_,
+    // Writing (under the image's lock only). Lock order: range_lock_ ranges, then flush_mutex_, then meta_mutex_,
     // then Refcounts' own mutex; the SliceCache mutexes are leaves.
     std::unique_ptr<Refcounts> refcounts_;        // null unless the image can be written
     std::unique_ptr<cache::RangeLock> range_lock_;  // guest ranges: writes exclusive (whole clusters), reads shared
@@ -495,7 +496,7 @@ private:
     std::unique_ptr<DirtyBitmaps> bitmaps_;  // null until loaded (dirty_bitmaps)
     std::weak_ptr<View> active_view_;
 
-    // Copy-on-read (strand only).
+    // Copy-on-read (under the image's lock only).
     bool copy_on_read_ = false;
     std::string copy_stopped_;              // why copies stopped (a failure), "" while they may run
     std::unordered_set<uint64_t> copying_;  // guest subclusters claimed by a copy not yet done

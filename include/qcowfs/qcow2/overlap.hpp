@@ -28,7 +28,7 @@ enum MetadataKind : uint32_t {
 /// fixed areas (header, active L1, refcount table, snapshot table, snapshot L1 tables, bitmap
 /// directory and tables) in a sorted list, active L2 tables in a sorted vector (8 bytes per
 /// table, as many as the in-memory L1 table has entries), refcount blocks asked of Refcounts.
-/// Used on the image's strand only.
+/// Used under the image's lock only.
 class MetadataMap {
 public:
     struct Area {

@@ -42,7 +42,7 @@ public:
 /// so a table entry never points at a block that is not on disk. An L2 cache makes its entries
 /// wait for all of this with `l2_cache.depends_on(refcounts.table_cache())`.
 ///
-/// Used from the image's strand only. update(), allocate() and flush() are serialized among
+/// Used under the image's lock only. update(), allocate() and flush() are serialized among
 /// themselves (an operation that waits for I/O holds the others back), so two allocations never
 /// see the same free cluster.
 ///

@@ -1,4 +1,4 @@
-// A one-shot event that coroutines on one strand can await: the engine's only wait primitive.
+// A one-shot event that the coroutines of one image can await: the engine's only wait primitive.
 #pragma once
 
 #include <boost/asio/any_completion_handler.hpp>
@@ -14,13 +14,12 @@
 namespace qcowfs {
 
 /// Waiters park as completion handlers; set() posts every one to its own executor (the waiting
-/// coroutine's strand), so a waiter resumes on the thread that set the event when that thread may
-/// take the strand, with no timer and no other thread involved. Not thread-safe: create, wait and
-/// set from the same strand (each image runs on its own). Must not be destroyed while a
-/// coroutine waits.
+/// coroutine's: in the daemon, its home worker under the image's lock), with no timer involved.
+/// Not thread-safe: create, wait and set under one image's lock (or on one strand). Must not be
+/// destroyed while a coroutine waits.
 class AsyncEvent {
 public:
-    /// `ex` is unused; kept so that every waiter's executor is visibly the creator's strand.
+    /// `ex` is unused; kept so that the creator's executor is visibly the one waiters use.
     explicit AsyncEvent(const Executor&) {}
     AsyncEvent(const AsyncEvent&) = delete;
     AsyncEvent& operator=(const AsyncEvent&) = delete;

@@ -1,18 +1,24 @@
-// An asynchronous mutex for coroutines of one strand: serializes multi-step operations that wait.
+// An asynchronous mutex for the coroutines of one image: serializes multi-step operations that wait.
 #pragma once
 
-#include <memory>
+#include <boost/asio/any_completion_handler.hpp>
+#include <boost/asio/associated_executor.hpp>
+#include <boost/asio/async_result.hpp>
+#include <boost/asio/post.hpp>
+#include <boost/asio/use_awaitable.hpp>
+#include <deque>
 
-#include <boost/asio/this_coro.hpp>
-
-#include "qcowfs/util/async_event.hpp"
 #include "qcowfs/util/task.hpp"
 
 namespace qcowfs {
 
 /// lock() returns a Guard once no other coroutine holds the mutex; the Guard unlocks when it goes.
-/// Waiters park on an AsyncEvent that the unlock sets; all wake and the first to run takes it.
-/// Not thread-safe: use from one strand (each image has its own).
+/// Waiters queue in arrival order, and an unlock hands the mutex to the first of them directly:
+/// it stays held, and only that one coroutine is woken (posted to its own executor, so on its
+/// home worker). Waking every waiter to let one win would cost, under contention, a wake-up per
+/// waiter per unlock, most of them on another worker.
+/// Not thread-safe: use under one image's lock (each image has its own). Must not be destroyed
+/// while a coroutine waits.
 class AsyncMutex {
 public:
     class Guard {
@@ -31,14 +37,20 @@ public:
         AsyncMutex* mutex_;
     };
 
-    /// Waits until the mutex is free, then holds it until the returned Guard is destroyed.
+    /// Waits until the mutex is this coroutine's, then holds it until the returned Guard is
+    /// destroyed.
     Task<Guard> lock() {
-        while (locked_) {
-            if (!released_) released_ = std::make_shared<AsyncEvent>(co_await asio::this_coro::executor);
-            auto released = released_;
-            co_await released->wait();
+        if (!locked_) {
+            locked_ = true;
+            co_return Guard(this);
         }
-        locked_ = true;
+        co_await asio::async_initiate<decltype(asio::use_awaitable), void()>(
+            [this](auto handler) {
+                Executor ex = asio::get_associated_executor(handler);
+                waiters_.push_back(Waiter{std::move(ex), std::move(handler)});
+            },
+            asio::use_awaitable);
+        // unlock() handed it over: still locked, now ours.
         co_return Guard(this);
     }
 
@@ -46,12 +58,21 @@ public:
 
 private:
     void unlock() {
-        locked_ = false;
-        if (auto released = std::move(released_)) released->set();
+        if (waiters_.empty()) {
+            locked_ = false;
+            return;
+        }
+        Waiter next = std::move(waiters_.front());
+        waiters_.pop_front();
+        asio::post(next.executor, [h = std::move(next.handler)]() mutable { std::move(h)(); });
     }
 
+    struct Waiter {
+        Executor executor;  // the waiting coroutine's
+        asio::any_completion_handler<void()> handler;
+    };
     bool locked_ = false;
-    std::shared_ptr<AsyncEvent> released_;  // exists while someone waits
+    std::deque<Waiter> waiters_;  // in arrival order
 };
 
 }  // namespace qcowfs

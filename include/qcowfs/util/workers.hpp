@@ -1,18 +1,15 @@
-// The daemon's threads: one event loop per thread, and the executor that keeps work on the thread
-// that asked for it.
+// The daemon's threads: one event loop per thread, and the executor that runs an image's requests
+// on the thread that received them, under the image's lock.
 #pragma once
 
-#include <boost/asio/associated_executor.hpp>
-#include <boost/asio/async_result.hpp>
-#include <boost/asio/dispatch.hpp>
 #include <boost/asio/execution.hpp>
-#include <boost/asio/use_awaitable.hpp>
-#include <exception>
-#include <optional>
 #include <boost/asio/executor_work_guard.hpp>
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/post.hpp>
 #include <memory>
+#include <atomic>
+#include <cstdint>
+#include <mutex>
 #include <thread>
 #include <type_traits>
 #include <utility>
@@ -24,6 +21,8 @@ namespace qcowfs {
 
 class Workers;
 
+class ImageLock;
+
 namespace detail {
 /// The worker whose loop runs on this thread; null on every other thread.
 struct CurrentWorker {
@@ -32,48 +31,126 @@ struct CurrentWorker {
     unsigned index = 0;
 };
 inline thread_local CurrentWorker current_worker;
+/// The image lock this thread holds (it holds one at most), or null.
+inline thread_local ImageLock* held_image_lock = nullptr;
 }  // namespace detail
 
-/// An executor that runs work on the worker thread that hands it over. When the work may run at
-/// once (Asio's "blocking.possibly": dispatch, the resumption of a coroutine after its I/O), it
-/// runs inline on the calling worker; when it may not ("blocking.never": post, co_spawn), it is
-/// queued on the calling worker's own loop. From a thread that is no worker (the blocking-call
-/// pool), work is queued on worker 0.
-///
-/// It is the inner executor of every image strand: a request takes its image's strand on the
-/// thread that received it and, if nobody holds the strand, runs to its reply there, with no
-/// thread switch. When another worker holds the strand, the request waits in the strand's queue
-/// and that worker runs it next (Asio's strand), so image state is still touched by one thread at
-/// a time. Asio services (timers) of such executors live in worker 0's context.
-template <bool Never>
-class BasicHereExecutor {
+/// The lock of one open image's state: its caches, allocation, range locks and waiters. A
+/// coroutine of the image holds it from each resumption to its next suspension, and lets it go
+/// around every system call on the image's files (unlocked), so a holder never waits on I/O and
+/// the critical sections are short: the work between two waits. A thread holds at most one image
+/// lock, and blocks for one only while it holds none, so image locks cannot deadlock.
+class ImageLock {
 public:
-    explicit BasicHereExecutor(const Workers& workers) noexcept : workers_(&workers) {}
+    ImageLock() = default;
+    ImageLock(const ImageLock&) = delete;
+    ImageLock& operator=(const ImageLock&) = delete;
+
+    bool held_here() const noexcept { return detail::held_image_lock == this; }
+
+    /// Takes the lock for the calling thread; blocks while another thread holds it (at most for
+    /// one critical section). The caller holds no image lock.
+    void acquire() {
+        mutex_.lock();
+        detail::held_image_lock = this;
+    }
+    void release() noexcept {
+        detail::held_image_lock = nullptr;
+        mutex_.unlock();
+    }
+
+private:
+    friend class ImageLockRef;
+    std::mutex mutex_;
+    std::atomic<uint32_t> refs_{0};  // ImageLockRefs to it; the last one deletes it
+};
+
+/// Shared ownership of an ImageLock, one pointer wide (an std::shared_ptr would make
+/// ImageExecutor too large for Asio's type-erased executor to hold in place, and every copy of
+/// it into an any_io_executor would allocate).
+class ImageLockRef {
+public:
+    static ImageLockRef make() { return ImageLockRef(new ImageLock); }
+    ImageLockRef(const ImageLockRef& o) noexcept : lock_(o.lock_) { lock_->refs_.fetch_add(1, std::memory_order_relaxed); }
+    ImageLockRef(ImageLockRef&& o) noexcept : lock_(std::exchange(o.lock_, nullptr)) {}
+    ImageLockRef& operator=(ImageLockRef o) noexcept {
+        std::swap(lock_, o.lock_);
+        return *this;
+    }
+    ~ImageLockRef() {
+        if (lock_ && lock_->refs_.fetch_sub(1, std::memory_order_acq_rel) == 1) delete lock_;
+    }
+    ImageLock* get() const noexcept { return lock_; }
+    ImageLock* operator->() const noexcept { return lock_; }
+    ImageLock& operator*() const noexcept { return *lock_; }
+
+private:
+    explicit ImageLockRef(ImageLock* lock) noexcept : lock_(lock) { lock_->refs_.store(1, std::memory_order_relaxed); }
+    ImageLock* lock_;
+};
+
+/// Holds `lock` for a scope.
+class ImageLockHold {
+public:
+    explicit ImageLockHold(ImageLock& lock) : lock_(lock) { lock_.acquire(); }
+    ~ImageLockHold() { lock_.release(); }
+    ImageLockHold(const ImageLockHold&) = delete;
+    ImageLockHold& operator=(const ImageLockHold&) = delete;
+
+private:
+    ImageLock& lock_;
+};
+
+/// The executor of one request (or background job) of an image: it runs work on the request's
+/// home worker, the one that received it, under the image's lock. When the work may run at once
+/// (Asio's "blocking.possibly": dispatch, the resumption of a coroutine after its I/O) and the
+/// calling thread is the home worker, it runs inline, taking the lock if the thread does not
+/// hold it yet; otherwise ("blocking.never": post, co_spawn; another thread; a thread holding
+/// another image's lock) it is queued on the home worker's loop and takes the lock there.
+///
+/// So a request runs start to reply on the thread that received it, and its I/O completes on that
+/// thread's ring. Requests of one image on different workers run at once, and only their
+/// critical sections exclude each other: a contended lock makes the other worker wait for the
+/// holder's section to end, never for I/O. Timers and I/O objects made with it belong to the home
+/// worker's context. It shares ownership of the lock: work that drops the image's last reference
+/// while it runs under the lock still lets go of a live lock.
+template <bool Never>
+class BasicImageExecutor {
+public:
+    BasicImageExecutor(const Workers& workers, ImageLockRef lock, unsigned home) noexcept
+        : workers_(&workers), lock_(std::move(lock)), home_(home) {}
 
     asio::execution_context& query(asio::execution::context_t) const noexcept;
     static constexpr asio::execution::blocking_t query(asio::execution::blocking_t) noexcept {
         if constexpr (Never) return asio::execution::blocking.never;
         else return asio::execution::blocking.possibly;
     }
-    BasicHereExecutor<true> require(asio::execution::blocking_t::never_t) const noexcept {
-        return BasicHereExecutor<true>(*workers_);
+    BasicImageExecutor<true> require(asio::execution::blocking_t::never_t) const noexcept {
+        return BasicImageExecutor<true>(*workers_, lock_, home_);
     }
-    BasicHereExecutor<false> require(asio::execution::blocking_t::possibly_t) const noexcept {
-        return BasicHereExecutor<false>(*workers_);
+    BasicImageExecutor<false> require(asio::execution::blocking_t::possibly_t) const noexcept {
+        return BasicImageExecutor<false>(*workers_, lock_, home_);
     }
 
     template <class F>
     void execute(F&& f) const;
 
-    friend bool operator==(const BasicHereExecutor& a, const BasicHereExecutor& b) noexcept {
-        return a.workers_ == b.workers_;
+    unsigned home() const noexcept { return home_; }
+
+    friend bool operator==(const BasicImageExecutor& a, const BasicImageExecutor& b) noexcept {
+        return a.workers_ == b.workers_ && a.lock_.get() == b.lock_.get() && a.home_ == b.home_;
     }
-    friend bool operator!=(const BasicHereExecutor& a, const BasicHereExecutor& b) noexcept { return !(a == b); }
+    friend bool operator!=(const BasicImageExecutor& a, const BasicImageExecutor& b) noexcept { return !(a == b); }
 
 private:
     const Workers* workers_;
+    ImageLockRef lock_;
+    unsigned home_;
 };
-using HereExecutor = BasicHereExecutor<false>;
+using ImageExecutor = BasicImageExecutor<false>;
+// Asio's any_io_executor keeps an executor of up to three pointers in place; a larger one is
+// allocated on every conversion, that is several times per request.
+static_assert(sizeof(ImageExecutor) <= 3 * sizeof(void*), "ImageExecutor must fit in any_io_executor");
 
 /// N threads, each running an io_context of its own (concurrency hint 1: no other thread runs
 /// it, though any thread may post to it). Each has its own io_uring and epoll.
@@ -96,7 +173,11 @@ public:
     unsigned here_index() const { return on_worker() ? detail::current_worker.index : 0; }
     /// The calling thread's worker's context (worker 0's on other threads).
     asio::io_context& here() const { return *contexts_[here_index()]; }
-    HereExecutor here_executor() const { return HereExecutor(*this); }
+    /// An executor of `lock`'s image whose home is the calling thread's worker (worker 0 on
+    /// other threads).
+    ImageExecutor image_executor(ImageLockRef lock) const {
+        return ImageExecutor(*this, std::move(lock), here_index());
+    }
 
     /// Runs worker `i`'s loop on the calling thread until stop().
     void run(unsigned i) {
@@ -122,53 +203,53 @@ private:
 };
 
 template <bool Never>
-asio::execution_context& BasicHereExecutor<Never>::query(asio::execution::context_t) const noexcept {
-    return workers_->context(0);
+asio::execution_context& BasicImageExecutor<Never>::query(asio::execution::context_t) const noexcept {
+    return workers_->context(home_);
 }
 
 template <bool Never>
 template <class F>
-void BasicHereExecutor<Never>::execute(F&& f) const {
+void BasicImageExecutor<Never>::execute(F&& f) const {
+    using Work = std::decay_t<F>;
     if constexpr (!Never) {
-        if (workers_->on_worker()) {
-            std::decay_t<F> local(std::forward<F>(f));
-            std::move(local)();
-            return;
+        if (workers_->on_worker() && detail::current_worker.index == home_) {
+            ImageLock* held = detail::held_image_lock;
+            if (held == lock_.get()) {
+                Work local(std::forward<F>(f));
+                std::move(local)();
+                return;
+            }
+            if (!held) {
+                Work local(std::forward<F>(f));
+                ImageLockRef lock = lock_;  // `local` may hold the last executor
+                ImageLockHold hold(*lock);
+                std::move(local)();
+                return;
+            }
         }
     }
-    asio::post(workers_->here(), std::forward<F>(f));
+    asio::post(workers_->context(home_), [lock = lock_, work = Work(std::forward<F>(f))]() mutable {
+        ImageLockHold hold(*lock);
+        std::move(work)();
+    });
 }
 
-/// Runs `fn` (a plain function, no I/O wait) outside the calling coroutine's strand, on the
-/// calling worker's own loop, and resumes the caller on its strand with fn's result or exception.
-/// For long copies that touch no image state (a large read from the page cache): the strand is
-/// free meanwhile, so another worker can run the image's other requests. Off a worker, fn runs
-/// inline.
+/// Runs `fn` (a system call or a long computation that touches no image state: a read, a write,
+/// a decompression) with the calling thread's image lock let go, and takes the lock again before
+/// returning fn's result or passing on its exception, so the image's requests on other workers go
+/// on meanwhile. Image state read before the call may have changed after it: call it only where
+/// the caller co_awaits, i.e. where it already expects other requests to run. Without a held
+/// lock, fn just runs.
 template <class Fn>
-Task<std::invoke_result_t<Fn&>> off_strand(Fn fn) {
-    using R = std::invoke_result_t<Fn&>;
-    static_assert(!std::is_void_v<R>, "off_strand: fn returns a value");
-    asio::io_context* here = detail::current_worker.context;
-    if (!here) co_return fn();
-    // use_awaitable rethrows the exception_ptr in the caller.
-    std::optional<R> result = co_await asio::async_initiate<decltype(asio::use_awaitable), void(std::exception_ptr, std::optional<R>)>(
-        [here, &fn](auto handler) {
-            asio::post(*here, [&fn, handler = std::move(handler)]() mutable {
-                std::exception_ptr error;
-                std::optional<R> result;
-                try {
-                    result.emplace(fn());
-                } catch (...) {
-                    error = std::current_exception();
-                }
-                auto ex = asio::get_associated_executor(handler);
-                asio::dispatch(ex, [handler = std::move(handler), error, result = std::move(result)]() mutable {
-                    std::move(handler)(error, std::move(result));
-                });
-            });
-        },
-        asio::use_awaitable);
-    co_return std::move(*result);
+decltype(auto) unlocked(Fn&& fn) {
+    ImageLock* held = detail::held_image_lock;
+    if (!held) return std::forward<Fn>(fn)();
+    held->release();
+    struct Retake {
+        ImageLock* lock;
+        ~Retake() { lock->acquire(); }
+    } retake{held};
+    return std::forward<Fn>(fn)();
 }
 
 }  // namespace qcowfs
