@@ -7,6 +7,7 @@
 #include <boost/asio/steady_timer.hpp>
 #include <boost/asio/use_awaitable.hpp>
 #include <chrono>
+#include <string>
 #include <vector>
 
 #include "qcowfs/util/async_mutex.hpp"
@@ -33,7 +34,7 @@ TEST_CASE("AsyncMutex keeps critical sections that wait from interleaving") {
     CHECK_FALSE(mutex.locked());
 }
 
-TEST_CASE("AsyncMutex hands itself to the waiters in arrival order, waking one per unlock") {
+TEST_CASE("AsyncMutex wakes the waiters in arrival order, one per unlock") {
     asio::io_context io;
     AsyncMutex mutex;
     constexpr int kWaiters = 50;
@@ -56,5 +57,34 @@ TEST_CASE("AsyncMutex hands itself to the waiters in arrival order, waking one p
     // Starting the coroutines and the timer take a few handlers each; a wake-up of every waiter
     // at every unlock would take kWaiters * (kWaiters + 1) / 2 more.
     CHECK(handlers < 4 * kWaiters);
+    CHECK_FALSE(mutex.locked());
+}
+
+TEST_CASE("AsyncMutex is free after an unlock: a coroutine asking before the woken waiter runs takes it") {
+    // A mutex handed to a waiter still being woken (on another worker, in the daemon) would stay
+    // held for the whole wake-up, and every coroutine asking meanwhile would queue: a convoy.
+    asio::io_context io;
+    AsyncMutex mutex;
+    std::vector<std::string> order;
+    asio::co_spawn(io, [&]() -> Task<void> {
+        {
+            auto guard = co_await mutex.lock();
+            asio::co_spawn(io, [&]() -> Task<void> {
+                auto g = co_await mutex.lock();
+                order.push_back("waiter");
+            }, asio::detached);
+            asio::steady_timer t(co_await asio::this_coro::executor, std::chrono::milliseconds(1));
+            co_await t.async_wait(asio::use_awaitable);  // the waiter queues meanwhile
+        }
+        CHECK_FALSE(mutex.locked());
+        auto again = co_await mutex.lock();  // before the woken waiter has run
+        order.push_back("holder again");
+        asio::steady_timer t(co_await asio::this_coro::executor, std::chrono::milliseconds(1));
+        co_await t.async_wait(asio::use_awaitable);  // the waiter, woken, finds it taken
+    }, asio::detached);
+    io.run();
+    REQUIRE(order.size() == 2);
+    CHECK(order[0] == "holder again");
+    CHECK(order[1] == "waiter");
     CHECK_FALSE(mutex.locked());
 }

@@ -13,10 +13,12 @@
 namespace qcowfs {
 
 /// lock() returns a Guard once no other coroutine holds the mutex; the Guard unlocks when it goes.
-/// Waiters queue in arrival order, and an unlock hands the mutex to the first of them directly:
-/// it stays held, and only that one coroutine is woken (posted to its own executor, so on its
-/// home worker). Waking every waiter to let one win would cost, under contention, a wake-up per
-/// waiter per unlock, most of them on another worker.
+/// An unlock frees the mutex and wakes the first waiter only (posted to its own executor, so on
+/// its home worker); a coroutine that asks before that waiter runs may take the mutex first, and
+/// the waiter then goes back to the head of the queue. Handing the held mutex to a waiter on
+/// another worker instead would keep it held for the whole wake-up, and every request arriving
+/// meanwhile would queue behind it: a convoy that, once formed, costs a cross-thread wake-up per
+/// lock (measured under 4 KiB random writes on two workers: 20k instead of 34k writes/s).
 /// Not thread-safe: use under one image's lock (each image has its own). Must not be destroyed
 /// while a coroutine waits.
 class AsyncMutex {
@@ -40,17 +42,21 @@ public:
     /// Waits until the mutex is this coroutine's, then holds it until the returned Guard is
     /// destroyed.
     Task<Guard> lock() {
-        if (!locked_) {
-            locked_ = true;
-            co_return Guard(this);
+        bool woken = false;
+        while (locked_) {
+            co_await asio::async_initiate<decltype(asio::use_awaitable), void()>(
+                [this, woken](auto handler) {
+                    Executor ex = asio::get_associated_executor(handler);
+                    Waiter w{std::move(ex), std::move(handler)};
+                    if (woken)
+                        waiters_.push_front(std::move(w));  // it lost a race: keep its place
+                    else
+                        waiters_.push_back(std::move(w));
+                },
+                asio::use_awaitable);
+            woken = true;
         }
-        co_await asio::async_initiate<decltype(asio::use_awaitable), void()>(
-            [this](auto handler) {
-                Executor ex = asio::get_associated_executor(handler);
-                waiters_.push_back(Waiter{std::move(ex), std::move(handler)});
-            },
-            asio::use_awaitable);
-        // unlock() handed it over: still locked, now ours.
+        locked_ = true;
         co_return Guard(this);
     }
 
@@ -58,10 +64,8 @@ public:
 
 private:
     void unlock() {
-        if (waiters_.empty()) {
-            locked_ = false;
-            return;
-        }
+        locked_ = false;
+        if (waiters_.empty()) return;
         Waiter next = std::move(waiters_.front());
         waiters_.pop_front();
         asio::post(next.executor, [h = std::move(next.handler)]() mutable { std::move(h)(); });
