@@ -19,6 +19,7 @@
 #include "qcowfs/format/entries.hpp"
 #include "qcowfs/format/error.hpp"
 #include "qcowfs/qcow2/image.hpp"
+#include "qcowfs/util/buffer_pool.hpp"
 #include "write_support.hpp"
 
 namespace qcowfs::qcow2 {
@@ -48,10 +49,47 @@ struct Image::ClusterWrite {
     uint64_t free_count = 0;
 };
 
+namespace {
+/// Emptied vectors kept per thread for reuse, with their storage. A write's plan lives across
+/// its waits, so it cannot sit in the coroutine frame inline without making the frame too large
+/// for Asio's frame recycling (about 1 KiB); taking a vector from here costs no malloc once its
+/// thread has served a plan as large. Bounded: kKept vectors of at most kMaxElements each.
+template <class T>
+struct SpareVectors {
+    static constexpr size_t kKept = 32, kMaxElements = 64;
+    static std::vector<T> take() {
+        auto& s = stack();
+        if (s.empty()) return {};
+        std::vector<T> v = std::move(s.back());
+        s.pop_back();
+        return v;
+    }
+    static void give(std::vector<T>&& v) {
+        auto& s = stack();
+        if (v.capacity() == 0 || v.capacity() > kMaxElements || s.size() >= kKept) return;
+        v.clear();
+        s.push_back(std::move(v));
+    }
+    static std::vector<std::vector<T>>& stack() {
+        thread_local std::vector<std::vector<T>> s = [] {
+            std::vector<std::vector<T>> v;
+            v.reserve(kKept);
+            return v;
+        }();
+        return s;
+    }
+};
+}  // namespace
+
 /// One L2 table's part of a write: a plan per guest cluster, and the clusters allocated for it.
 struct Image::TableWrite {
+    TableWrite() : clusters(SpareVectors<ClusterWrite>::take()) {}
+    ~TableWrite() { SpareVectors<ClusterWrite>::give(std::move(clusters)); }
+    TableWrite(const TableWrite&) = delete;
+    TableWrite& operator=(const TableWrite&) = delete;
+
     HostOffset l2_table;  // ours alone once planned
-    std::vector<ClusterWrite> clusters;
+    std::vector<ClusterWrite> clusters;  // storage recycled per thread: no malloc per write
     HostOffset first_new;    // the first newly allocated cluster
     uint64_t allocated = 0;  // newly allocated clusters, contiguous from first_new
 };
@@ -185,10 +223,11 @@ Task<void> Image::write_locked(uint64_t offset, std::span<const std::byte> data)
     }
 }
 
-std::vector<Image::ClusterWrite> Image::split_into_clusters(uint64_t offset, uint64_t length) const {
+void Image::split_into_clusters(uint64_t offset, uint64_t length, TableWrite& t) const {
     const ClusterGeometry& g = geometry_;
     const GuestCluster first = g.guest_cluster(GuestOffset{offset}), last = g.guest_cluster(GuestOffset{offset + length - 1});
-    std::vector<ClusterWrite> clusters;
+    auto& clusters = t.clusters;
+    clusters.clear();
     clusters.reserve(last.value - first.value + 1);
     for (GuestCluster c = first; c <= last; c = c + 1) {
         ClusterWrite w;
@@ -198,7 +237,6 @@ std::vector<Image::ClusterWrite> Image::split_into_clusters(uint64_t offset, uin
         w.to = c == last ? g.offset_in_cluster(offset + length - 1) + 1 : g.cluster_size();
         clusters.push_back(w);
     }
-    return clusters;
 }
 
 Task<void> Image::plan_cluster(ClusterWrite& w, HostOffset l2_table) {
@@ -293,7 +331,7 @@ Task<void> Image::plan_table(TableWrite& t, uint64_t l1_index) {
 }
 
 Task<void> Image::write_data(const TableWrite& t, uint64_t offset, std::span<const std::byte> data) {
-    const std::vector<ClusterWrite>& plan = t.clusters;
+    const auto& plan = t.clusters;
     const ClusterGeometry& g = geometry_;
     const uint64_t cs = g.cluster_size();
     const GuestOffset start{offset};  // of data[0]
@@ -318,15 +356,15 @@ Task<void> Image::write_data(const TableWrite& t, uint64_t offset, std::span<con
         }
         // Every byte of buf is filled below (old bytes around each write, then the write's own).
         const uint64_t n = host_end - host_start;
-        auto buf = std::make_unique_for_overwrite<std::byte[]>(n);
+        PooledBuffer buf(n);  // a cluster or a few: from the buffer cache, not from malloc
         for (const ClusterWrite& w : run) {
             // The cluster's byte 0 (before buf when the run's first window starts inside it).
-            std::byte* base = buf.get() + static_cast<ptrdiff_t>(w.host.value - host_start.value);
+            std::byte* base = buf.data() + static_cast<ptrdiff_t>(w.host.value - host_start.value);
             co_await copy_around(w, base);
             const GuestOffset guest = g.offset_of(w.guest_cluster) + w.from;
             std::memcpy(base + w.from, data.data() + (guest - start), w.to - w.from);
         }
-        co_await f.write_at(host_start.value, std::span<const std::byte>(buf.get(), n));
+        co_await f.write_at(host_start.value, std::span<const std::byte>(buf.data(), n));
     }
 }
 
@@ -368,7 +406,7 @@ Task<void> Image::link_table(const TableWrite& t) {
 
 Task<void> Image::write_in_table(uint64_t offset, std::span<const std::byte> data) {
     TableWrite t;
-    t.clusters = split_into_clusters(offset, data.size());
+    split_into_clusters(offset, data.size(), t);
     {
         auto meta = co_await meta_mutex_.lock();
         check_writable();

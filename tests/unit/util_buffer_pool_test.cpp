@@ -2,6 +2,7 @@
 // dropped it; large buffers are never kept; the cache keeps a bounded number.
 #include <doctest/doctest.h>
 
+#include <algorithm>
 #include <cstring>
 #include <thread>
 #include <vector>
@@ -56,5 +57,29 @@ TEST_CASE("PooledBuffer: large buffers are not kept, and the cache is bounded") 
     CHECK(refused >= detail::BufferCache::kCachedBuffers);
     // Empty it again so later cases start as they would.
     while (std::byte* q = cache.take(cls)) delete[] q;
+    for (std::byte* q : taken) delete[] q;
+}
+
+TEST_CASE("PooledBuffer: 1 MiB buffers (the largest read) are kept, within the byte budget") {
+    using detail::BufferCache;
+    const size_t mib = 1 << 20;
+    CHECK(detail::pooled_capacity(mib) == mib);
+    auto& cache = detail::buffer_cache();
+    std::vector<std::byte*> taken;
+    while (std::byte* q = cache.take(mib)) taken.push_back(q);
+    std::vector<std::byte*> kept;
+    for (size_t i = 0; i < BufferCache::kCachedBuffers; ++i) {
+        auto* q = new std::byte[mib];
+        if (cache.give(q, mib)) kept.push_back(q);
+        else delete[] q;
+    }
+    CHECK(kept.size() >= 1);
+    CHECK(kept.size() * mib <= BufferCache::kBudgetBytes);  // 16 slots, but 8 MiB at most
+    CHECK(kept.size() < BufferCache::kCachedBuffers);
+    {
+        PooledBuffer b(mib);  // a 1 MiB reply comes from the cache
+        CHECK(std::find(kept.begin(), kept.end(), b.data()) != kept.end());
+    }
+    while (std::byte* q = cache.take(mib)) delete[] q;
     for (std::byte* q : taken) delete[] q;
 }

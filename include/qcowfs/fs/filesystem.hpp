@@ -310,7 +310,9 @@ private:
     RequestBuffer take_request_buffer(const char* data, size_t size);
     std::mutex spare_mutex_;  // leaf lock; guards spare_buffers_
     std::vector<char*> spare_buffers_;  // at most kSpareBuffers
-    static constexpr size_t kSpareBuffers = 2;
+    // Enough for a queue of 1 MiB writes (fio at QD8, the kernel's readahead-sized writeback)
+    // to take them over without a new buffer each; kept only once such a burst came.
+    static constexpr size_t kSpareBuffers = 8;
     std::vector<std::unique_ptr<Reader>> readers_;
     asio::strand<asio::io_context::executor_type>& serve_strand_;  // worker 0's reader strand
     std::atomic<unsigned> serving_{0};  // readers still running

@@ -357,9 +357,9 @@ private:
     Task<void> write_locked(uint64_t offset, std::span<const std::byte> data);
     /// The part of a write inside one L2 table: plan_table, write_data, link_table.
     Task<void> write_in_table(uint64_t offset, std::span<const std::byte> data);
-    /// The guest clusters of [offset, offset + length), inside one L2 table, each with the
-    /// bytes the write covers.
-    std::vector<ClusterWrite> split_into_clusters(uint64_t offset, uint64_t length) const;
+    /// Sets t.clusters to the guest clusters of [offset, offset + length), inside one L2 table,
+    /// each with the bytes the write covers.
+    void split_into_clusters(uint64_t offset, uint64_t length, TableWrite& t) const;
     /// Look up and plan (meta_mutex_ held): makes the L2 table ours, plans every cluster, then
     /// allocates the new clusters in one run and assigns them in order.
     Task<void> plan_table(TableWrite& t, uint64_t l1_index);

@@ -4,10 +4,10 @@
 // Every read reply and every small write needs a buffer for the life of one request. A
 // PooledBuffer takes one from the cache (or from malloc) and returns it there when dropped (or to
 // free, when the cache is full). The cache is shared by all threads, behind a mutex held for a
-// scan of a few slots: a reply buffer is often filled on one worker and dropped on another,
-// which would leave a per-thread cache empty on the first and full on the second. It keeps at
-// most kCachedBuffers buffers of at most kMaxCachedBytes each (2 MiB); larger buffers always
-// come from malloc, whose cost is small beside their copy.
+// scan of a few slots: a buffer may be filled on one worker and dropped on another, which would
+// leave a per-thread cache empty on the first and full on the second. It keeps at most
+// kCachedBuffers buffers of at most kMaxCachedBytes (1 MiB: the largest read FUSE sends) each,
+// kBudgetBytes (8 MiB) in all; larger buffers always come from malloc.
 
 #include <array>
 #include <bit>
@@ -22,22 +22,28 @@ namespace detail {
 class BufferCache {
 public:
     static constexpr size_t kCachedBuffers = 16;
-    static constexpr size_t kMaxCachedBytes = 128 << 10;
+    static constexpr size_t kMaxCachedBytes = 1 << 20;
+    static constexpr size_t kBudgetBytes = 8 << 20;
 
     /// A cached buffer of exactly `capacity` bytes, or null.
     std::byte* take(size_t capacity) {
         std::lock_guard lock(mutex_);
         for (Slot& s : slots_)
-            if (s.data && s.capacity == capacity) return std::exchange(s.data, nullptr);
+            if (s.data && s.capacity == capacity) {
+                cached_bytes_ -= capacity;
+                return std::exchange(s.data, nullptr);
+            }
         return nullptr;
     }
     /// Keeps `data` if there is room; false: the caller frees it.
     bool give(std::byte* data, size_t capacity) {
         if (capacity > kMaxCachedBytes) return false;
         std::lock_guard lock(mutex_);
+        if (cached_bytes_ + capacity > kBudgetBytes) return false;
         for (Slot& s : slots_)
             if (!s.data) {
                 s = Slot{data, capacity};
+                cached_bytes_ += capacity;
                 return true;
             }
         return false;
@@ -50,6 +56,7 @@ private:
     };
     std::mutex mutex_;
     std::array<Slot, kCachedBuffers> slots_{};
+    size_t cached_bytes_ = 0;  // the slots' capacities, at most kBudgetBytes
 };
 
 /// The bytes allocated for a request of n: powers of two from 4 KiB, so a freed buffer serves
