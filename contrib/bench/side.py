@@ -659,6 +659,8 @@ def main() -> int:
     ap.add_argument("--fs", help="untar job: FS_SIZE:TAR_SIZE (default 4G:512M; 512M:32M with --quick)")
     ap.add_argument("--jobs", help=f"comma-separated jobs to run (default all: {','.join(JOBS)})")
     ap.add_argument("--targets", help=f"comma-separated read targets (default {','.join(READ_TARGETS)})")
+    ap.add_argument("--no-idle", dest="idle", action="store_false",
+                    help=f"skip the idle-memory measurement ({IDLE_IMAGES} images in the directory)")
     ap.add_argument("--json", metavar="FILE", help="also write every sample to FILE")
     ap.add_argument("--strict-qsd", action="store_true",
                     help="stop when qemu-storage-daemon's written image is wrong (default: mark it with !)")
@@ -702,6 +704,46 @@ def main() -> int:
     return B.guarded("qcowfs-side.", args.keep, body)
 
 
+IDLE_IMAGES = 1000
+IDLE_GOAL_MIB = 32
+
+
+def idle_memory(ctx: dict) -> dict:
+    """Issue 9's memory goal: qcowfs's resident memory with IDLE_IMAGES images in its directory,
+    after a listing, a stat of every file and a 4 KiB read of one of them, then idle for 2 s."""
+    src = ctx["work"] / "idle-src"
+    mnt = ctx["work"] / "idle-mnt"
+    src.mkdir()
+    one = src / "img0000.qcow2"
+    run(["qemu-img", "create", "-q", "-f", "qcow2", str(one), "1G"])
+    run(["qemu-io", "-c", "write -P 0x5a 0 4k", str(one)])
+    for i in range(1, IDLE_IMAGES):
+        shutil.copyfile(one, src / f"img{i:04d}.qcow2")
+    p = B.mount_qcowfs(ctx["qcowfs_bin"], src, mnt, ctx["logs"], "qcowfs-idle.log")
+    try:
+        end = time.monotonic() + 120
+        while True:
+            names = os.listdir(mnt)
+            if len([n for n in names if n.endswith(".raw")]) >= IDLE_IMAGES:
+                break
+            if time.monotonic() > end:
+                raise BenchError(f"qcowfs listed {len(names)} of {IDLE_IMAGES} images after 120 s")
+            time.sleep(0.2)
+        for n in names:
+            os.stat(mnt / n)
+        with open(mnt / "img0000.raw", "rb") as f:
+            if f.read(4096) != b"\x5a" * 4096:
+                raise BenchError("idle-memory image read back wrong")
+        time.sleep(2)
+        status = dict(line.split(":", 1) for line in open(f"/proc/{p.pid}/status") if ":" in line)
+        kib = lambda k: int(status[k].split()[0])
+        return {"images": IDLE_IMAGES, "rss_mib": kib("VmRSS") / 1024, "peak_mib": kib("VmHWM") / 1024,
+                "goal_mib": IDLE_GOAL_MIB}
+    finally:
+        B.stop_qcowfs(p, mnt)
+        shutil.rmtree(src, ignore_errors=True)
+
+
 def side(args, work: Path, qcowfs_bin: str, size: int, reps: int, runtime: int, sparse: tuple[int, int],
          fs: tuple[int, int], keys: list[str], targets: list[str]) -> int:
     t_start = time.time()
@@ -736,6 +778,7 @@ def side(args, work: Path, qcowfs_bin: str, size: int, reps: int, runtime: int, 
         wres, amp, wnotes = bench_writes(ctx, img, size, reps, wkeys)
         allres.update(wres)
         notes += wnotes
+    idle = idle_memory(ctx) if args.idle else None
     shown = [t for t in READ_TARGETS if t in targets]
     lines, rows, misses = table(allres, shown, reps, ctx["qsd_wrong"])
     print("\n" + "\n".join(lines))
@@ -756,11 +799,17 @@ def side(args, work: Path, qcowfs_bin: str, size: int, reps: int, runtime: int, 
     if wkeys:
         print("\nEvery written image passed qemu-img check and compared identical to the same job on a raw host file"
               + (", except qsd's where marked !." if ctx["qsd_wrong"] else "."))
+    if idle:
+        ok = idle["rss_mib"] < idle["goal_mib"]
+        misses += 0 if ok else 1
+        print(f"\nIdle memory with {idle['images']} images in the directory (listed, stat'ed, one read): "
+              f"{idle['rss_mib']:.1f} MiB resident, peak {idle['peak_mib']:.1f} MiB; "
+              f"goal < {idle['goal_mib']} MiB: {'met' if ok else 'MISSED'}")
     info["loadavg_end"] = " ".join(open("/proc/loadavg").read().split()[:3])
     print(f"\n  load average at start {info['loadavg_start']}, at end {info['loadavg_end']}; "
           f"total {time.time() - t_start:.0f}s; goals missed: {misses}")
     if args.json:
-        doc.update(rows=rows, notes=notes, amplification=amp)
+        doc.update(rows=rows, notes=notes, amplification=amp, idle_memory=idle)
         Path(args.json).write_text(json.dumps(doc, indent=2, default=str) + "\n")
     return 0
 
