@@ -39,8 +39,8 @@ public:
         AsyncMutex* mutex_;
     };
 
-    /// Waits until the mutex is this coroutine's, then holds it until the returned Guard is
-    /// destroyed.
+    /// Waits until the mutex is free (queued in arrival order; a waiter woken too late keeps
+    /// its place at the head), then holds it until the returned Guard is destroyed.
     Task<Guard> lock() {
         bool woken = false;
         while (locked_) {
