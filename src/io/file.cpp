@@ -114,6 +114,9 @@ public:
     UringFile(const Executor& ex, int fd, std::string path) : executor_(ex), fd_(fd), path_(std::move(path)) {
         channels_.push_back(make_channel(fd, executor_));
     }
+    ~UringFile() override {
+        if (direct_fd_ >= 0) ::close(direct_fd_);
+    }
 
     Task<size_t> read_at(uint64_t offset, std::span<std::byte> buf) override {
         // What the page cache holds is copied at once: a ring round trip (submission, eventfd,
@@ -161,8 +164,73 @@ public:
     /// another worker. The cost: while the kernel throttles a writer for dirty pages, this worker
     /// waits too.
     Task<void> write_at(uint64_t offset, std::span<const std::byte> buf) override {
-        unlocked([&] { write_all(offset, buf); });
+        unlocked([&] {
+            if (!direct_eligible(offset, buf) || !write_direct(offset, buf)) write_all(offset, buf);
+        });
         co_return;
+    }
+
+    /// Streaming writes (at least kDirectWriteBytes, aligned in offset, length and memory) go
+    /// around the host page cache: O_DIRECT. The data is either in the FUSE
+    /// page cache of the program writing it already, or (O_DIRECT on the exposed file) not
+    /// wanted in a cache at all; copying it into the image file's page cache as well cost more
+    /// than the disk write itself here (new page-cache pages: 0.6 GB/s against 1.1 GB/s to the
+    /// disk), and a flush then had to write it all at once. A plain pwrite like the buffered
+    /// ones: through the ring, the file's growth made ext4 hand each to an io-wq thread (three
+    /// times the context switches, slower). The kernel keeps the two paths
+    /// coherent (a direct write writes back and drops cached pages of its range first); qcowfs
+    /// never writes one host range from two requests at once (range lock, new clusters).
+    static constexpr size_t kDirectWriteBytes = 1u << 20;
+    static constexpr size_t kDirectAlign = 4096;  // offset, length and memory; any logical block size up to a page
+
+    bool direct_eligible(uint64_t offset, std::span<const std::byte> buf) const {
+        return buf.size() >= kDirectWriteBytes && direct_ != Direct::off && offset % kDirectAlign == 0 &&
+               buf.size() % kDirectAlign == 0 && reinterpret_cast<uintptr_t>(buf.data()) % kDirectAlign == 0;
+    }
+
+    /// Writes `buf` with O_DIRECT. False when the file takes no direct writes (then nothing was
+    /// written, and direct writes are not tried again); throws on an I/O error.
+    bool write_direct(uint64_t offset, std::span<const std::byte> buf) {
+        if (!open_direct()) return false;
+        size_t done = 0;
+        while (done < buf.size()) {
+            ssize_t n = ::pwrite(direct_fd_, buf.data() + done, buf.size() - done, static_cast<off_t>(offset + done));
+            if (n < 0 && errno == EINTR) continue;
+            if (n < 0 && errno == EINVAL && done == 0) break;  // an alignment the host file system refuses
+            if (n <= 0) fail(n < 0 ? errno : EIO, "write of " + path_ + " at " + std::to_string(offset + done) + " failed");
+            done += static_cast<size_t>(n);
+        }
+        if (done == buf.size()) return true;
+        direct_ = Direct::off;
+        log::info(path_ + ": the host file system refuses aligned O_DIRECT writes; writing through the page cache");
+        return false;
+    }
+
+    /// The O_DIRECT descriptor, opened at the first streaming write: a new open of the same file
+    /// (through /proc/self/fd, never through its path again), for writing only when fd_ writes.
+    bool open_direct() {
+        if (direct_ == Direct::on) return true;
+        std::lock_guard lock(mutex_);
+        if (direct_ == Direct::on) return true;
+        if (direct_ == Direct::off) return false;
+        direct_ = Direct::off;
+        const int flags = ::fcntl(fd_, F_GETFL);
+        if (flags < 0 || (flags & O_ACCMODE) != O_RDWR) return false;
+        const std::string self = "/proc/self/fd/" + std::to_string(fd_);
+        int fd = ::open(self.c_str(), O_WRONLY | O_DIRECT | O_CLOEXEC | O_NOCTTY);
+        if (fd < 0) {  // no /proc, or a host file system without O_DIRECT (EINVAL)
+            log::info(path_ + ": no O_DIRECT descriptor (" + std::strerror(errno) +
+                      "); large writes go through the page cache");
+            return false;
+        }
+        struct stat a, b;
+        if (::fstat(fd_, &a) != 0 || ::fstat(fd, &b) != 0 || a.st_dev != b.st_dev || a.st_ino != b.st_ino) {
+            ::close(fd);
+            return false;
+        }
+        direct_fd_ = fd;
+        direct_ = Direct::on;
+        return true;
     }
 
     void write_all(uint64_t offset, std::span<const std::byte> buf) const {
@@ -337,8 +405,11 @@ private:
     bool locking_ = false;  // set_lock() takes QEMU lock bytes on fd_
     int fd_;  // owned by channels_[0]
     std::string path_;
-    std::mutex mutex_;  // guards channels_ and their busy counts
+    std::mutex mutex_;  // guards channels_ and their busy counts, and the opening of direct_fd_
     std::vector<std::unique_ptr<Channel>> channels_;
+    enum class Direct { untried, on, off };
+    std::atomic<Direct> direct_{Direct::untried};  // whether streaming writes go through direct_fd_
+    int direct_fd_ = -1;  // O_DIRECT, write-only; set once (under mutex_) before direct_ is on
 };
 
 }  // namespace

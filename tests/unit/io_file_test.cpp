@@ -1,12 +1,17 @@
 // io::open_file over a real temporary file: io_uring reads and writes, concurrency, EOF, errors.
 #include <doctest/doctest.h>
 #include <fcntl.h>
+#include <linux/magic.h>
+#include <sys/mman.h>
+#include <sys/statfs.h>
 #include <unistd.h>
 
 #include <boost/asio/co_spawn.hpp>
 #include <boost/asio/detached.hpp>
 #include <boost/asio/io_context.hpp>
+#include <algorithm>
 #include <cstdlib>
+#include <cstring>
 #include <fstream>
 #include <thread>
 #include <vector>
@@ -169,5 +174,95 @@ TEST_CASE("reads served partly from the page cache and partly from the disk retu
         INFO("offset ", c.offset, " length ", c.length);
         CHECK(c.got == std::min<uint64_t>(c.length, kSize - c.offset));
         CHECK(c.good);
+    }
+}
+
+namespace {
+/// Pages of [offset, offset + length) of `path` in the page cache (mincore).
+size_t resident_pages(const std::string& path, size_t offset, size_t length) {
+    int fd = ::open(path.c_str(), O_RDONLY);
+    REQUIRE(fd >= 0);
+    void* map = ::mmap(nullptr, offset + length, PROT_READ, MAP_SHARED, fd, 0);
+    ::close(fd);
+    REQUIRE(map != MAP_FAILED);
+    const size_t page = 4096;
+    std::vector<unsigned char> in((offset + length) / page);
+    REQUIRE(::mincore(map, offset + length, in.data()) == 0);
+    ::munmap(map, offset + length);
+    size_t n = 0;
+    for (size_t i = offset / page; i < in.size(); ++i) n += in[i] & 1;
+    return n;
+}
+}  // namespace
+
+TEST_CASE("streaming writes (1 MiB or more, page-aligned) go around the page cache; the others through it") {
+    TempFile tmp(0);
+    struct statfs fs;
+    REQUIRE(::statfs(tmp.path.c_str(), &fs) == 0);
+    int probe = ::open(tmp.path.c_str(), O_WRONLY | O_DIRECT);
+    if (probe < 0 || fs.f_type == TMPFS_MAGIC) {
+        if (probe >= 0) ::close(probe);
+        MESSAGE("skipped: " << tmp.path << " is on a file system without O_DIRECT (or tmpfs, which caches anyway)");
+        return;
+    }
+    ::close(probe);
+    constexpr size_t kMiB = 1 << 20;
+    auto* mem = static_cast<std::byte*>(std::aligned_alloc(4096, 4 * kMiB + 4096));
+    REQUIRE(mem != nullptr);
+    for (size_t i = 0; i < 4 * kMiB + 4096; ++i) mem[i] = std::byte(expected(i * 7));
+    struct Write {
+        uint64_t offset;
+        std::span<const std::byte> data;
+        bool direct;  // expected path
+    };
+    const std::vector<Write> writes{
+        {0, {mem, 2 * kMiB}, true},                       // aligned, 2 MiB
+        {2 * kMiB, {mem + 1, 2 * kMiB}, false},           // memory not aligned
+        {4 * kMiB + 512, {mem, kMiB}, false},             // offset not aligned to a page
+        {6 * kMiB, {mem, 256 * 1024}, false},             // aligned but small
+        {8 * kMiB, {mem + 4096, kMiB + 4096}, true},      // aligned, not a power of two
+    };
+    asio::io_context io;
+    auto file = io::open_file(io.get_executor(), tmp.path, true);
+    bool read_ok = true;
+    asio::co_spawn(io, [&]() -> Task<void> {
+        for (const Write& w : writes) co_await file->write_at(w.offset, w.data);
+        for (const Write& w : writes) {
+            std::vector<std::byte> back(w.data.size());
+            size_t n = co_await file->read_at(w.offset, back);
+            read_ok &= n == back.size() && std::equal(back.begin(), back.end(), w.data.begin());
+        }
+    }, asio::detached);
+    io.run();
+    CHECK(read_ok);
+    std::free(mem);
+    // The reads above fill the cache again: write once more and look before reading.
+    io.restart();
+    auto again = io::open_file(io.get_executor(), tmp.path, true);
+    int fd = ::open(tmp.path.c_str(), O_RDONLY);
+    REQUIRE(fd >= 0);
+    REQUIRE(::fdatasync(fd) == 0);
+    REQUIRE(::posix_fadvise(fd, 0, 0, POSIX_FADV_DONTNEED) == 0);
+    ::close(fd);
+    auto* mem2 = static_cast<std::byte*>(std::aligned_alloc(4096, 4 * kMiB + 4096));
+    REQUIRE(mem2 != nullptr);
+    std::memset(mem2, 0x5a, 4 * kMiB + 4096);
+    std::vector<Write> writes2;
+    for (const Write& w : writes)
+        writes2.push_back({w.offset, {mem2 + (w.data.data() - writes[0].data.data()), w.data.size()}, w.direct});
+    asio::co_spawn(io, [&]() -> Task<void> {
+        for (const Write& w : writes2) co_await again->write_at(w.offset, w.data);
+    }, asio::detached);
+    io.run();
+    std::free(mem2);
+    for (const Write& w : writes2) {
+        INFO("write at ", w.offset, " of ", w.data.size(), " bytes");
+        const size_t first = w.offset / 4096 * 4096;
+        const size_t pages = (w.offset + w.data.size() - first + 4095) / 4096;
+        const size_t cached = resident_pages(tmp.path, first, pages * 4096);
+        if (w.direct)
+            CHECK(cached == 0);
+        else
+            CHECK(cached == pages);
     }
 }

@@ -1,0 +1,192 @@
+#!/usr/bin/env python3
+"""Streaming writes go around the host page cache: a write of 1 MiB or more, aligned (dd bs=1M,
+with or without oflag=direct on the exposed file), reaches the image file with O_DIRECT, so the
+image file's page cache does not hold a second copy of it (measured with fincore, not by time).
+Smaller writes still go through the page cache. Either way the image is what qemu-img expects:
+checked, compared with a raw file that got the same writes, and read back through the mount while
+cached and direct writes of the same clusters follow each other."""
+
+import os
+import shutil
+import subprocess
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import harness as H  # noqa: E402
+
+KiB, MiB = H.KiB, H.MiB
+T = H.TestRun("write-direct", deadline=300)
+work = H.tempdir("wdirect")
+
+
+def resident(path):
+    """Bytes of `path` in the page cache (fincore), or None when fincore is missing."""
+    if not shutil.which("fincore"):
+        return None
+    out = subprocess.run(["fincore", "--bytes", "--noheadings", "--output", "RES", path],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, check=True).stdout
+    return int(out.split()[0])
+
+
+def drop_cache(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fdatasync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def direct_io_works(path):
+    """Whether the host file system of `path` takes aligned O_DIRECT writes (tmpfs before 6.6
+    does not; qcowfs then writes through the page cache, and there is nothing to measure)."""
+    probe = path + ".probe"
+    try:
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_DIRECT, 0o600)
+    except OSError:
+        return False
+    try:
+        import mmap
+        buf = mmap.mmap(-1, 4096)
+        os.pwrite(fd, buf, 0)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+        os.unlink(probe)
+
+
+def image(name, size=64 * MiB, opts=None):
+    src = os.path.join(work, name)
+    os.makedirs(src)
+    img = os.path.join(src, name + ".qcow2")
+    H.create(img, size, opts=opts)
+    ref = os.path.join(work, name + ".ref")
+    with open(ref, "wb") as f:
+        f.truncate(size)
+    return src, img, ref
+
+
+def check_image(img, ref, what):
+    rc, out = H.check_clean(img)
+    T.check("%s: qemu-img check is clean" % what, rc == 0, out)
+    rc, out = H.qemu_compare(img, ref)
+    T.check("%s: equals the raw reference" % what, rc == 0, out)
+
+
+def streaming_case(name, oflag_direct, opts=None):
+    src, img, ref = image(name, opts=opts)
+    if not direct_io_works(img):
+        T.skip("the host file system of %s refuses O_DIRECT: qcowfs writes through the page cache there" % work)
+        return
+    data = os.urandom(16 * MiB)
+    with open(ref, "r+b") as f:
+        f.seek(8 * MiB)
+        f.write(data)
+    drop_cache(img)
+    with H.Mount(src) as m:
+        flags = os.O_WRONLY | (os.O_DIRECT if oflag_direct else 0)
+        fd = os.open(m.path(name + ".raw"), flags)
+        try:
+            import mmap
+            buf = mmap.mmap(-1, MiB)  # page-aligned, as O_DIRECT on the exposed file needs
+            for i in range(16):
+                buf[:] = data[i * MiB:(i + 1) * MiB]
+                H.pwrite_full(fd, buf, 8 * MiB + i * MiB)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        cached = resident(img)
+        if cached is None:
+            T.skip("fincore (util-linux) is missing: cannot see the image file's page cache")
+        else:
+            # Metadata (header, L1, refcounts, one L2 table) is cached; 16 MiB of data would be too
+            # if it had gone through the page cache.
+            T.check("%s: the data did not go through the image file's page cache (%d KiB cached)" %
+                    (name, cached // KiB), cached < 2 * MiB, cached)
+        fd = os.open(m.path(name + ".raw"), os.O_RDONLY)
+        try:
+            back = H.pread_full(fd, 16 * MiB, 8 * MiB)
+        finally:
+            os.close(fd)
+        T.check("%s: reads back through the mount" % name, back == data)
+    check_image(img, ref, name)
+
+
+@T.test
+def test_streaming_writes_direct_on_exposed_file():
+    streaming_case("odirect", True)
+
+
+@T.test
+def test_streaming_writes_buffered_on_exposed_file():
+    streaming_case("buffered", False)
+
+
+@T.test
+def test_streaming_writes_extended_l2():
+    streaming_case("xl2", True, opts="cluster_size=65536,extended_l2=on")
+
+
+@T.test
+def test_small_writes_stay_cached():
+    """Writes under 1 MiB go through the page cache as before (fincore sees them)."""
+    src, img, ref = image("small")
+    if not direct_io_works(img):
+        T.skip("the host file system of %s refuses O_DIRECT" % work)
+        return
+    drop_cache(img)
+    with H.Mount(src) as m:
+        fd = os.open(m.path("small.raw"), os.O_WRONLY)
+        try:
+            for i in range(64):
+                H.pwrite_full(fd, bytes([i + 1]) * (128 * KiB), i * 128 * KiB)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        cached = resident(img)
+        if cached is not None:
+            T.check("128 KiB writes went through the page cache (%d KiB cached)" % (cached // KiB),
+                    cached >= 8 * MiB, cached)
+    with open(ref, "r+b") as f:
+        for i in range(64):
+            f.seek(i * 128 * KiB)
+            f.write(bytes([i + 1]) * (128 * KiB))
+    check_image(img, ref, "small writes")
+
+
+@T.test
+def test_cached_and_direct_writes_of_the_same_clusters():
+    """Small writes leave dirty cached pages of a cluster; a streaming write then overwrites the
+    cluster in place with O_DIRECT, and small writes follow again: every read through the mount
+    and the image on disk hold the last bytes written, never stale cached ones."""
+    src, img, ref = image("mixed")
+    rfd = os.open(ref, os.O_RDWR)
+    with H.Mount(src) as m:
+        path = m.path("mixed.raw")
+        fd = os.open(path, os.O_RDWR)
+        try:
+            def both(data, off):
+                H.pwrite_full(fd, data, off)
+                H.pwrite_full(rfd, data, off)
+
+            def same(what, off, n):
+                T.check(what, H.pread_full(fd, n, off) == H.pread_full(rfd, n, off))
+
+            for round_ in range(3):
+                for i in range(0, 32, 3):  # small writes: clusters allocated, pages dirty in the cache
+                    both(bytes([0x10 + round_]) * (8 * KiB), 4 * MiB + i * 64 * KiB + 4 * KiB)
+                same("round %d: small writes read back" % round_, 4 * MiB, 2 * MiB)
+                both(os.urandom(2 * MiB), 4 * MiB)  # streaming, in place over those clusters
+                same("round %d: the streaming write reads back over the cached one" % round_, 4 * MiB, 2 * MiB)
+                both(bytes([0x60 + round_]) * (12 * KiB), 4 * MiB + 100 * KiB)
+                same("round %d: a small write after it reads back" % round_, 4 * MiB, 2 * MiB)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    os.close(rfd)
+    check_image(img, ref, "mixed cached and direct writes")
+
+
+T.run()
