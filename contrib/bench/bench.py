@@ -220,7 +220,26 @@ def machine_info(qcowfs_bin: str) -> dict:
         "qcowfs": first_line([qcowfs_bin, "--version"]),
         "qcowfs_bin": qcowfs_bin,
         "source_tree": first_line(["git", "-C", str(REPO), "describe", "--always", "--dirty"]),
+        "page_reporting": page_reporting(),
     }
+
+
+def page_reporting() -> str:
+    """Whether the guest hands free memory back to its host (virtio-balloon free page reporting).
+    Then memory freed a few seconds ago is unmapped on the host, and whoever touches it next (a
+    new page-cache page) pays a host fault: writes through the page cache run at half speed or
+    full speed depending on what ran before them."""
+    order = Path("/sys/module/page_reporting/parameters/page_reporting_order")
+    balloon = Path("/sys/bus/virtio/drivers/virtio_balloon")
+    if not order.exists():
+        return "no"
+    devices = [d for d in balloon.iterdir() if d.name.startswith("virtio")] if balloon.exists() else []
+    try:
+        o = int(order.read_text().strip())
+    except (OSError, ValueError):
+        return "?"
+    return (f"yes, free blocks of {human((1 << o) * 4096)} and more" if devices else "no balloon device") + \
+        " (virtio-balloon free page reporting)"
 
 
 def read_ahead_kb(path: Path) -> str:

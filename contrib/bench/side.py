@@ -654,6 +654,9 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="smoke run: small sizes, 1 repetition, ~3 minutes")
     ap.add_argument("--size", help="disk size of the fio/sha256sum/dd jobs (default 2G; 128M with --quick)")
     ap.add_argument("--reps", type=int, help="repetitions, median taken (default 3; 1 with --quick)")
+    ap.add_argument("--write-reps", type=int,
+                    help="repetitions of each write job, median taken (default 5; 1 with --quick): the write jobs "
+                         "spread most from run to run (contrib/bench/README.md, \"Noise\")")
     ap.add_argument("--runtime", type=int, help="seconds per read fio job (default 10; 2 with --quick)")
     ap.add_argument("--sparse", help="sparse cp disk: VIRTUAL:DATA (default 64G:1G; 4G:64M with --quick)")
     ap.add_argument("--fs", help="untar job: FS_SIZE:TAR_SIZE (default 4G:512M; 512M:32M with --quick)")
@@ -671,6 +674,7 @@ def main() -> int:
     size = parse_size(args.size or ("128M" if q else "2G"))
     size -= size % (2 * MiB)
     reps = args.reps or (1 if q else 3)
+    wreps = args.write_reps or args.reps or (1 if q else 5)
     runtime = args.runtime or (2 if q else 10)
     sv, sd = (parse_size(x) for x in (args.sparse or ("4G:64M" if q else "64G:1G")).split(":"))
     fs_size, tar_size = (parse_size(x) for x in (args.fs or ("512M:32M" if q else "4G:512M")).split(":"))
@@ -700,7 +704,7 @@ def main() -> int:
 
     def body(work: Path) -> int:
         (work / "logs").mkdir()
-        return side(args, work, qcowfs_bin, size, reps, runtime, (sv, sd), (fs_size, tar_size), keys, targets)
+        return side(args, work, qcowfs_bin, size, (reps, wreps), runtime, (sv, sd), (fs_size, tar_size), keys, targets)
     return B.guarded("qcowfs-side.", args.keep, body)
 
 
@@ -744,9 +748,10 @@ def idle_memory(ctx: dict) -> dict:
         shutil.rmtree(src, ignore_errors=True)
 
 
-def side(args, work: Path, qcowfs_bin: str, size: int, reps: int, runtime: int, sparse: tuple[int, int],
+def side(args, work: Path, qcowfs_bin: str, size: int, all_reps: tuple[int, int], runtime: int, sparse: tuple[int, int],
          fs: tuple[int, int], keys: list[str], targets: list[str]) -> int:
     t_start = time.time()
+    reps, wreps = all_reps
     info = B.machine_info(qcowfs_bin)
     info["nbdfuse"] = B.first_line(["nbdfuse", "--version"]) if "nbdfuse" in targets else "-"
     info["qcowmount"] = B.first_line(["qcowmount", "-V"]) if "qcowmount" in targets else "-"
@@ -760,13 +765,14 @@ def side(args, work: Path, qcowfs_bin: str, size: int, reps: int, runtime: int, 
 
     print("qcowfs side-by-side benchmark (issue 9): qcowfs vs qemu-storage-daemon, a FUSE ceiling, nbdfuse, qcowmount")
     for k in ("nproc", "cpu", "memory", "kernel", "loadavg_start", "qemu", "fio", "nbdfuse", "qcowmount", "qcowfs",
-              "qcowfs_bin", "source_tree"):
+              "qcowfs_bin", "source_tree", "page_reporting"):
         print(f"  {k:<14} {info[k]}")
     print(f"  {'settings':<14} disk {human(size)} (sparse cp: {human(sparse[0])} holding {human(sparse[1])}; "
-          f"untar: {human(fs[1])} into a {human(fs[0])} ext4), median of {reps}, read fio jobs {runtime}s, "
+          f"untar: {human(fs[1])} into a {human(fs[0])} ext4), median of {reps} (reads) and {wreps} (writes), "
+          f"read fio jobs {runtime}s, "
           "O_DIRECT, host page cache warm")
     sys.stdout.flush()
-    doc = {"machine": info, "size": size, "reps": reps, "runtime": runtime}
+    doc = {"machine": info, "size": size, "reps": reps, "write_reps": wreps, "runtime": runtime}
     rkeys = [k for k in keys if JOBS[k][3] == "read"]
     wkeys = [k for k in keys if JOBS[k][3] == "write"]
     allres, notes, amp = {}, [], {}
@@ -775,12 +781,12 @@ def side(args, work: Path, qcowfs_bin: str, size: int, reps: int, runtime: int, 
         allres.update(rres)
         notes += rnotes
     if wkeys:
-        wres, amp, wnotes = bench_writes(ctx, img, size, reps, wkeys)
+        wres, amp, wnotes = bench_writes(ctx, img, size, wreps, wkeys)
         allres.update(wres)
         notes += wnotes
     idle = idle_memory(ctx) if args.idle else None
     shown = [t for t in READ_TARGETS if t in targets]
-    lines, rows, misses = table(allres, shown, reps, ctx["qsd_wrong"])
+    lines, rows, misses = table(allres, shown, min(reps, wreps) if wkeys else reps, ctx["qsd_wrong"])
     print("\n" + "\n".join(lines))
     print("\n  x qsd: qcowfs's speed over qsd's (times inverted: >1 = qcowfs faster); % ceil: qcowfs's speed as a "
           "share of the passthrough ceiling's")
