@@ -116,7 +116,6 @@ public:
         channels_.push_back(make_channel(fd, executor_));
     }
 
-
     Task<size_t> read_at(uint64_t offset, std::span<std::byte> buf) override {
         // What the page cache holds is copied at once: a ring round trip (submission, eventfd,
         // epoll, completion) costs more than the copy of a few pages. RWF_NOWAIT fails with
