@@ -1,5 +1,6 @@
 // io::open_file over a real temporary file: io_uring reads and writes, concurrency, EOF, errors.
 #include <doctest/doctest.h>
+#include <dlfcn.h>
 #include <fcntl.h>
 #include <linux/magic.h>
 #include <sys/mman.h>
@@ -10,9 +11,13 @@
 #include <boost/asio/detached.hpp>
 #include <boost/asio/io_context.hpp>
 #include <algorithm>
+#include <atomic>
+#include <cerrno>
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
+#include <string>
+#include <system_error>
 #include <thread>
 #include <vector>
 
@@ -20,6 +25,22 @@
 #include "qcowfs/io/file.hpp"
 
 using namespace qcowfs;
+
+// Fault injection for write-behind: while fail_write_back_wait is set, a sync_file_range that
+// waits for write-back fails with it, as it does when the disk failed a write. Every other call
+// goes to the C library's.
+namespace {
+std::atomic<int> fail_write_back_wait{0};
+}
+extern "C" int sync_file_range(int fd, __off64_t offset, __off64_t count, unsigned int flags) {
+    if ((flags & SYNC_FILE_RANGE_WAIT_AFTER) && fail_write_back_wait.load() != 0) {
+        errno = fail_write_back_wait.load();
+        return -1;
+    }
+    using Real = int (*)(int, __off64_t, __off64_t, unsigned int);
+    static Real real = reinterpret_cast<Real>(::dlsym(RTLD_NEXT, "sync_file_range"));
+    return real(fd, offset, count, flags);
+}
 
 namespace {
 
@@ -291,4 +312,36 @@ TEST_CASE("a long stream holds a bounded part of the page cache before any flush
     CHECK(read_ok);
     CHECK(early_cached == 0);
     CHECK(late_cached > 0);  // the newest writes are still in the cache: dropped by the window, not by chance
+}
+
+TEST_CASE("a write-back error seen while writing behind fails the next flush, once") {
+    TempFile tmp(0);
+    constexpr size_t kMiB = 1 << 20;
+    std::vector<std::byte> chunk(kMiB, std::byte{0x11});
+    asio::io_context io;
+    auto file = io::open_file(io.get_executor(), tmp.path, true);
+    int first = 0, second = -1;
+    std::string said;
+    fail_write_back_wait = EIO;
+    asio::co_spawn(io, [&]() -> Task<void> {
+        for (size_t at = 0; at < 16 * kMiB; at += kMiB) co_await file->write_at(at, chunk);  // waits from the 9th
+        fail_write_back_wait = 0;
+        try {
+            co_await file->flush();
+        } catch (const std::system_error& e) {
+            first = e.code().value();
+            said = e.what();
+        }
+        second = 0;
+        try {
+            co_await file->flush();
+        } catch (const std::system_error& e) {
+            second = e.code().value();
+        }
+    }, asio::detached);
+    io.run();
+    fail_write_back_wait = 0;
+    CHECK(first == EIO);
+    CHECK(said.find(tmp.path) != std::string::npos);
+    CHECK(second == 0);  // said once, as fdatasync says a write-back error once
 }
