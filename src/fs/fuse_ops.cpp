@@ -225,8 +225,9 @@ struct Filesystem::Handlers {
         run(req, of->slot, [of, body = std::move(body)]() mutable { return body(*of->slot->disk); });
     }
 
-    static void init(void*, fuse_conn_info* conn) {
+    static void init(void* userdata, fuse_conn_info* conn) {
         conn->want |= FUSE_CAP_ASYNC_READ;
+        static_cast<Filesystem*>(userdata)->direct_io_for_o_direct_ = conn->proto_major > 7 || conn->proto_minor >= 39;
         // O_TRUNC arrives as an open flag, so open() can refuse it with EROFS whatever the access
         // mode; no write-back page cache: every write reaches the image's DataCache.
         if (conn->capable & FUSE_CAP_ATOMIC_O_TRUNC) conn->want |= FUSE_CAP_ATOMIC_O_TRUNC;
@@ -448,6 +449,13 @@ struct Filesystem::Handlers {
             of->view = co_await disk.bitmap_view(rq.bitmap);
         rq.info.fh = reinterpret_cast<uint64_t>(of.get());
         rq.info.keep_cache = 0;
+        // O_DIRECT asks for no page cache: the handle gets none at all (FOPEN_DIRECT_IO). Through
+        // the page cache's own O_DIRECT path, with the kernel's default auto_inval_data, every
+        // read after a write first asks for the attributes (a GETATTR round trip while the
+        // reader waits): 4 KiB 70/30 random read/write at QD32 ran at a quarter of the speed.
+        // Only where the kernel drops the cached pages that a direct write covers (FUSE 7.39,
+        // Linux 6.6), so that other handles' cached reads stay right.
+        if ((rq.info.flags & O_DIRECT) && fs.direct_io_for_o_direct_) rq.info.direct_io = 1;
         if (fuse_reply_open(req, &rq.info) == 0) of.release();
         else fs.release_slot(slot);
         co_return 0;

@@ -80,6 +80,7 @@ class TestRun:
         self.name = name
         self.passed = 0
         self.failed = 0
+        self.skipped = 0
         self.failures = []
         self.tests = []          # (name, function) in definition order
         self._teardowns = []     # (fixture name, generator) in set-up order
@@ -205,7 +206,8 @@ class TestRun:
             cleanup()
         except Exception:
             pass
-        print("%d passed, %d failed" % (self.passed, self.failed), flush=True)
+        print("%d passed, %d failed%s" % (self.passed, self.failed,
+                                          ", %d parts skipped" % self.skipped if self.skipped else ""), flush=True)
         os._exit(1)
 
     # ---- checks
@@ -219,6 +221,12 @@ class TestRun:
             self.failures.append(name)
             print("FAIL: %s%s" % (name, (" -- " + str(detail)) if detail else ""), flush=True)
         return bool(ok)
+
+    def skip(self, reason):
+        """Says that a part of a test cannot run here, and why; the run goes on (a whole run
+        that cannot run exits 77 through loops.skip)."""
+        self.skipped += 1
+        print("SKIP: %s" % reason, flush=True)
 
     def check_compare(self, name, view, ref, **kw):
         try:
@@ -247,5 +255,6 @@ class TestRun:
                 print("  - %s" % f, flush=True)
         print("(%s took %.1fs)" % (self.name, dt), flush=True)
         cleanup()
-        print("%d passed, %d failed" % (self.passed, self.failed), flush=True)
+        print("%d passed, %d failed%s" % (self.passed, self.failed,
+                                          ", %d parts skipped" % self.skipped if self.skipped else ""), flush=True)
         sys.exit(0 if self.failed == 0 else 1)

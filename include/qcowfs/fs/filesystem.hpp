@@ -317,6 +317,9 @@ private:
     asio::strand<asio::io_context::executor_type>& serve_strand_;  // worker 0's reader strand
     std::atomic<unsigned> serving_{0};  // readers still running
     fuse_session* session_ = nullptr;
+    /// Handles opened with O_DIRECT bypass the kernel's page cache (FOPEN_DIRECT_IO): set by
+    /// init() where the kernel keeps other handles' cached pages right under direct writes.
+    std::atomic<bool> direct_io_for_o_direct_{false};
     std::function<void()> on_finished_;
     std::atomic<bool> stopping_{false};
     Gate requests_;  // every coroutine spawn() starts; its waiter runs on serve_strand_
