@@ -10,7 +10,11 @@
 #include <algorithm>
 #include <array>
 #include <atomic>
+#include <boost/asio/any_completion_handler.hpp>
 #include <boost/asio/as_tuple.hpp>
+#include <boost/asio/associated_executor.hpp>
+#include <boost/asio/async_result.hpp>
+#include <boost/asio/post.hpp>
 #include <boost/asio/co_spawn.hpp>
 #include <boost/asio/random_access_file.hpp>
 #include <boost/asio/thread_pool.hpp>
@@ -161,12 +165,56 @@ public:
     /// image's lock let go (unlocked), so that the image's other requests go on meanwhile on
     /// another worker. The cost: while the kernel throttles a writer for dirty pages, this worker
     /// waits too. Streaming writes are written behind (write_behind).
+    ///
+    /// Smaller writes are combined: one thread at a time writes the file (the writer), and a
+    /// write that arrives meanwhile is queued and its coroutine parked, so its worker serves
+    /// other requests instead of spinning in the kernel on the inode lock the writer holds
+    /// (measured under copy-on-write 4 KiB writes on two workers: 13 % of all CPU time in that
+    /// spin). The writer writes its own bytes, then everything queued, adjacent writes in one
+    /// pwritev, and resumes each queued coroutine on its own executor when its bytes are in the
+    /// page cache. After kWriterRounds rounds it hands the writer's role to the oldest queued
+    /// write, so no request waits long for others' writes.
     Task<void> write_at(uint64_t offset, std::span<const std::byte> buf) override {
-        unlocked([&] {
-            write_all(offset, buf);
-            if (buf.size() >= kStreamBytes) write_behind(offset, buf.size());
-        });
-        co_return;
+        if (buf.size() >= kStreamBytes) {
+            unlocked([&] {
+                write_all(offset, buf);
+                write_behind(offset, buf.size());
+            });
+            co_return;
+        }
+        QueuedWrite me;
+        me.offset = offset, me.buf = buf;
+        bool writer = false;
+        {
+            std::lock_guard lock(queue_mutex_);
+            if (!writing_) writing_ = writer = true;
+        }
+        if (!writer) {
+            co_await asio::async_initiate<decltype(asio::use_awaitable), void()>(
+                [this, &me](auto handler) {
+                    Executor ex = asio::get_associated_executor(handler);
+                    std::unique_lock lock(queue_mutex_);
+                    if (!writing_) {
+                        // The writer left between the look above and now: this one writes.
+                        writing_ = true;
+                        me.take_over = true;
+                        lock.unlock();
+                        asio::post(ex, std::move(handler));
+                        return;
+                    }
+                    me.executor = std::move(ex);
+                    // Not by assignment: Boost 1.81's move assignment of any_completion_handler
+                    // copies its argument as an lvalue, which wraps it in itself endlessly.
+                    asio::any_completion_handler<void()> resume(std::move(handler));
+                    me.resume.swap(resume);
+                    (queue_tail_ ? queue_tail_->next : queue_head_) = &me;
+                    queue_tail_ = &me;
+                },
+                asio::use_awaitable);
+            writer = me.take_over;
+        }
+        if (writer) unlocked([&] { write_queued(me); });
+        if (me.error != 0) fail(me.error, "write of " + path_ + " at " + std::to_string(offset) + " failed");
     }
 
     /// Streaming writes (kStreamBytes or more: dd, cp, a guest's sequential writes) are written
@@ -215,13 +263,117 @@ public:
     }
 
     void write_all(uint64_t offset, std::span<const std::byte> buf) const {
+        if (int e = write_all_errno(offset, buf)) fail(e, "write of " + path_ + " at " + std::to_string(offset) + " failed");
+    }
+
+    /// A write of fewer than kStreamBytes waiting for the file's writer (write_at).
+    struct QueuedWrite {
+        uint64_t offset = 0;
+        std::span<const std::byte> buf;
+        int error = 0;           // the write's errno, once written
+        bool take_over = false;  // resumed to become the writer, its bytes not written yet
+        QueuedWrite* next = nullptr;
+        Executor executor;       // the parked coroutine's
+        asio::any_completion_handler<void()> resume;
+    };
+    static constexpr int kWriterRounds = 4;
+
+    /// The writer's work (writing_ is ours): `own`, then what is queued, in rounds of one batch
+    /// each; each queued write is resumed once its bytes are written.
+    void write_queued(QueuedWrite& own) {
+        std::vector<QueuedWrite*> batch = std::move(batch_);
+        batch.clear();
+        batch.push_back(&own);
+        for (int round = 1;; ++round) {
+            write_batch(batch);
+            for (QueuedWrite* q : batch)
+                if (q != &own) wake(*q);
+            batch.clear();
+            std::unique_lock lock(queue_mutex_);
+            if (!queue_head_) {
+                writing_ = false;
+                batch_ = std::move(batch);  // its storage, for the next writer
+                return;
+            }
+            if (round == kWriterRounds) {
+                // Enough for one request: the oldest queued write takes over.
+                QueuedWrite* next = queue_head_;
+                queue_head_ = next->next;
+                if (!queue_head_) queue_tail_ = nullptr;
+                batch_ = std::move(batch);
+                lock.unlock();
+                next->take_over = true;
+                wake(*next);
+                return;
+            }
+            for (QueuedWrite* q = queue_head_; q; q = q->next) batch.push_back(q);
+            queue_head_ = queue_tail_ = nullptr;
+        }
+    }
+
+    /// Resumes a parked write on its coroutine's executor; `q` may be gone once this returns.
+    static void wake(QueuedWrite& q) {
+        Executor ex = std::move(q.executor);
+        asio::post(ex, [h = std::move(q.resume)]() mutable { std::move(h)(); });
+    }
+
+    /// Writes every write of `batch` (none overlap: each is a different request's range), those
+    /// adjacent on the file with one pwritev, and sets each one's error.
+    void write_batch(std::vector<QueuedWrite*>& batch) const {
+        if (batch.size() > 1)
+            std::sort(batch.begin(), batch.end(), [](const QueuedWrite* a, const QueuedWrite* b) { return a->offset < b->offset; });
+        std::array<iovec, 64> iov;
+        for (size_t i = 0, j = 0; i < batch.size(); i = j) {
+            uint64_t end = batch[i]->offset + batch[i]->buf.size();
+            for (j = i + 1; j < batch.size() && j - i < iov.size() && batch[j]->offset == end; ++j)
+                end += batch[j]->buf.size();
+            if (j - i == 1) {
+                batch[i]->error = write_all_errno(batch[i]->offset, batch[i]->buf);
+                continue;
+            }
+            for (size_t k = i; k < j; ++k)
+                iov[k - i] = iovec{const_cast<std::byte*>(batch[k]->buf.data()), batch[k]->buf.size()};
+            if (pwritev_all(batch[i]->offset, std::span<iovec>(iov.data(), j - i)) == 0) {
+                for (size_t k = i; k < j; ++k) batch[k]->error = 0;
+                continue;
+            }
+            // Each one alone, so each is told its own error.
+            for (size_t k = i; k < j; ++k) batch[k]->error = write_all_errno(batch[k]->offset, batch[k]->buf);
+        }
+    }
+
+    /// pwritev of all of `iov` at `offset` (advancing `iov` over partial writes): 0 or an errno.
+    int pwritev_all(uint64_t offset, std::span<iovec> iov) const {
+        size_t first = 0;
+        while (first < iov.size()) {
+            ssize_t n = ::pwritev(fd_, iov.data() + first, static_cast<int>(iov.size() - first), static_cast<off_t>(offset));
+            if (n < 0 && errno == EINTR) continue;
+            if (n <= 0) return n < 0 ? errno : EIO;
+            offset += static_cast<uint64_t>(n);
+            for (size_t left = static_cast<size_t>(n); left > 0;) {
+                if (left >= iov[first].iov_len) {
+                    left -= iov[first].iov_len;
+                    ++first;
+                } else {
+                    iov[first].iov_base = static_cast<std::byte*>(iov[first].iov_base) + left;
+                    iov[first].iov_len -= left;
+                    left = 0;
+                }
+            }
+            while (first < iov.size() && iov[first].iov_len == 0) ++first;
+        }
+        return 0;
+    }
+
+    int write_all_errno(uint64_t offset, std::span<const std::byte> buf) const {
         size_t done = 0;
         while (done < buf.size()) {
             ssize_t n = ::pwrite(fd_, buf.data() + done, buf.size() - done, static_cast<off_t>(offset + done));
             if (n < 0 && errno == EINTR) continue;
-            if (n <= 0) fail(n < 0 ? errno : EIO, "write of " + path_ + " at " + std::to_string(offset + done) + " failed");
+            if (n <= 0) return n < 0 ? errno : EIO;
             done += static_cast<size_t>(n);
         }
+        return 0;
     }
 
     Task<void> flush() override {
@@ -420,6 +572,11 @@ private:
     std::mutex behind_mutex_;
     Behind behind_;
     std::atomic<int> behind_error_{0};  // the first write-back error a wait saw since the last flush
+    std::mutex queue_mutex_;  // guards writing_ and the queue
+    bool writing_ = false;    // a writer is at work (write_queued)
+    QueuedWrite* queue_head_ = nullptr;  // parked writes, oldest first (in their coroutines' frames)
+    QueuedWrite* queue_tail_ = nullptr;
+    std::vector<QueuedWrite*> batch_;  // the writer's batch storage, kept between writers
 };
 
 }  // namespace

@@ -5,6 +5,7 @@
 #include <linux/magic.h>
 #include <sys/mman.h>
 #include <sys/statfs.h>
+#include <sys/uio.h>
 #include <unistd.h>
 
 #include <boost/asio/co_spawn.hpp>
@@ -12,6 +13,7 @@
 #include <boost/asio/io_context.hpp>
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cerrno>
 #include <cstdlib>
 #include <cstring>
@@ -23,6 +25,7 @@
 
 #include "qcowfs/format/error.hpp"
 #include "qcowfs/io/file.hpp"
+#include "qcowfs/util/workers.hpp"
 
 using namespace qcowfs;
 
@@ -40,6 +43,48 @@ extern "C" int sync_file_range(int fd, __off64_t offset, __off64_t count, unsign
     using Real = int (*)(int, __off64_t, __off64_t, unsigned int);
     static Real real = reinterpret_cast<Real>(::dlsym(RTLD_NEXT, "sync_file_range"));
     return real(fd, offset, count, flags);
+}
+
+// Watching small writes (the combining test below): while write_gate_armed is set, a pwrite at
+// offset 0 waits until write_gate_open is set, and a pwrite or pwritev that covers
+// write_fail_at fails with EIO. pwritev calls are counted.
+namespace {
+std::atomic<bool> write_gate_armed{false}, write_gate_entered{false}, write_gate_open{false};
+std::atomic<int64_t> write_fail_at{-1};
+std::atomic<int> pwritev_calls{0};
+bool write_covers_failure(off_t offset, size_t length) {
+    const int64_t at = write_fail_at.load();
+    return at >= 0 && at >= offset && at < offset + static_cast<int64_t>(length);
+}
+}  // namespace
+extern "C" ssize_t pwrite(int fd, const void* buf, size_t count, off_t offset) {
+    if (write_gate_armed.load()) {
+        if (offset == 0) {
+            write_gate_entered = true;
+            while (!write_gate_open.load()) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+        }
+        if (write_covers_failure(offset, count)) {
+            errno = EIO;
+            return -1;
+        }
+    }
+    using Real = ssize_t (*)(int, const void*, size_t, off_t);
+    static Real real = reinterpret_cast<Real>(::dlsym(RTLD_NEXT, "pwrite"));
+    return real(fd, buf, count, offset);
+}
+extern "C" ssize_t pwritev(int fd, const struct iovec* iov, int count, off_t offset) {
+    if (write_gate_armed.load()) {
+        ++pwritev_calls;
+        size_t length = 0;
+        for (int i = 0; i < count; ++i) length += iov[i].iov_len;
+        if (write_covers_failure(offset, length)) {
+            errno = EIO;
+            return -1;
+        }
+    }
+    using Real = ssize_t (*)(int, const struct iovec*, int, off_t);
+    static Real real = reinterpret_cast<Real>(::dlsym(RTLD_NEXT, "pwritev"));
+    return real(fd, iov, count, offset);
 }
 
 namespace {
@@ -344,4 +389,89 @@ TEST_CASE("a write-back error seen while writing behind fails the next flush, on
     CHECK(first == EIO);
     CHECK(said.find(tmp.path) != std::string::npos);
     CHECK(second == 0);  // said once, as fdatasync says a write-back error once
+}
+
+TEST_CASE("small writes of an image on two workers are combined while one writes: each gets its bytes and its own error") {
+    // Worker 0's write at offset 0 is held inside pwrite; meanwhile worker 1's coroutines write
+    // eight adjacent 4 KiB pieces. They must wait for the writer (the inode lock would make them
+    // spin) and be written together with one pwritev; the piece the disk fails gets EIO, alone.
+    TempFile tmp(1 << 20);
+    Workers workers(2);
+    auto lock = ImageLockRef::make();
+    auto file = io::open_file(workers.image_executor(lock), tmp.path, true);
+    constexpr int kPieces = 8;
+    constexpr uint64_t kBase = 65536, kPiece = 4096;
+    const int64_t bad = static_cast<int64_t>(kBase + 5 * kPiece);
+    std::vector<std::vector<std::byte>> data;
+    for (int i = 0; i <= kPieces; ++i) data.emplace_back(kPiece, std::byte(0xa0 + i));
+    std::atomic<int> finished{0}, started{0};
+    std::vector<int> error(kPieces + 1, -1);
+    std::vector<std::string> message(kPieces + 1);
+    auto write = [&](int i, uint64_t offset) -> Task<void> {
+        ++started;
+        try {
+            co_await file->write_at(offset, data[i]);
+            error[i] = 0;
+        } catch (const std::system_error& e) {
+            error[i] = e.code().value();
+            message[i] = e.what();
+        }
+    };
+    pwritev_calls = 0;
+    write_gate_open = false;
+    write_gate_entered = false;
+    write_fail_at = bad;
+    write_gate_armed = true;
+    asio::post(workers.context(0), [&] {
+        asio::co_spawn(workers.image_executor(lock), write(kPieces, 0), [&](std::exception_ptr) { ++finished; });
+    });
+    std::thread opener([&] {
+        while (!write_gate_entered) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+        asio::post(workers.context(1), [&] {
+            for (int i = 0; i < kPieces; ++i)
+                asio::co_spawn(workers.image_executor(lock), write(i, kBase + i * kPiece), [&](std::exception_ptr) { ++finished; });
+        });
+        while (started < kPieces + 1) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+        std::this_thread::sleep_for(std::chrono::milliseconds(50));  // until they are parked
+        write_gate_open = true;
+    });
+    std::thread watchdog([&] {
+        auto limit = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+        while (finished < kPieces + 1 && std::chrono::steady_clock::now() < limit) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+        workers.stop();
+    });
+    workers.run_all();
+    opener.join();
+    watchdog.join();
+    write_gate_armed = false;
+    write_fail_at = -1;
+    REQUIRE(finished == kPieces + 1);
+    CHECK(pwritev_calls >= 1);  // the parked pieces went out together
+    for (int i = 0; i <= kPieces; ++i) {
+        const uint64_t offset = i == kPieces ? 0 : kBase + i * kPiece;
+        INFO("piece at ", offset);
+        if (static_cast<int64_t>(offset) == bad) {
+            CHECK(error[i] == EIO);
+            CHECK(message[i].find(tmp.path) != std::string::npos);
+            CHECK(message[i].find(std::to_string(offset)) != std::string::npos);
+        } else {
+            CHECK(error[i] == 0);
+        }
+    }
+    // What the file holds: every piece but the failed one, the rest as it was.
+    std::ifstream in(tmp.path, std::ios::binary);
+    std::vector<char> back(1 << 20);
+    in.read(back.data(), static_cast<std::streamsize>(back.size()));
+    REQUIRE(in.gcount() == static_cast<std::streamsize>(back.size()));
+    for (uint64_t at = 0; at < kBase + kPieces * kPiece; ++at) {
+        char want = expected(at);
+        if (at < kPiece)
+            want = static_cast<char>(0xa0 + kPieces);
+        else if (at >= kBase && static_cast<int64_t>(at / kPiece * kPiece) != bad)
+            want = static_cast<char>(0xa0 + (at - kBase) / kPiece);
+        if (back[at] != want) {
+            FAIL_CHECK("byte ", at, " is ", int(back[at]), ", expected ", int(want));
+            break;
+        }
+    }
 }
