@@ -56,6 +56,23 @@ public:
     /// and this thread a context switch each time (measured under 4 KiB random writes on two
     /// workers: 25-34k writes/s sleeping at once, 34-43k yielding first).
     void acquire() {
+        if (mutex_.try_lock()) {
+            detail::held_image_lock = this;
+            return;
+        }
+        // The holder is likely running on the other CPU, within a few microseconds of the end of
+        // its section: wait for it on this CPU first (a few microseconds at most), before a yield
+        // (a system call, and a switch to another thread of this CPU when there is one). Measured
+        // under 4 KiB writes on two workers, side by side, two rounds of five: 23k yields in a
+        // copy-on-write run of 32k writes before; medians 17.2-17.8k to 18.6-19.3k IOPS for
+        // copy-on-write, 22.4k to 23.7k into an empty image, the 70/30 mix within its noise.
+        for (int i = 0; i < kSpins; ++i) {
+            for (int k = 0; k < 8; ++k) cpu_relax();
+            if (mutex_.try_lock()) {
+                detail::held_image_lock = this;
+                return;
+            }
+        }
         for (int i = 0; i < kYields; ++i) {
             if (mutex_.try_lock()) {
                 detail::held_image_lock = this;
@@ -73,7 +90,14 @@ public:
 
 private:
     friend class ImageLockRef;
-    static constexpr int kYields = 64;
+    static constexpr int kSpins = 32, kYields = 64;
+    static void cpu_relax() noexcept {
+#if defined(__x86_64__) || defined(__i386__)
+        __builtin_ia32_pause();
+#elif defined(__aarch64__)
+        asm volatile("yield");
+#endif
+    }
     std::mutex mutex_;
     std::atomic<uint32_t> refs_{0};  // ImageLockRefs to it; the last one deletes it
 };
