@@ -4,6 +4,7 @@
 
 #include <fcntl.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <sys/uio.h>
 #include <unistd.h>
 
@@ -138,6 +139,94 @@ public:
             done += n;
         }
         co_return done;
+    }
+
+    /// A copy-on-write reads old data to write it to another cluster: the image keeps it from
+    /// then on, so the backing file's cached copy would help nobody. When none of the range is
+    /// in the page cache, it is read with O_DIRECT through the ring, straight into the caller's
+    /// buffer: no new page-cache pages, no readahead past the range (a buffered 64 KiB read of
+    /// a random cluster reads 128 KiB), no copy out of the cache. Cached ranges, unaligned ones,
+    /// kernels without cachestat (before 6.5) and host file systems without O_DIRECT are read
+    /// as by read_at. A direct read of pages dirtied meanwhile is still right: the kernel writes
+    /// them back before it reads.
+    Task<size_t> read_to_copy(uint64_t offset, std::span<std::byte> buf) override {
+        if (!direct_aligned(offset, buf) || !none_cached(offset, buf.size()) || !open_direct())
+            co_return co_await read_at(offset, buf);
+        Lease lease(*this, Kind::direct);
+        size_t done = 0;
+        while (done < buf.size()) {
+            auto [ec, n] = co_await lease->file.async_read_some_at(
+                offset + done, asio::buffer(buf.data() + done, buf.size() - done), asio::as_tuple(asio::use_awaitable));
+            if (ec == asio::error::eof || (!ec && n == 0)) break;
+            if (ec == asio::error::invalid_argument && done == 0) {
+                // An alignment this host file system refuses: buffered from now on.
+                direct_ = Direct::off;
+                log::info(path_ + ": the host file system refuses aligned O_DIRECT reads; copy-on-write reads go "
+                          "through the page cache");
+                co_return co_await read_at(offset, buf);
+            }
+            if (ec) fail(ec.value(), "read of " + path_ + " at " + std::to_string(offset + done) + " failed");
+            done += n;
+            if (done % kDirectAlign != 0) {  // a short read at the end of the file
+                done += co_await read_at(offset + done, buf.subspan(done));
+                break;
+            }
+        }
+        co_return done;
+    }
+
+    static constexpr uint64_t kDirectAlign = 4096;  // offsets, lengths and memory of direct reads
+    bool direct_aligned(uint64_t offset, std::span<std::byte> buf) const {
+        return direct_ != Direct::off && !buf.empty() && offset % kDirectAlign == 0 && buf.size() % kDirectAlign == 0 &&
+               reinterpret_cast<uintptr_t>(buf.data()) % kDirectAlign == 0;
+    }
+
+    /// True when no page of [offset, offset + length) is in the page cache (cachestat, Linux
+    /// 6.5); false when some is, or when the kernel cannot tell. Starts no I/O: a preadv2 with
+    /// RWF_NOWAIT would start readahead on a miss.
+    bool none_cached(uint64_t offset, uint64_t length) {
+#ifdef __NR_cachestat
+        constexpr long kCachestat = __NR_cachestat;
+#else
+        constexpr long kCachestat = 451;  // the same number on every architecture
+#endif
+        struct {
+            uint64_t off, len;
+        } range{offset, length};
+        struct {
+            uint64_t cache, dirty, writeback, evicted, recently_evicted;
+        } stat{};
+        if (::syscall(kCachestat, fd_, &range, &stat, 0) != 0) {
+            if (errno == ENOSYS) direct_ = Direct::off;
+            return false;
+        }
+        return stat.cache == 0;
+    }
+
+    /// The O_DIRECT descriptor, opened at the first direct read: a new open of the same file
+    /// through /proc/self/fd (never through its path again, which may name another file by
+    /// now), read-only, and checked to be the same inode.
+    bool open_direct() {
+        if (direct_ == Direct::on) return true;
+        std::lock_guard lock(mutex_);
+        if (direct_ == Direct::on) return true;
+        if (direct_ == Direct::off) return false;
+        direct_ = Direct::off;
+        const std::string self = "/proc/self/fd/" + std::to_string(fd_);
+        int fd = ::open(self.c_str(), O_RDONLY | O_DIRECT | O_CLOEXEC | O_NOCTTY);
+        if (fd < 0) {  // no /proc, or a host file system without O_DIRECT (EINVAL)
+            log::info(path_ + ": no O_DIRECT descriptor (" + std::strerror(errno) +
+                      "); copy-on-write reads go through the page cache");
+            return false;
+        }
+        struct stat a, b;
+        if (::fstat(fd_, &a) != 0 || ::fstat(fd, &b) != 0 || a.st_dev != b.st_dev || a.st_ino != b.st_ino) {
+            ::close(fd);
+            return false;
+        }
+        channels_.push_back(make_channel(fd, executor_, Kind::direct));
+        direct_ = Direct::on;
+        return true;
     }
 
     static constexpr size_t kEndOfFile = SIZE_MAX;
@@ -483,18 +572,21 @@ public:
     void enable_locking(bool on) { locking_ = on; }
 
 private:
+    /// Channels over fd_ (buffered) or over the O_DIRECT descriptor (read_to_copy).
+    enum class Kind { cached, direct };
     struct Channel {
-        explicit Channel(const Executor& ex)
-            : file(ex), context(&asio::query(ex, asio::execution::context)) {}
+        Channel(const Executor& ex, Kind kind)
+            : file(ex), context(&asio::query(ex, asio::execution::context)), kind(kind) {}
         asio::random_access_file file;
         const asio::execution_context* context;  // whose ring completes its operations
+        Kind kind;
         int busy = 0;
     };
 
     /// Holds a channel for one operation.
     class Lease {
     public:
-        explicit Lease(UringFile& owner) : owner_(owner), channel_(owner.acquire()) {}
+        explicit Lease(UringFile& owner, Kind kind = Kind::cached) : owner_(owner), channel_(owner.acquire(kind)) {}
         ~Lease() { owner_.release(channel_); }
         Lease(const Lease&) = delete;
         Lease& operator=(const Lease&) = delete;
@@ -505,8 +597,8 @@ private:
         Channel& channel_;
     };
 
-    std::unique_ptr<Channel> make_channel(int fd, const Executor& ex) {
-        auto channel = std::make_unique<Channel>(ex);
+    std::unique_ptr<Channel> make_channel(int fd, const Executor& ex, Kind kind = Kind::cached) {
+        auto channel = std::make_unique<Channel>(ex, kind);
         boost::system::error_code ec;
         channel->file.assign(fd, ec);
         if (ec) {
@@ -516,13 +608,17 @@ private:
         return channel;
     }
 
-    /// An idle channel of the calling worker's ring (so the completion comes back to this
-    /// thread), a new one while there are fewer than kMaxChannels, else the least busy one.
-    Channel& acquire() {
+    /// An idle channel of `kind` of the calling worker's ring (so the completion comes back to
+    /// this thread), a new one while there are fewer than kMaxChannels of the kind, else the
+    /// least busy one. A direct channel exists once open_direct() has succeeded.
+    Channel& acquire(Kind kind) {
         asio::io_context* here = detail::current_worker.context;
         std::lock_guard lock(mutex_);
         Channel* best = nullptr;
+        size_t of_kind = 0;
         for (auto& c : channels_) {
+            if (c->kind != kind) continue;
+            ++of_kind;
             if (c->busy == 0 && (!here || c->context == here)) {
                 best = c.get();
                 break;
@@ -530,10 +626,10 @@ private:
             if (!best || c->busy < best->busy) best = c.get();
         }
         const bool fits = best->busy == 0 && (!here || best->context == here);
-        if (!fits && channels_.size() < kMaxChannels) {
-            int fd = ::fcntl(fd_, F_DUPFD_CLOEXEC, 0);
+        if (!fits && of_kind < kMaxChannels) {
+            int fd = ::fcntl(best->file.native_handle(), F_DUPFD_CLOEXEC, 0);
             if (fd >= 0) {
-                channels_.push_back(here ? make_channel(fd, here->get_executor()) : make_channel(fd, executor_));
+                channels_.push_back(make_channel(fd, here ? here->get_executor() : executor_, kind));
                 best = channels_.back().get();
             }  // out of descriptors: share the least busy channel
         }
@@ -552,6 +648,8 @@ private:
     std::string path_;
     std::mutex mutex_;  // guards channels_ and their busy counts
     std::vector<std::unique_ptr<Channel>> channels_;
+    enum class Direct { untried, on, off };
+    std::atomic<Direct> direct_{Direct::untried};  // whether read_to_copy may read with O_DIRECT
     /// Streaming writes being written behind, oldest first (a ring: no allocation).
     struct Behind {
         static constexpr size_t kSlots = 16;
@@ -593,6 +691,7 @@ std::unique_ptr<File> adopt_file(const Executor& executor, int fd, std::string n
     return file;
 }
 
+Task<size_t> File::read_to_copy(uint64_t offset, std::span<std::byte> buf) { co_return co_await read_at(offset, buf); }
 Task<void> File::discard(uint64_t, uint64_t) { fail(EOPNOTSUPP, "discard is not supported by " + name()); }
 Task<void> File::allocate(uint64_t, uint64_t) { fail(EOPNOTSUPP, "allocate is not supported by " + name()); }
 Task<void> File::truncate(uint64_t) { fail(EOPNOTSUPP, "truncate is not supported by " + name()); }

@@ -50,6 +50,12 @@ Task<void> RawSource::read(uint64_t offset, std::span<std::byte> buf) {
     zero(buf.subspan(n));
 }
 
+Task<void> RawSource::read_to_copy(uint64_t offset, std::span<std::byte> buf) {
+    size_t n = offset < size_ ? co_await file_->read_to_copy(offset, buf.first(std::min<uint64_t>(buf.size(), size_ - offset)))
+                              : 0;
+    zero(buf.subspan(n));
+}
+
 // ---- View ------------------------------------------------------------------------------------
 
 View::View(std::shared_ptr<Image> image) : image_(std::move(image)) {}
@@ -59,7 +65,7 @@ View::View(std::shared_ptr<Image> image, uint64_t l1_offset, uint32_t l1_size, u
 
 uint64_t View::size() const { return active_ ? image_->size() : size_; }
 
-Task<void> View::read(uint64_t offset, std::span<std::byte> buf) {
+Task<void> View::read_for(uint64_t offset, std::span<std::byte> buf, io::ReadPurpose purpose) {
     uint64_t size = this->size();
     if (offset >= size) {
         zero(buf);
@@ -70,10 +76,10 @@ Task<void> View::read(uint64_t offset, std::span<std::byte> buf) {
         buf = buf.first(size - offset);
     }
     if (active_) {
-        co_await image_->view_read(nullptr, offset, buf);
+        co_await image_->view_read(nullptr, offset, buf, purpose);
     } else {
         const Image::L1Table l1{nullptr, l1_offset_, l1_size_};
-        co_await image_->view_read(&l1, offset, buf);
+        co_await image_->view_read(&l1, offset, buf, purpose);
     }
 }
 
@@ -239,6 +245,7 @@ struct Image::ExtentRun {
     GuestOffset offset;  // of buf[0]
     std::span<std::byte> buf;
     std::vector<BackingRead>* from_backing;  // null: not recorded
+    io::ReadPurpose purpose;
     Extent cur{};  // being accumulated
 
     /// Appends `piece` to the current run if it continues it (or starts the first run).
@@ -256,14 +263,14 @@ struct Image::ExtentRun {
     /// Reads the current run, then starts a new one with `piece`.
     Task<void> restart(const Extent& piece) {
         note_backing();
-        co_await image.read_extent(cur, buf.subspan(cur.guest - offset, cur.length));
+        co_await image.read_extent(cur, buf.subspan(cur.guest - offset, cur.length), purpose);
         cur = piece;
     }
     /// Reads the current run.
     Task<void> finish() {
         if (cur.kind != Extent::Kind::none) {
             note_backing();
-            co_await image.read_extent(cur, buf.subspan(cur.guest - offset, cur.length));
+            co_await image.read_extent(cur, buf.subspan(cur.guest - offset, cur.length), purpose);
         }
         cur = Extent{};
     }
@@ -276,19 +283,20 @@ struct Image::ExtentRun {
     }
 };
 
-Task<void> Image::view_read(const L1Table* snapshot, uint64_t offset, std::span<std::byte> buf) {
+Task<void> Image::view_read(const L1Table* snapshot, uint64_t offset, std::span<std::byte> buf,
+                            io::ReadPurpose purpose) {
     std::exception_ptr error;
     try {
         if (snapshot) {
-            co_await read_mapped(*snapshot, offset, buf);
+            co_await read_mapped(*snapshot, offset, buf, nullptr, purpose);
         } else if (!range_lock_) {
-            co_await read_mapped(active_l1(), offset, buf);
+            co_await read_mapped(active_l1(), offset, buf, nullptr, purpose);
         } else {
             std::vector<BackingRead> from_backing;
             {
                 // Shared: writes hold exclusive ranges while their clusters change.
                 auto guard = co_await range_lock_->lock(offset, buf.size(), cache::RangeLock::Mode::shared);
-                co_await read_mapped(active_l1(), offset, buf, copies_wanted() ? &from_backing : nullptr);
+                co_await read_mapped(active_l1(), offset, buf, copies_wanted() ? &from_backing : nullptr, purpose);
             }
             // Copy-on-read: the copy runs after this read has returned its data.
             if (!from_backing.empty()) start_copy(co_await asio::this_coro::executor, offset, buf, from_backing);
@@ -315,9 +323,9 @@ Task<HostOffset> Image::l2_table_for_read(const L1Table& l1, uint64_t l1_index) 
 }
 
 Task<void> Image::read_mapped(const L1Table& l1, uint64_t offset, std::span<std::byte> buf,
-                              std::vector<BackingRead>* from_backing) {
+                              std::vector<BackingRead>* from_backing, io::ReadPurpose purpose) {
     const ClusterGeometry& g = geometry_;
-    ExtentRun run{*this, GuestOffset{offset}, buf, from_backing};
+    ExtentRun run{*this, GuestOffset{offset}, buf, from_backing, purpose};
     uint64_t done = 0;
     while (done < buf.size()) {
         const GuestOffset guest{offset + done};
@@ -386,21 +394,28 @@ Image::Extent Image::extent_in_cluster(const format::L2Entry& e, GuestOffset gue
     return piece;
 }
 
-Task<void> Image::read_extent(const Extent& e, std::span<std::byte> dst) {
+Task<void> Image::read_extent(const Extent& e, std::span<std::byte> dst, io::ReadPurpose purpose) {
+    const bool to_copy = purpose == io::ReadPurpose::copy;
     switch (e.kind) {
         case Extent::Kind::none:
         case Extent::Kind::zero:
             zero(dst);
             break;
         case Extent::Kind::backing:
-            if (backing_)
+            if (backing_ && to_copy)
+                co_await backing_->read_to_copy(e.guest.value, dst);
+            else if (backing_)
                 co_await backing_->read(e.guest.value, dst);
             else
                 zero(dst);
             break;
         case Extent::Kind::data: {
             io::File& f = data_file_ ? *data_file_ : *file_;
-            size_t n = co_await f.read_at(e.host.value, dst);
+            size_t n = 0;  // not `co_await (c ? a : b)`: g++ 12 resumes a destroyed frame after it
+            if (to_copy)
+                n = co_await f.read_to_copy(e.host.value, dst);
+            else
+                n = co_await f.read_at(e.host.value, dst);
             if (n < dst.size() && !data_file_) {
                 // A cluster the writer never finished may end early (its tail reads as zeros, as in
                 // QEMU), but a cluster that starts past the end of the file means the image was

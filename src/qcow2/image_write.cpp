@@ -375,14 +375,17 @@ Task<void> Image::copy_around(const ClusterWrite& w, std::byte* base) {
         // too and then overwritten), so a small write into a copied cluster costs one read of
         // the backing file, not two.
         co_await read_mapped(active_l1(), (guest + w.window_from).value,
-                             std::span<std::byte>(base + w.window_from, w.window_to - w.window_from));
+                             std::span<std::byte>(base + w.window_from, w.window_to - w.window_from), nullptr,
+                             io::ReadPurpose::copy);
         co_return;
     }
     if (w.window_from < w.from)
         co_await read_mapped(active_l1(), (guest + w.window_from).value,
-                             std::span<std::byte>(base + w.window_from, w.from - w.window_from));
+                             std::span<std::byte>(base + w.window_from, w.from - w.window_from), nullptr,
+                             io::ReadPurpose::copy);
     if (w.to < w.window_to)
-        co_await read_mapped(active_l1(), (guest + w.to).value, std::span<std::byte>(base + w.to, w.window_to - w.to));
+        co_await read_mapped(active_l1(), (guest + w.to).value, std::span<std::byte>(base + w.to, w.window_to - w.to),
+                             nullptr, io::ReadPurpose::copy);
 }
 
 Task<void> Image::release_new(const TableWrite& t) {
@@ -488,7 +491,7 @@ Task<void> Image::allocate(uint64_t offset, uint64_t length) {
             buf.resize(to - from);
             std::exception_ptr error;
             try {
-                co_await read_mapped(active_l1(), from, buf);
+                co_await read_mapped(active_l1(), from, buf, nullptr, io::ReadPurpose::copy);
             } catch (...) {
                 error = std::current_exception();
             }

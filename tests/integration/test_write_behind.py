@@ -6,7 +6,9 @@ cache, not a second copy of everything written, and none after an fsync (measure
 not by time). Smaller writes stay in the page cache until the kernel writes them back. Either way
 the image is what qemu-img expects: checked, compared with a raw file that got the same writes,
 and read back through the mount while small and streaming writes of the same clusters follow each
-other."""
+other. A copy-on-write reads the backing file's old cluster around the page cache when none of it
+is cached there (the image keeps the copy): small writes into an overlay leave the backing file's
+page cache without the clusters they copied."""
 
 import os
 import shutil
@@ -209,6 +211,57 @@ def test_small_and_streaming_writes_of_the_same_clusters():
             os.close(fd)
     os.close(rfd)
     check_image(img, ref, "mixed small and streaming writes")
+
+
+def kernel_has_cachestat():
+    """cachestat (Linux 6.5) tells qcowfs that a range is not cached without reading it."""
+    major, minor = (int(x) for x in os.uname().release.split(".")[:2])
+    return (major, minor) >= (6, 5)
+
+
+@T.test
+def test_copy_on_write_leaves_backing_cache_alone():
+    """4 KiB writes into 48 clusters of an overlay whose backing file is not in the page cache:
+    each copies its 64 KiB cluster from the backing file, and the backing file's page cache
+    afterwards holds its metadata only, not the 3 MiB copied (a buffered read would hold those
+    and the readahead after each). The image is checked and compared, and the bytes read back."""
+    src = os.path.join(work, "cow")
+    os.makedirs(src)
+    base, top = os.path.join(src, "base.qcow2"), os.path.join(src, "top.qcow2")
+    ref = os.path.join(work, "cow.ref")
+    base_raw = H.write_varied_raw(os.path.join(work, "cow-base.bin"), 64 * MiB, 7)
+    H.qemu_img("convert", "-f", "raw", "-O", "qcow2", "-o", "cluster_size=64k", base_raw, base)
+    H.create(top, 64 * MiB, opts="cluster_size=64k", backing="base.qcow2", cwd=src)
+    shutil.copyfile(base_raw, ref)
+    watch = page_cache_visible(base) and resident(base) is not None and kernel_has_cachestat()
+    drop_cache(base)
+    rfd = os.open(ref, os.O_RDWR)
+    with H.Mount(src) as m:
+        fd = os.open(m.path("top.raw"), os.O_RDWR | os.O_DIRECT)
+        try:
+            import mmap
+            buf = mmap.mmap(-1, 4 * KiB)
+            for i in range(48):
+                buf[:] = bytes([0x40 + i]) * (4 * KiB)
+                off = i * 1280 * KiB + 8 * KiB  # every 20th cluster, 8 KiB into it
+                H.pwrite_full(fd, buf, off)
+                H.pwrite_full(rfd, bytes(buf), off)
+            os.fsync(fd)
+            cached = resident(base) if watch else None
+            for i in range(0, 48, 7):
+                off = i * 1280 * KiB
+                T.check("cluster %d reads back through the mount" % i,
+                        H.pread_full(fd, 64 * KiB, off) == H.pread_full(rfd, 64 * KiB, off))
+        finally:
+            os.close(fd)
+    os.close(rfd)
+    check_image(top, ref, "copy-on-write over a backing file")
+    if not watch:
+        T.skip("backing page cache not measured: needs fincore, a file system other than tmpfs "
+               "and Linux 6.5 (cachestat)")
+        return
+    T.check("the backing file's page cache holds under 1 MiB after 48 copied clusters (%d bytes)" % cached,
+            cached < 1 * MiB, "resident %d bytes" % cached)
 
 
 T.run()

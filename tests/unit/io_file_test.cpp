@@ -5,6 +5,7 @@
 #include <linux/magic.h>
 #include <sys/mman.h>
 #include <sys/statfs.h>
+#include <sys/syscall.h>
 #include <sys/uio.h>
 #include <unistd.h>
 
@@ -474,4 +475,79 @@ TEST_CASE("small writes of an image on two workers are combined while one writes
             break;
         }
     }
+}
+
+namespace {
+/// Whether the kernel has cachestat (Linux 6.5), without which read_to_copy reads as read_at.
+bool kernel_has_cachestat(const std::string& path) {
+    int fd = ::open(path.c_str(), O_RDONLY);
+    REQUIRE(fd >= 0);
+    struct {
+        uint64_t off, len;
+    } range{0, 4096};
+    uint64_t stat[5] = {};
+    const bool has = ::syscall(451, fd, &range, stat, 0) == 0 || errno != ENOSYS;
+    ::close(fd);
+    if (!has) MESSAGE("page-cache checks skipped: this kernel has no cachestat (before 6.5)");
+    return has;
+}
+}  // namespace
+
+TEST_CASE("reads to copy of ranges not in the page cache leave it as it was; every read to copy returns the right bytes") {
+    // read_to_copy (a copy-on-write's read of old data) reads an aligned range of which no page
+    // is cached with O_DIRECT: no page enters the cache, and no readahead past the range.
+    // Cached, unaligned and end-of-file ranges go as read_at does.
+    constexpr size_t kSize = (2 << 20) - 1000;  // the last page is partial
+    TempFile tmp(kSize);
+    const bool watch = page_cache_visible(tmp.path) && kernel_has_cachestat(tmp.path);
+    int fd = ::open(tmp.path.c_str(), O_RDONLY);
+    REQUIRE(fd >= 0);
+    REQUIRE(::fdatasync(fd) == 0);
+    REQUIRE(::posix_fadvise(fd, 0, 0, POSIX_FADV_DONTNEED) == 0);
+    REQUIRE(::posix_fadvise(fd, 0, 0, POSIX_FADV_RANDOM) == 0);  // no readahead: only that page
+    char page[4096];
+    REQUIRE(::pread(fd, page, sizeof page, (1 << 20) + 65536) == static_cast<ssize_t>(sizeof page));
+    ::close(fd);
+
+    auto* mem = static_cast<std::byte*>(std::aligned_alloc(4096, 512 * 1024));
+    REQUIRE(mem != nullptr);
+    struct Case {
+        uint64_t offset;
+        size_t length;
+        size_t shift;     // of the buffer from a page boundary
+        bool to_copy;     // read_to_copy, else read_at
+        size_t got = 0;
+        bool good = false;
+    };
+    std::vector<Case> cases{
+        {0, 65536, 0, true},                    // aligned, not cached: direct
+        {(1 << 20), 262144, 0, true},           // holds the cached page: through the cache
+        {512 * 1024 + 4096, 65536, 512, true},  // memory not aligned: through the cache
+        {(2 << 20) - 65536, 65536, 0, true},    // ends past the end of the file
+        {256 * 1024, 65536, 0, false},          // read_at, for contrast: fills the cache
+    };
+    asio::io_context io;
+    auto file = io::open_file(io.get_executor(), tmp.path, false);
+    asio::co_spawn(io, [&]() -> Task<void> {
+        for (Case& c : cases) {
+            std::span<std::byte> buf(mem + c.shift, c.length);
+            std::memset(buf.data(), 0xee, buf.size());
+            if (c.to_copy)
+                c.got = co_await file->read_to_copy(c.offset, buf);
+            else
+                c.got = co_await file->read_at(c.offset, buf);
+            c.good = true;
+            for (size_t i = 0; i < c.got; ++i) c.good &= buf[i] == std::byte(expected(c.offset + i));
+        }
+    }, asio::detached);
+    io.run();
+    std::free(mem);
+    for (const Case& c : cases) {
+        INFO("offset ", c.offset, " length ", c.length, " shift ", c.shift);
+        CHECK(c.got == std::min<uint64_t>(c.length, kSize - c.offset));
+        CHECK(c.good);
+    }
+    if (!watch) return;
+    CHECK(resident_pages(tmp.path, 0, 256 * 1024) == 0);  // the direct read, and no readahead after it
+    CHECK(resident_pages(tmp.path, 256 * 1024, 65536) > 0);  // the same look sees read_at's pages
 }

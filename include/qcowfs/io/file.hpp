@@ -24,6 +24,10 @@ enum class LockMode {
     write  ///< consistent read, write and resize held; write and resize not shared
 };
 
+/// Why bytes are read: to be used (returned to a reader, kept), or to be copied at once into
+/// another cluster (a copy-on-write's old data; see File::read_to_copy).
+enum class ReadPurpose { use, copy };
+
 /// A host file addressed by byte offset. Implementations may be used by many coroutines at once.
 class File {
 public:
@@ -32,6 +36,10 @@ public:
     /// Reads buf.size() bytes at `offset`. Returns the count read: less than requested only when
     /// the end of the file is reached. Throws std::system_error on I/O errors.
     virtual Task<size_t> read_at(uint64_t offset, std::span<std::byte> buf) = 0;
+    /// read_at() for bytes the caller is about to write elsewhere (a copy-on-write's old data):
+    /// nobody will read them here again soon, so a file may read them around the host page
+    /// cache. The base version: read_at().
+    virtual Task<size_t> read_to_copy(uint64_t offset, std::span<std::byte> buf);
     /// Writes all of `buf` at `offset`, extending the file if needed. Throws std::system_error.
     virtual Task<void> write_at(uint64_t offset, std::span<const std::byte> buf) = 0;
     /// Returns once everything written before the call is on stable storage (fdatasync).

@@ -76,6 +76,9 @@ public:
     /// Fills `buf` with the disk's bytes at `offset`; bytes at or past size() read as zeros.
     /// Runs under the owning image's lock. Throws std::system_error (EIO for corrupt metadata).
     virtual Task<void> read(uint64_t offset, std::span<std::byte> buf) = 0;
+    /// read() for bytes about to be copied into another image (a copy-on-write above this
+    /// disk): host files may read them around the page cache (io::File::read_to_copy).
+    virtual Task<void> read_to_copy(uint64_t offset, std::span<std::byte> buf) { co_await read(offset, buf); }
     /// The allocation status at `offset` (< size()) and where it ends (offset < end <= size()),
     /// as qemu-img map sees it: data is allocated in this image (normal or compressed clusters,
     /// per subcluster with extended L2) or below it in the backing chain; zero clusters and
@@ -108,7 +111,10 @@ public:
     View(std::shared_ptr<Image> image, uint64_t l1_offset, uint32_t l1_size, uint64_t size);
     /// The active disk's current size, or the snapshot's.
     uint64_t size() const override;
-    Task<void> read(uint64_t offset, std::span<std::byte> buf) override;
+    Task<void> read(uint64_t offset, std::span<std::byte> buf) override { return read_for(offset, buf, io::ReadPurpose::use); }
+    Task<void> read_to_copy(uint64_t offset, std::span<std::byte> buf) override {
+        return read_for(offset, buf, io::ReadPurpose::copy);
+    }
     Task<MapRun> map(uint64_t offset) override;
     /// Active disk: Image::write / write_zeroes / flush. Snapshot: EROFS.
     Task<void> write(uint64_t offset, std::span<const std::byte> data) override;
@@ -118,6 +124,7 @@ public:
     Image& image() { return *image_; }
 
 private:
+    Task<void> read_for(uint64_t offset, std::span<std::byte> buf, io::ReadPurpose purpose);
     std::shared_ptr<Image> image_;
     bool active_ = true;
     uint64_t l1_offset_ = 0;  // snapshots only
@@ -276,7 +283,9 @@ private:
     /// View::read's body: read_mapped through a snapshot's L1 table (`snapshot`), or through the
     /// active one under a shared range lock (writes hold exclusive ones). Corruption found on the
     /// way is reported (reported()).
-    Task<void> view_read(const L1Table* snapshot, uint64_t offset, std::span<std::byte> buf);
+    /// `purpose`: copy for a copy-on-write's read of the old data (read_extent).
+    Task<void> view_read(const L1Table* snapshot, uint64_t offset, std::span<std::byte> buf,
+                         io::ReadPurpose purpose = io::ReadPurpose::use);
     /// A guest range a read took from the backing file.
     struct BackingRead {
         uint64_t offset = 0;
@@ -285,8 +294,10 @@ private:
     /// Reads guest range [offset, offset + buf.size()) mapped through `l1`; the range must lie
     /// inside the view's size. Throws ImageCorruption for inconsistent metadata of this image.
     /// `from_backing`: receives the ranges read from the backing file (not past its end).
+    /// `purpose`: copy when the bytes are about to be written into another cluster.
     Task<void> read_mapped(const L1Table& l1, uint64_t offset, std::span<std::byte> buf,
-                           std::vector<BackingRead>* from_backing = nullptr);
+                           std::vector<BackingRead>* from_backing = nullptr,
+                           io::ReadPurpose purpose = io::ReadPurpose::use);
     /// The L2 table of L1 entry `l1_index` of `l1` for reading: its host offset, 0 if none (also
     /// past the table's end). ImageCorruption for an invalid entry or one into the header.
     Task<HostOffset> l2_table_for_read(const L1Table& l1, uint64_t l1_index);
@@ -310,8 +321,9 @@ private:
     /// Decodes an L2 entry met while reading or mapping; invalid ones are ImageCorruption naming
     /// the guest offset.
     format::L2Entry decode_l2_for_read(uint64_t raw, uint64_t bitmap, uint64_t guest) const;
-    /// Reads one extent into `dst` (dst.size() == extent.length).
-    Task<void> read_extent(const Extent& e, std::span<std::byte> dst);
+    /// Reads one extent into `dst` (dst.size() == extent.length). For `purpose` copy, host data
+    /// and backing data are read with read_to_copy (the backing chain passes it down).
+    Task<void> read_extent(const Extent& e, std::span<std::byte> dst, io::ReadPurpose purpose);
     /// The decompressed cluster whose compressed data starts at `host` (cached).
     Task<std::shared_ptr<const std::vector<std::byte>>> decompressed(uint64_t host, uint64_t size);
 
@@ -517,6 +529,7 @@ public:
     explicit RawSource(std::unique_ptr<io::File> file);
     uint64_t size() const override { return size_; }
     Task<void> read(uint64_t offset, std::span<std::byte> buf) override;
+    Task<void> read_to_copy(uint64_t offset, std::span<std::byte> buf) override;
     /// The host file's own data and holes (SEEK_DATA / SEEK_HOLE).
     Task<MapRun> map(uint64_t offset) override;
 

@@ -7,12 +7,14 @@
 // scan of a few slots: a buffer may be filled on one worker and dropped on another, which would
 // leave a per-thread cache empty on the first and full on the second. It keeps at most
 // kCachedBuffers buffers of at most kMaxCachedBytes (1 MiB: the largest read FUSE sends) each,
-// kBudgetBytes (8 MiB) in all; larger buffers always come from malloc.
+// kBudgetBytes (8 MiB) in all; larger buffers always come from malloc. Buffers start on a page
+// (4 KiB), so that a copy-on-write can read the old cluster into one with O_DIRECT.
 
 #include <array>
 #include <bit>
 #include <cstddef>
 #include <mutex>
+#include <new>
 #include <utility>
 
 namespace qcowfs {
@@ -79,7 +81,7 @@ public:
     PooledBuffer() = default;
     explicit PooledBuffer(size_t n) : size_(n), capacity_(detail::pooled_capacity(n)) {
         if (capacity_ <= detail::BufferCache::kMaxCachedBytes) data_ = detail::buffer_cache().take(capacity_);
-        if (!data_) data_ = new std::byte[capacity_];
+        if (!data_) data_ = static_cast<std::byte*>(::operator new(capacity_, std::align_val_t{4096}));
     }
     PooledBuffer(PooledBuffer&& o) noexcept
         : data_(std::exchange(o.data_, nullptr)), size_(std::exchange(o.size_, 0)), capacity_(o.capacity_) {}
@@ -99,7 +101,7 @@ public:
 
 private:
     void release() {
-        if (data_ && !detail::buffer_cache().give(data_, capacity_)) delete[] data_;
+        if (data_ && !detail::buffer_cache().give(data_, capacity_)) ::operator delete(data_, std::align_val_t{4096});
         data_ = nullptr;
     }
 
