@@ -97,6 +97,19 @@ struct TempFile {
 
 char expected(size_t i) { return static_cast<char>((i * 131) >> 7); }
 
+/// Drops `path` from the page cache, then reads the one page at `page_at` back into it (with
+/// readahead off): a file of which exactly one page is cached.
+void cache_only_page(const std::string& path, off_t page_at) {
+    int fd = ::open(path.c_str(), O_RDONLY);
+    REQUIRE(fd >= 0);
+    REQUIRE(::fdatasync(fd) == 0);
+    REQUIRE(::posix_fadvise(fd, 0, 0, POSIX_FADV_DONTNEED) == 0);
+    REQUIRE(::posix_fadvise(fd, 0, 0, POSIX_FADV_RANDOM) == 0);  // no readahead: only that page
+    char page[4096];
+    REQUIRE(::pread(fd, page, sizeof page, page_at) == static_cast<ssize_t>(sizeof page));
+    ::close(fd);
+}
+
 }  // namespace
 
 TEST_CASE("many concurrent reads of one file, on several threads, all return the right bytes") {
@@ -200,14 +213,7 @@ TEST_CASE("reads served partly from the page cache and partly from the disk retu
     // through the ring: a range whose first page is cached and the rest not takes both paths.
     constexpr size_t kSize = 1 << 20;
     TempFile tmp(kSize);
-    int fd = ::open(tmp.path.c_str(), O_RDONLY);
-    REQUIRE(fd >= 0);
-    REQUIRE(::fdatasync(fd) == 0);
-    REQUIRE(::posix_fadvise(fd, 0, 0, POSIX_FADV_DONTNEED) == 0);
-    REQUIRE(::posix_fadvise(fd, 0, 0, POSIX_FADV_RANDOM) == 0);  // no readahead: only that page
-    char page[4096];
-    REQUIRE(::pread(fd, page, sizeof page, 200 * 1024) == static_cast<ssize_t>(sizeof page));
-    ::close(fd);
+    cache_only_page(tmp.path, 200 * 1024);
 
     asio::io_context io;
     auto file = io::open_file(io.get_executor(), tmp.path, false);
@@ -490,14 +496,7 @@ TEST_CASE("reads to copy of ranges not in the page cache leave it as it was; eve
     constexpr size_t kSize = (2 << 20) - 1000;  // the last page is partial
     TempFile tmp(kSize);
     const bool watch = page_cache_visible(tmp.path) && kernel_has_cachestat(tmp.path);
-    int fd = ::open(tmp.path.c_str(), O_RDONLY);
-    REQUIRE(fd >= 0);
-    REQUIRE(::fdatasync(fd) == 0);
-    REQUIRE(::posix_fadvise(fd, 0, 0, POSIX_FADV_DONTNEED) == 0);
-    REQUIRE(::posix_fadvise(fd, 0, 0, POSIX_FADV_RANDOM) == 0);  // no readahead: only that page
-    char page[4096];
-    REQUIRE(::pread(fd, page, sizeof page, (1 << 20) + 65536) == static_cast<ssize_t>(sizeof page));
-    ::close(fd);
+    cache_only_page(tmp.path, (1 << 20) + 65536);
 
     auto* mem = static_cast<std::byte*>(std::aligned_alloc(4096, 512 * 1024));
     REQUIRE(mem != nullptr);
