@@ -224,7 +224,12 @@ public:
             ::close(fd);
             return false;
         }
-        channels_.push_back(make_channel(fd, executor_, Kind::direct));
+        try {
+            channels_.push_back(make_channel(fd, executor_, Kind::direct));  // closes fd if it throws
+        } catch (const std::system_error& e) {
+            log::info(path_ + ": " + e.what() + "; copy-on-write reads go through the page cache");
+            return false;
+        }
         direct_ = Direct::on;
         return true;
     }
