@@ -39,9 +39,9 @@ TEST_CASE("PooledBuffer: large buffers are not kept, and the cache is bounded") 
     CHECK(detail::pooled_capacity(1) == 4096);
     CHECK(detail::pooled_capacity(4097) == 8192);
     auto& cache = detail::buffer_cache();
-    std::byte* large = new std::byte[big];
+    std::byte* large = detail::allocate_buffer(big);
     CHECK_FALSE(cache.give(large, big));
-    delete[] large;
+    detail::free_buffer(large);
     // Fill the cache with buffers of an unusual class; past kCachedBuffers it refuses.
     const size_t cls = 64 << 10;
     std::vector<std::byte*> taken;
@@ -49,15 +49,15 @@ TEST_CASE("PooledBuffer: large buffers are not kept, and the cache is bounded") 
     std::vector<std::byte*> kept;
     size_t refused = 0;
     for (size_t i = 0; i < 2 * detail::BufferCache::kCachedBuffers; ++i) {
-        auto* q = new std::byte[cls];
+        auto* q = detail::allocate_buffer(cls);
         if (cache.give(q, cls)) kept.push_back(q);
-        else delete[] q, ++refused;
+        else detail::free_buffer(q), ++refused;
     }
     CHECK(kept.size() <= detail::BufferCache::kCachedBuffers);
     CHECK(refused >= detail::BufferCache::kCachedBuffers);
     // Empty it again so later cases start as they would.
-    while (std::byte* q = cache.take(cls)) delete[] q;
-    for (std::byte* q : taken) delete[] q;
+    while (std::byte* q = cache.take(cls)) detail::free_buffer(q);
+    for (std::byte* q : taken) detail::free_buffer(q);
 }
 
 TEST_CASE("PooledBuffer: 1 MiB buffers (the largest read) are kept, within the byte budget") {
@@ -69,9 +69,9 @@ TEST_CASE("PooledBuffer: 1 MiB buffers (the largest read) are kept, within the b
     while (std::byte* q = cache.take(mib)) taken.push_back(q);
     std::vector<std::byte*> kept;
     for (size_t i = 0; i < BufferCache::kCachedBuffers; ++i) {
-        auto* q = new std::byte[mib];
+        auto* q = detail::allocate_buffer(mib);
         if (cache.give(q, mib)) kept.push_back(q);
-        else delete[] q;
+        else detail::free_buffer(q);
     }
     CHECK(kept.size() >= 1);
     CHECK(kept.size() * mib <= BufferCache::kBudgetBytes);  // 16 slots, but 8 MiB at most
@@ -80,6 +80,6 @@ TEST_CASE("PooledBuffer: 1 MiB buffers (the largest read) are kept, within the b
         PooledBuffer b(mib);  // a 1 MiB reply comes from the cache
         CHECK(std::find(kept.begin(), kept.end(), b.data()) != kept.end());
     }
-    while (std::byte* q = cache.take(mib)) delete[] q;
-    for (std::byte* q : taken) delete[] q;
+    while (std::byte* q = cache.take(mib)) detail::free_buffer(q);
+    for (std::byte* q : taken) detail::free_buffer(q);
 }

@@ -67,6 +67,14 @@ inline size_t pooled_capacity(size_t n) {
     return n > BufferCache::kMaxCachedBytes ? n : std::bit_ceil(n < 4096 ? size_t{4096} : n);
 }
 
+/// Buffers start on a page (for O_DIRECT reads into them); every buffer the cache holds comes
+/// from allocate_buffer and goes back with free_buffer.
+inline constexpr std::align_val_t kBufferAlignment{4096};
+inline std::byte* allocate_buffer(size_t capacity) {
+    return static_cast<std::byte*>(::operator new(capacity, kBufferAlignment));
+}
+inline void free_buffer(std::byte* data) { ::operator delete(data, kBufferAlignment); }
+
 /// The process's cache; never destroyed, so buffers dropped during exit still have it.
 inline BufferCache& buffer_cache() {
     static BufferCache* cache = new BufferCache;
@@ -81,7 +89,7 @@ public:
     PooledBuffer() = default;
     explicit PooledBuffer(size_t n) : size_(n), capacity_(detail::pooled_capacity(n)) {
         if (capacity_ <= detail::BufferCache::kMaxCachedBytes) data_ = detail::buffer_cache().take(capacity_);
-        if (!data_) data_ = static_cast<std::byte*>(::operator new(capacity_, std::align_val_t{4096}));
+        if (!data_) data_ = detail::allocate_buffer(capacity_);
     }
     PooledBuffer(PooledBuffer&& o) noexcept
         : data_(std::exchange(o.data_, nullptr)), size_(std::exchange(o.size_, 0)), capacity_(o.capacity_) {}
@@ -101,7 +109,7 @@ public:
 
 private:
     void release() {
-        if (data_ && !detail::buffer_cache().give(data_, capacity_)) ::operator delete(data_, std::align_val_t{4096});
+        if (data_ && !detail::buffer_cache().give(data_, capacity_)) detail::free_buffer(data_);
         data_ = nullptr;
     }
 
